@@ -1,0 +1,1 @@
+"""order-timeouts, consumer side: the worker loop, the batch handler and the order store."""

@@ -1,0 +1,174 @@
+"""The handler: one registry transaction per batch, payment checked once, conditional cancel.
+
+    claim registry rows ─▶ payment status (one query) ─▶ cancel unpaid (one conditional update)
+        ─▶ record outcomes ─▶ commit            (the worker loop then settles with the broker)
+
+Exactly-once in effect comes from at-least-once delivery plus this idempotency: the claim only
+takes rows still pending and due, so a duplicate, revoked or stale delivery claims nothing and is
+acked; a crash before commit rolls everything back and the delivery comes again.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from consumers.orders import OrderStore, PaymentStatus
+from scheduler import registry
+from scheduler.clock import Clock, from_ms
+from scheduler.errors import OrderStoreUnavailable
+from scheduler.registry import Claim, Outcome, Retry
+from scheduler.transports.base import Batch, Delivery, Settlement, TimerMessage
+
+log = logging.getLogger("order_timeouts.handler")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Backoff for timeouts whose payment status is unknown."""
+
+    max_attempts: int = 5
+    base_s: float = 2.0
+    cap_s: float = 300.0
+
+    def delay_ms(self, attempts: int) -> int:
+        delay = min(self.cap_s, self.base_s * 2 ** max(attempts - 1, 0))
+        # Jitter spreads a batch that failed together so that it does not retry as one burst.
+        return int(delay * random.uniform(0.8, 1.2) * 1000)
+
+
+@dataclass
+class BatchReport:
+    """What one batch did, for logs, metrics and the worker's summary."""
+
+    claimed: int = 0
+    cancelled: int = 0
+    paid: int = 0
+    already_cancelled: int = 0
+    retried: int = 0
+    dead: int = 0
+    stale: int = 0
+
+
+class Handler:
+    def __init__(
+        self,
+        engine: Engine,
+        store: OrderStore,
+        *,
+        clock: Clock,
+        worker_id: str,
+        registry_is_queue: bool,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self._engine = engine
+        self._store = store
+        self._clock = clock
+        self._worker_id = worker_id
+        self._registry_is_queue = registry_is_queue
+        self._retry = retry or RetryPolicy()
+
+    def handle(self, batch: Batch) -> tuple[Settlement, BatchReport]:
+        report = BatchReport()
+        try:
+            with self._engine.begin() as conn:
+                now = self._clock.now_ms()
+                if batch.claim_due:
+                    claims = registry.claim_due(conn, limit=batch.claim_due, now=now, worker=self._worker_id)
+                else:
+                    order_ids = sorted({d.message.order_id for d in batch.deliveries})
+                    claims = registry.claim(conn, order_ids, now=now, worker=self._worker_id)
+                report.claimed = len(claims)
+                outcomes, retries, dead = self._decide(conn, claims, now)
+                registry.finish(conn, outcomes, now=now)
+                registry.retry_later(conn, retries, now=now, published=self._registry_is_queue)
+                registry.bury(conn, dead, now=now)
+        except SQLAlchemyError:
+            log.exception("batch transaction failed; %d deliveries go back to the broker", len(batch.deliveries))
+            return Settlement(failed=list(batch.deliveries), rolled_back=True), report
+        for outcome in outcomes.values():
+            if outcome is Outcome.CANCELLED:
+                report.cancelled += 1
+            elif outcome is Outcome.PAID:
+                report.paid += 1
+            else:
+                report.already_cancelled += 1
+        report.retried, report.dead = len(retries), len(dead)
+        return self._settlement(batch.deliveries, retries, dead, report), report
+
+    def _decide(
+        self, conn: Connection, claims: Sequence[Claim], now: int
+    ) -> tuple[dict[str, Outcome], list[Retry], dict[str, str]]:
+        outcomes: dict[str, Outcome] = {}
+        unknown: dict[str, str] = {}
+        if claims:
+            order_ids = [c.order_id for c in claims]
+            try:
+                statuses = self._store.payment_status(conn, order_ids)
+            except OrderStoreUnavailable as exc:
+                statuses, reason = {}, str(exc)
+            else:
+                reason = "order not found in the order store"
+            unpaid = [oid for oid in order_ids if statuses.get(oid) is PaymentStatus.UNPAID]
+            cancelled: set[str] = set()
+            if unpaid:
+                try:
+                    cancelled = self._store.cancel_unpaid(conn, unpaid, from_ms(now))
+                except OrderStoreUnavailable as exc:
+                    for oid in unpaid:
+                        unknown[oid] = str(exc)
+                    unpaid = []
+            for oid in order_ids:
+                status = statuses.get(oid, PaymentStatus.UNKNOWN)
+                if oid in cancelled:
+                    outcomes[oid] = Outcome.CANCELLED
+                elif status is PaymentStatus.UNPAID and oid in unpaid:
+                    # Unpaid when we looked, not pending when we cancelled: the payment won the race.
+                    outcomes[oid] = Outcome.PAID
+                elif status is PaymentStatus.PAID:
+                    outcomes[oid] = Outcome.PAID
+                elif status is PaymentStatus.CANCELLED:
+                    outcomes[oid] = Outcome.ALREADY_CANCELLED
+                elif oid not in unknown:
+                    unknown[oid] = reason
+        retries: list[Retry] = []
+        dead: dict[str, str] = {}
+        attempts = {c.order_id: c.attempts for c in claims}
+        for oid, why in unknown.items():
+            if attempts[oid] >= self._retry.max_attempts:
+                dead[oid] = f"payment status unknown after {attempts[oid]} attempts: {why}"
+                log.warning("order %s dead-lettered: %s", oid, dead[oid])
+            else:
+                retries.append(Retry(oid, now + self._retry.delay_ms(attempts[oid]), f"payment status unknown: {why}"))
+                log.info("order %s retried later: %s", oid, why)
+        for oid, outcome in outcomes.items():
+            log.info("order %s timeout handled: %s", oid, outcome.value)
+        return outcomes, retries, dead
+
+    @staticmethod
+    def _settlement(
+        deliveries: Sequence[Delivery], retries: Sequence[Retry], dead: dict[str, str], report: BatchReport
+    ) -> Settlement:
+        settlement = Settlement(claimed=report.claimed)
+        retry_at = {r.order_id: r for r in retries}
+        seen: set[str] = set()
+        for delivery in deliveries:
+            oid = delivery.message.order_id
+            # A second copy of the same order in one batch is only acked: the first carries the decision.
+            first = oid not in seen
+            seen.add(oid)
+            if first and oid in retry_at:
+                again = TimerMessage(oid, retry_at[oid].due_ms, delivery.message.version)
+                settlement.retry.append((delivery, again))
+            elif first and oid in dead:
+                settlement.dead.append((delivery, dead[oid]))
+            else:
+                settlement.done.append(delivery)
+        # Deliveries beyond what the registry let us claim: duplicates, revoked or rescheduled.
+        report.stale = max(len(deliveries) - report.claimed, 0)
+        return settlement

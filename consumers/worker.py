@@ -1,0 +1,107 @@
+"""The worker loop: one member of the consumer group.
+
+It is the only component that talks to the broker for acks (dramatiq's rule): receive a batch,
+let the handler decide it in one registry transaction, then settle it with the transport.
+SIGTERM and SIGINT let the current batch finish, then the loop exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, fields
+from types import FrameType
+
+from consumers.handler import BatchReport, Handler, RetryPolicy
+from consumers.orders import OrderStore, load_order_store
+from scheduler.api import OrderTimeouts
+from scheduler.errors import TransportUnavailable
+
+log = logging.getLogger("order_timeouts.worker")
+
+#: longest a receive blocks, so that a stop request is seen within this time
+RECEIVE_SLICE_S = 1.0
+#: backoff bounds while the broker or the database is unreachable
+OUTAGE_BACKOFF_S = (0.2, 5.0)
+
+
+@dataclass
+class WorkerTotals(BatchReport):
+    batches: int = 0
+
+    def add(self, report: BatchReport) -> None:
+        self.batches += 1
+        for f in fields(BatchReport):
+            setattr(self, f.name, getattr(self, f.name) + getattr(report, f.name))
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"[:64]
+
+
+class Worker:
+    def __init__(
+        self,
+        timeouts: OrderTimeouts,
+        *,
+        store: OrderStore | None = None,
+        batch_size: int = 500,
+        burst: bool = False,
+    ) -> None:
+        self._timeouts = timeouts
+        self._transport = timeouts.transport
+        self._handler = Handler(
+            timeouts.engine,
+            store or load_order_store(timeouts.settings),
+            clock=timeouts.clock,
+            worker_id=worker_id(),
+            registry_is_queue=timeouts.transport.registry_is_queue,
+            retry=RetryPolicy(max_attempts=timeouts.settings.max_attempts),
+        )
+        self._batch_size = batch_size
+        self._burst = burst
+        self._stop = threading.Event()
+        self.totals = WorkerTotals()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        def _request_stop(signum: int, _frame: FrameType | None) -> None:
+            log.info("signal %s: finishing the current batch, then stopping", signal.Signals(signum).name)
+            self.stop()
+
+        signal.signal(signal.SIGTERM, _request_stop)
+        signal.signal(signal.SIGINT, _request_stop)
+
+    def run(self) -> WorkerTotals:
+        """Handle batches until stopped (or, in burst mode, until nothing is due)."""
+        backoff = OUTAGE_BACKOFF_S[0]
+        while not self._stop.is_set():
+            try:
+                batch = self._transport.receive(self._batch_size, 0.0 if self._burst else RECEIVE_SLICE_S)
+                if not batch:
+                    if self._burst:
+                        break
+                    continue
+                settlement, report = self._handler.handle(batch)
+                self._transport.settle(settlement)
+            except TransportUnavailable as exc:
+                log.warning("broker unavailable, retrying in %.1fs: %s", backoff, exc)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, OUTAGE_BACKOFF_S[1])
+                continue
+            if settlement.rolled_back:
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, OUTAGE_BACKOFF_S[1])
+                continue
+            backoff = OUTAGE_BACKOFF_S[0]
+            self.totals.add(report)
+            if self._burst and not report.claimed and not batch.deliveries:
+                # Due rows exist but other workers hold them; their transactions will finish them.
+                time.sleep(0.01)
+        return self.totals

@@ -1,0 +1,323 @@
+"""`OrderTimeouts`: the order service's entry point.
+
+    timeouts = OrderTimeouts.from_env()
+    with Session(engine) as session, session.begin():
+        session.add(order)
+        timeouts.schedule(order.id, delay=timedelta(minutes=30), connection=session)
+    ...
+    timeouts.cancel(order.id)            # payment arrived
+
+The registry row is written in the caller's transaction (the outbox): it commits or rolls back
+with the order. Broker transports publish right after commit; a publish that fails leaves the row
+unpublished and the relay (`order-timeouts maintain`) publishes it when the broker is back.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import Connection, Engine, event
+from sqlalchemy.orm import Session
+
+from scheduler import registry, validation
+from scheduler.clock import Clock, SystemClock
+from scheduler.config import Settings
+from scheduler.database import make_engine, reading
+from scheduler.errors import InvalidTimeout, TimeoutNotFound, TransportUnavailable
+from scheduler.registry import TimeoutRecord
+from scheduler.transports import TimerMessage, Transport, open_transport
+
+log = logging.getLogger("order_timeouts.api")
+
+#: rows per INSERT round trip in schedule_many
+SCHEDULE_CHUNK = 5000
+_SESSION_KEY = "order_timeouts_unpublished"
+
+
+class ScheduleResult(StrEnum):
+    CREATED = "created"  #: a new pending timeout
+    EXISTS = "exists"  #: the order already had a timeout; nothing changed
+    REPLACED = "replaced"  #: replace=True re-armed the existing timeout with the new due time
+
+
+@dataclass(frozen=True)
+class ScheduleSummary:
+    created: int
+    existing: int
+    replaced: int
+
+
+DueSpec = timedelta | datetime
+
+
+class OrderTimeouts:
+    def __init__(
+        self,
+        database_url: str | None = None,
+        broker_url: str | None = None,
+        *,
+        settings: Settings | None = None,
+        engine: Engine | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.settings = settings or Settings()
+        if database_url is not None:
+            self.settings = replace(self.settings, database_url=database_url)
+        if broker_url is not None:
+            self.settings = replace(self.settings, broker_url=broker_url)
+        self.clock: Clock = clock or SystemClock()
+        self.engine = engine or make_engine(self.settings.database_url)
+        self.transport: Transport = open_transport(self.settings.broker_url, self.engine, self.clock)
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> OrderTimeouts:
+        return cls(settings=Settings.from_env(**overrides))
+
+    def close(self) -> None:
+        self.transport.close()
+        self.engine.dispose()
+
+    def __enter__(self) -> OrderTimeouts:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # -- producer side -------------------------------------------------------------------------
+
+    def schedule(
+        self,
+        order_id: str,
+        delay: timedelta | None = None,
+        due_at: datetime | None = None,
+        *,
+        connection: Connection | Session | None = None,
+        replace: bool = False,
+    ) -> ScheduleResult:
+        """Schedule the order's payment timeout. Scheduling a pending order again changes nothing
+        (returns EXISTS) unless `replace`."""
+        oid = validation.order_id(order_id)
+        due = self._due(delay, due_at)
+        versions = self._write([(oid, due)], connection, replace)
+        if oid not in versions:
+            return ScheduleResult.EXISTS
+        return ScheduleResult.CREATED if versions[oid] == 1 else ScheduleResult.REPLACED
+
+    def schedule_many(
+        self,
+        orders: Iterable[str | tuple[str, DueSpec]],
+        *,
+        delay: timedelta | None = None,
+        due_at: datetime | None = None,
+        connection: Connection | Session | None = None,
+        replace: bool = False,
+    ) -> ScheduleSummary:
+        """Bulk schedule: plain ids take `delay`/`due_at`; (id, timedelta | datetime) pairs carry their own.
+
+        Every item is validated before anything is written: one bad item changes nothing.
+        """
+        now = self.clock.now_ms()
+        shared: int | None = None
+        due: dict[str, int] = {}
+        for item in orders:
+            if isinstance(item, tuple):
+                raw_id, spec = item
+                oid = validation.order_id(raw_id)
+                if isinstance(spec, datetime):
+                    due[oid] = self._due(None, spec, now)
+                else:
+                    due[oid] = self._due(spec, None, now)
+            else:
+                oid = validation.order_id(item)
+                if shared is None:
+                    shared = self._due(delay, due_at, now)
+                due[oid] = shared
+        items = list(due.items())
+        written: dict[str, int] = {}
+        if connection is None:
+            # Chunked transactions of our own: memory stays flat and each chunk publishes as it commits.
+            for start in range(0, len(items), SCHEDULE_CHUNK):
+                written.update(self._write(items[start : start + SCHEDULE_CHUNK], None, replace))
+        else:
+            written = self._write(items, connection, replace)
+        created = sum(1 for version in written.values() if version == 1)
+        return ScheduleSummary(created=created, existing=len(items) - len(written), replaced=len(written) - created)
+
+    def cancel(self, order_id: str, *, connection: Connection | Session | None = None) -> bool:
+        """Revoke the order's timeout (payment arrived). False when it had already fired or been revoked."""
+        oid = validation.order_id(order_id)
+        now = self.clock.now_ms()
+        with self._transaction(connection) as conn:
+            if registry.revoke(conn, oid, now=now):
+                revoked = True
+            elif registry.get(conn, oid) is None:
+                raise TimeoutNotFound(f"no timeout is registered for order {oid!r}")
+            else:
+                revoked = False
+        if revoked and not self.transport.registry_is_queue:
+            self._after_commit(connection, lambda: self._revoke_timer(oid))
+        return revoked
+
+    def reschedule(
+        self,
+        order_id: str,
+        delay: timedelta | None = None,
+        due_at: datetime | None = None,
+        *,
+        connection: Connection | Session | None = None,
+    ) -> TimeoutRecord:
+        """Move a pending timeout to a new due time; the old broker copy becomes stale."""
+        oid = validation.order_id(order_id)
+        return self._move(oid, self._due(delay, due_at), connection)
+
+    def fire(self, order_id: str) -> TimeoutRecord:
+        """Make a pending timeout due now."""
+        oid = validation.order_id(order_id)
+        return self._move(oid, self.clock.now_ms(), None)
+
+    def get(self, order_id: str) -> TimeoutRecord | None:
+        oid = validation.order_id(order_id)
+        with reading(self.engine) as conn:
+            return registry.get(conn, oid)
+
+    def replay_dead(self, order_ids: Sequence[str] | None) -> list[str]:
+        """Re-arm dead timeouts to fire now: the given orders (all of them must be dead), or all."""
+        ids = None if order_ids is None else [validation.order_id(oid) for oid in order_ids]
+        queue = self.transport.registry_is_queue
+        now = self.clock.now_ms()
+        with self.engine.begin() as conn:
+            replayed = registry.replay_dead(conn, ids, now=now, published=queue)
+            if ids is not None and len(replayed) != len(set(ids)):
+                missing = sorted(set(ids) - {oid for oid, _ in replayed})
+                # Raising rolls the whole replay back: all or nothing.
+                raise InvalidTimeout(f"not dead-lettered: {', '.join(missing[:5])}")
+            if replayed:
+                self.transport.notify_scheduled(conn, now)
+        if not queue:
+            self._publish([TimerMessage(oid, now, version) for oid, version in replayed])
+        return [oid for oid, _ in replayed]
+
+    def publish_unpublished(self, limit: int = 1000) -> int:
+        """Publish registry rows the broker has not confirmed, in due order (the relay's step)."""
+        if self.transport.registry_is_queue:
+            return 0
+        with reading(self.engine) as conn:
+            rows = registry.unpublished(conn, limit=limit)
+        self._publish([TimerMessage(*row) for row in rows])
+        return len(rows)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _due(self, delay: timedelta | None, due_at: datetime | None, now: int | None = None) -> int:
+        return validation.due_ms(
+            now_ms=self.clock.now_ms() if now is None else now,
+            delay=delay,
+            due_at=due_at,
+            default_delay=self.settings.default_delay,
+            max_delay=self.settings.max_delay,
+        )
+
+    def _write(
+        self, items: Sequence[tuple[str, int]], connection: Connection | Session | None, replace: bool
+    ) -> dict[str, int]:
+        if not items:
+            return {}
+        queue = self.transport.registry_is_queue
+        now = self.clock.now_ms()
+        with self._transaction(connection) as conn:
+            versions = registry.insert_many(conn, items, now=now, published=queue, replace=replace)
+            if versions:
+                self.transport.notify_scheduled(conn, min(due for oid, due in items if oid in versions))
+        if versions and not queue:
+            due = dict(items)
+            messages = [TimerMessage(oid, due[oid], version) for oid, version in versions.items()]
+            self._after_commit(connection, lambda: self._publish(messages))
+        return versions
+
+    def _move(self, oid: str, due: int, connection: Connection | Session | None) -> TimeoutRecord:
+        queue = self.transport.registry_is_queue
+        now = self.clock.now_ms()
+        with self._transaction(connection) as conn:
+            version = registry.move_due(conn, oid, due, now=now, published=queue)
+            if version is None:
+                record = registry.get(conn, oid)
+                if record is None:
+                    raise TimeoutNotFound(f"no timeout is registered for order {oid!r}")
+                raise InvalidTimeout(f"the timeout of order {oid!r} is {record.state.value}, not pending")
+            self.transport.notify_scheduled(conn, due)
+            record = registry.get(conn, oid)
+            assert record is not None
+        if not queue:
+            message = TimerMessage(oid, due, version)
+            self._after_commit(connection, lambda: self._publish([message]))
+        return record
+
+    def _transaction(self, connection: Connection | Session | None) -> Any:
+        if connection is None:
+            return self.engine.begin()
+        conn = connection.connection() if isinstance(connection, Session) else connection
+        return _Borrowed(conn)
+
+    def _after_commit(self, connection: Connection | Session | None, action: Any) -> None:
+        """Run a broker action once the registry write is committed.
+
+        Our own transaction has committed already. A Session runs it from its after_commit event
+        (dropped on rollback). A bare Connection gives no after-commit hook: its rows stay
+        unpublished and the relay publishes them.
+        """
+        if connection is None:
+            action()
+        elif isinstance(connection, Session):
+            if _SESSION_KEY not in connection.info:
+                event.listen(connection, "after_commit", _run_session_actions)
+                event.listen(connection, "after_rollback", _drop_session_actions)
+            actions: list[Any] = connection.info.setdefault(_SESSION_KEY, [])
+            actions.append(action)
+
+    def _publish(self, messages: Sequence[TimerMessage]) -> None:
+        if not messages:
+            return
+        try:
+            self.transport.publish(messages)
+        except TransportUnavailable as exc:
+            # The rows stay unpublished: the relay publishes them when the broker is back.
+            log.warning("broker unavailable, %d timeouts left for the relay: %s", len(messages), exc)
+            return
+        with self.engine.begin() as conn:
+            registry.mark_published(conn, [(m.order_id, m.version) for m in messages], now=self.clock.now_ms())
+
+    def _revoke_timer(self, oid: str) -> None:
+        try:
+            self.transport.revoke([oid])
+        except TransportUnavailable as exc:
+            # Harmless: the registry says revoked, so the timer is acked as stale when it fires.
+            log.warning("could not remove the broker timer of %s: %s", oid, exc)
+
+
+class _Borrowed:
+    """The caller's connection as a context manager that neither commits nor closes it."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def __enter__(self) -> Connection:
+        return self._conn
+
+    def __exit__(self, *_: object) -> None:
+        return None
+
+
+def _run_session_actions(session: Session) -> None:
+    actions = session.info.get(_SESSION_KEY, [])
+    session.info[_SESSION_KEY] = []
+    for action in actions:
+        action()
+
+
+def _drop_session_actions(session: Session) -> None:
+    session.info[_SESSION_KEY] = []

@@ -1,0 +1,95 @@
+"""`order-timeouts`: schedule, inspect and steer payment timeouts; run workers; demo.
+
+Bad input exits with code 2 and one line on stderr, and changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, replace
+from typing import Annotated
+
+import click
+import typer
+
+from scheduler.api import OrderTimeouts
+from scheduler.config import ENV_BROKER_URL, ENV_DATABASE_URL, Settings
+from scheduler.errors import ConfigurationError, InvalidTimeout, OrderTimeoutsError, TimeoutNotFound
+
+app = typer.Typer(
+    name="order-timeouts",
+    help="Cancel unpaid orders on time: schedule, inspect and steer payment timeouts.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@dataclass
+class Context:
+    settings: Settings
+    _timeouts: OrderTimeouts | None = None
+
+    def timeouts(self) -> OrderTimeouts:
+        if self._timeouts is None:
+            self._timeouts = OrderTimeouts(settings=self.settings)
+        return self._timeouts
+
+
+@app.callback()
+def _options(
+    ctx: typer.Context,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            "--database-url", envvar=ENV_DATABASE_URL, show_envvar=True, help="Registry database (SQLAlchemy URL)."
+        ),
+    ] = None,
+    broker_url: Annotated[
+        str | None,
+        typer.Option(
+            "--broker-url", envvar=ENV_BROKER_URL, show_envvar=True, help="sql, redis://, amqp://, rq+redis://"
+        ),
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each event.")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    settings = Settings.from_env()
+    settings = replace(
+        settings,
+        database_url=database_url or settings.database_url,
+        broker_url=broker_url or settings.broker_url,
+    )
+    ctx.obj = Context(settings)
+    ctx.call_on_close(lambda: ctx.obj._timeouts and ctx.obj._timeouts.close())
+
+
+def main() -> None:
+    """Console entry point: click's usage errors and our own bad-input errors become one line, exit 2."""
+    # Register the commands (their modules attach themselves to `app`).
+    from scheduler.cli import admin, operate  # noqa: F401
+
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(prog_name="order-timeouts", standalone_mode=False)
+    except click.UsageError as exc:
+        _fail(exc.format_message())
+    except (InvalidTimeout, TimeoutNotFound, ConfigurationError) as exc:
+        _fail(str(exc))
+    except OrderTimeoutsError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        sys.exit(1)
+    except click.Abort:
+        sys.stderr.write("aborted\n")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str) -> None:
+    sys.stderr.write(f"error: {' '.join(message.split())}\n")
+    sys.exit(2)

@@ -1,0 +1,159 @@
+"""Commands that change things: init-db, schedule, cancel, reschedule, fire, worker, demo."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from typing import Annotated
+
+import typer
+
+from scheduler.cli import Context, app
+from scheduler.cli.render import console, parse_duration, parse_instant, print_json, record_json
+from scheduler.config import ENV_BROKER_URL, ENV_DATABASE_URL, Settings, redact
+from scheduler.database import make_engine
+from scheduler.errors import InvalidTimeout
+from scheduler.schema import init_db
+
+DelayOption = Annotated[str | None, typer.Option("--delay", help="From now: 90s, 30m, 2h, 1d.")]
+DueAtOption = Annotated[
+    str | None, typer.Option("--due-at", help="ISO 8601 time with offset, e.g. 2026-11-21T10:00:00Z.")
+]
+DEMO_FILE = "order-timeouts-demo.sqlite3"
+JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+@app.command("init-db")
+def init_db_command(
+    ctx: typer.Context,
+    orders: Annotated[bool, typer.Option(help="Also create the orders table when it is absent.")] = True,
+) -> None:
+    """Create the registry tables (and the orders table when absent). Safe to run again."""
+    settings = ctx.ensure_object(Context).settings
+    engine = make_engine(settings.database_url)
+    try:
+        created = init_db(engine, settings.orders if orders else None)
+    finally:
+        engine.dispose()
+    where = redact(settings.database_url)
+    console.print(f"created {', '.join(created)} in {where}" if created else f"schema already present in {where}")
+
+
+def _due_args(delay: str | None, due_at: str | None) -> dict[str, object]:
+    if delay is not None and due_at is not None:
+        raise InvalidTimeout("give either --delay or --due-at, not both")
+    if delay is not None:
+        return {"delay": parse_duration(delay, "--delay")}
+    if due_at is not None:
+        return {"due_at": parse_instant(due_at, "--due-at")}
+    return {}
+
+
+@app.command()
+def schedule(
+    ctx: typer.Context,
+    order_id: str,
+    delay: DelayOption = None,
+    due_at: DueAtOption = None,
+    replace: Annotated[bool, typer.Option(help="Re-arm an existing timeout with the new due time.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Schedule an order's payment timeout (30 minutes by default)."""
+    timeouts = ctx.ensure_object(Context).timeouts()
+    result = timeouts.schedule(order_id, replace=replace, **_due_args(delay, due_at))  # type: ignore[arg-type]
+    record = timeouts.get(order_id)
+    assert record is not None
+    if as_json:
+        print_json({"result": result.value, "timeout": record_json(record)})
+    else:
+        console.print(f"{order_id}: {result.value}, due {record_json(record)['due_at']}")
+
+
+@app.command()
+def cancel(ctx: typer.Context, order_id: str) -> None:
+    """Revoke an order's pending timeout (its payment arrived)."""
+    revoked = ctx.ensure_object(Context).timeouts().cancel(order_id)
+    console.print(f"{order_id}: {'revoked' if revoked else 'not pending, nothing to revoke'}")
+
+
+@app.command()
+def reschedule(
+    ctx: typer.Context,
+    order_id: str,
+    delay: DelayOption = None,
+    due_at: DueAtOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Move a pending timeout to a new due time."""
+    if delay is None and due_at is None:
+        raise InvalidTimeout("reschedule needs --delay or --due-at")
+    record = ctx.ensure_object(Context).timeouts().reschedule(order_id, **_due_args(delay, due_at))  # type: ignore[arg-type]
+    if as_json:
+        print_json(record_json(record))
+    else:
+        console.print(f"{order_id}: due {record_json(record)['due_at']}")
+
+
+@app.command()
+def fire(ctx: typer.Context, order_id: str) -> None:
+    """Make a pending timeout due now; a worker handles it at once."""
+    ctx.ensure_object(Context).timeouts().fire(order_id)
+    console.print(f"{order_id}: due now")
+
+
+@app.command()
+def worker(
+    ctx: typer.Context,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=10_000, help="Timeouts per transaction.")] = 500,
+    burst: Annotated[bool, typer.Option("--burst", help="Exit when nothing is due.")] = False,
+    processes: Annotated[int, typer.Option("--processes", min=1, max=64, help="Run this many worker processes.")] = 1,
+) -> None:
+    """Run a member of the consumer group. SIGTERM/SIGINT finish the current batch and exit."""
+    settings = ctx.ensure_object(Context).settings
+    if processes > 1:
+        raise typer.Exit(_run_processes(processes, batch_size, burst, settings))
+    from consumers.worker import Worker
+
+    timeouts = ctx.ensure_object(Context).timeouts()
+    member = Worker(timeouts, batch_size=batch_size, burst=burst)
+    member.install_signal_handlers()
+    totals = member.run()
+    console.print(
+        f"worker stopped: {totals.batches} batches, {totals.cancelled} cancelled, {totals.paid} paid, "
+        f"{totals.already_cancelled} already cancelled, {totals.retried} retried, {totals.dead} dead, "
+        f"{totals.stale} stale",
+        highlight=False,
+    )
+
+
+def _run_processes(count: int, batch_size: int, burst: bool, settings: Settings) -> int:
+    argv = [sys.executable, "-m", "scheduler", "worker", "--batch-size", str(batch_size)]
+    if burst:
+        argv.append("--burst")
+    env = {**os.environ, ENV_DATABASE_URL: settings.database_url, ENV_BROKER_URL: settings.broker_url}
+    children = [subprocess.Popen(argv, env=env) for _ in range(count)]
+
+    def _forward(signum: int, _frame: object) -> None:
+        for child in children:
+            child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, _forward)
+    signal.signal(signal.SIGINT, _forward)
+    codes = [child.wait() for child in children]
+    return max(codes)
+
+
+@app.command()
+def demo(
+    orders: Annotated[int, typer.Option(min=10, max=100_000, help="Orders to create.")] = 1000,
+    workers: Annotated[int, typer.Option(min=1, max=16, help="Worker processes in the consumer group.")] = 3,
+    database: Annotated[
+        str, typer.Option(help="SQLite file to create (replaced if it exists).")
+    ] = "order-timeouts-demo.sqlite3",
+) -> None:
+    """Orders with short timeouts, random payments, a consumer group, and a checked result."""
+    from scheduler.demo import run_demo
+
+    raise typer.Exit(run_demo(orders=orders, workers=workers, path=database))

@@ -1,0 +1,95 @@
+"""Configuration from the environment, overridable by CLI options and constructor arguments."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from scheduler.errors import ConfigurationError
+from scheduler.names import DEFAULT_SQLITE_FILE
+
+ENV_DATABASE_URL = "ORDER_TIMEOUTS_DATABASE_URL"
+ENV_BROKER_URL = "ORDER_TIMEOUTS_BROKER_URL"
+ENV_ORDER_STORE = "ORDER_TIMEOUTS_ORDER_STORE"
+ENV_MAX_DELAY = "ORDER_TIMEOUTS_MAX_DELAY_SECONDS"
+ENV_MAX_ATTEMPTS = "ORDER_TIMEOUTS_MAX_ATTEMPTS"
+
+
+@dataclass(frozen=True)
+class OrdersTableNames:
+    """Names of the order service's table as the default SQL order store sees them."""
+
+    table: str = "orders"
+    id_column: str = "id"
+    status_column: str = "status"
+    cancelled_at_column: str = "cancelled_at"
+    pending_status: str = "PENDING"
+    paid_status: str = "PAID"
+    cancelled_status: str = "CANCELLED"
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = f"sqlite:///{DEFAULT_SQLITE_FILE}"
+    broker_url: str = "sql"
+    #: "module:callable" building a consumers.orders.OrderStore; empty = SQL store on the database
+    order_store: str = ""
+    default_delay: timedelta = timedelta(minutes=30)
+    max_delay: timedelta = timedelta(days=30)
+    #: attempts with payment status UNKNOWN before the timeout is dead-lettered
+    max_attempts: int = 5
+    orders: OrdersTableNames = field(default_factory=OrdersTableNames)
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Settings:
+        env = os.environ
+        settings = cls(
+            database_url=env.get(ENV_DATABASE_URL) or cls.database_url,
+            broker_url=env.get(ENV_BROKER_URL) or cls.broker_url,
+            order_store=env.get(ENV_ORDER_STORE, ""),
+            max_delay=timedelta(seconds=_positive_int(env, ENV_MAX_DELAY, 30 * 86400)),
+            max_attempts=_positive_int(env, ENV_MAX_ATTEMPTS, 5),
+        )
+        given = {key: value for key, value in overrides.items() if value is not None}
+        return replace(settings, **given)  # type: ignore[arg-type]
+
+
+def _positive_int(env: os._Environ[str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name} must be a positive integer, got {raw!r}") from None
+    if value <= 0:
+        raise ConfigurationError(f"{name} must be a positive integer, got {raw!r}")
+    return value
+
+
+def database_url(raw: str) -> URL:
+    """Parse a registry URL; plain postgresql:// means psycopg 3, the driver we ship with."""
+    try:
+        url = make_url(raw)
+    except ArgumentError:
+        raise ConfigurationError(f"not a database URL: {redact(raw)}") from None
+    if url.drivername in ("postgresql", "postgres"):
+        url = url.set(drivername="postgresql+psycopg")
+    backend = url.get_backend_name()
+    if backend not in ("sqlite", "postgresql"):
+        raise ConfigurationError(f"the registry needs SQLite or PostgreSQL, not {backend}: {redact(raw)}")
+    return url
+
+
+def redact(url: str) -> str:
+    """The URL with its password replaced, for anything that is printed or logged."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    credentials, _, host = rest.rpartition("@")
+    user, colon, _password = credentials.partition(":")
+    return f"{scheme}://{user}{':***' if colon else ''}@{host}"

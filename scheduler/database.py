@@ -1,0 +1,59 @@
+"""Engines for the registry: SQLite (embedded default) and PostgreSQL."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.pool import NullPool
+
+from scheduler.config import database_url
+
+_SQLITE_BEGIN = "order_timeouts_sqlite_begin"
+#: how long a SQLite writer waits for another process's write lock before giving up
+SQLITE_BUSY_TIMEOUT_S = 30.0
+
+
+def make_engine(url: str, *, pool_size: int = 5) -> Engine:
+    parsed = database_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        engine = create_engine(
+            parsed,
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False},
+            poolclass=NullPool if parsed.database in (None, "", ":memory:") else None,
+        )
+        _configure_sqlite(engine)
+        return engine
+    return create_engine(parsed, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    # WAL lets readers (CLI, demo progress) run beside the one writer; the busy timeout makes
+    # several worker processes queue for the write lock instead of failing.
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take transaction control away from pysqlite so that we can say BEGIN IMMEDIATE.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    # BEGIN IMMEDIATE takes the write lock up front. A deferred transaction that reads and then
+    # writes can fail with SQLITE_BUSY at the upgrade without waiting for the busy timeout,
+    # which is exactly what a claim (read due rows, then update them) does.
+    # Read-only work (listings, next due time) opts out with `reading(engine)`.
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Any) -> None:
+        mode = connection.get_execution_options().get(_SQLITE_BEGIN, "IMMEDIATE")
+        connection.exec_driver_sql(f"BEGIN {mode}")
+
+
+def reading(engine: Engine) -> Connection:
+    """A connection for reads only: on SQLite it does not take the write lock."""
+    return engine.connect().execution_options(**{_SQLITE_BEGIN: "DEFERRED"})
+
+
+def is_postgresql(engine: Engine) -> bool:
+    return engine.dialect.name == "postgresql"

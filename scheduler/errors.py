@@ -1,0 +1,31 @@
+"""The project's own exceptions: callers never import pika, redis or SQLAlchemy to catch errors."""
+
+from __future__ import annotations
+
+
+class OrderTimeoutsError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class InvalidTimeout(OrderTimeoutsError, ValueError):
+    """Bad input: an order id, a due time or a delay that cannot be scheduled. Nothing was changed."""
+
+
+class TimeoutNotFound(OrderTimeoutsError, LookupError):
+    """No timeout is registered for this order."""
+
+
+class ConfigurationError(OrderTimeoutsError):
+    """A URL, a table name or an option that cannot work."""
+
+
+class TransportUnavailable(OrderTimeoutsError):
+    """The broker cannot be reached; the registry still holds the timeout and the relay will publish it."""
+
+
+class OrderStoreUnavailable(OrderTimeoutsError):
+    """The order store could not answer; payment status is unknown, so nothing is cancelled."""
+
+
+class MalformedMessage(OrderTimeoutsError):
+    """A broker message that is not a timeout message; it is dead-lettered with this reason."""

@@ -1,0 +1,465 @@
+"""The registry: one SQL table of timeouts, the source of truth, outbox and audit trail.
+
+Every statement that touches the table lives here, as SQLAlchemy Core close to the SQL it sends
+(procrastinate keeps every queue operation in one JobManager for the same reason). Transports and
+the handler call these methods inside their own transactions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    bindparam,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+
+from scheduler.names import REGISTRY_TABLE
+
+#: longest order id we accept; ids are primary keys and broker message fields
+MAX_ORDER_ID_LENGTH = 255
+
+
+class TimeoutState(StrEnum):
+    PENDING = "pending"  #: waiting for its due time, or due and not handled yet
+    DONE = "done"  #: handled once; `outcome` says what happened to the order
+    REVOKED = "revoked"  #: cancelled through the API (the order was paid) before it fired
+    DEAD = "dead"  #: given up after repeated failures; `error` says why; `dead replay` re-arms it
+
+
+class Outcome(StrEnum):
+    CANCELLED = "cancelled"  #: the order was unpaid at its deadline and this timeout cancelled it
+    PAID = "paid"  #: the order was paid (or moved past payment) before the cancel could commit
+    ALREADY_CANCELLED = "already_cancelled"  #: someone else had cancelled the order already
+
+
+metadata = MetaData()
+
+timeouts = Table(
+    REGISTRY_TABLE,
+    metadata,
+    Column("order_id", String(MAX_ORDER_ID_LENGTH), primary_key=True),
+    Column("due_ms", BigInteger, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("outcome", String(24)),
+    # Bumped by every (re)schedule; broker messages carry it so that a trace can tell copies apart.
+    Column("version", Integer, nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+    Column("updated_ms", BigInteger, nullable=False),
+    # NULL while the broker has not confirmed the current version: the relay's work list.
+    Column("published_ms", BigInteger),
+    Column("fired_ms", BigInteger),
+    Column("finished_ms", BigInteger),
+    Column("worker", String(64)),
+    Column("error", Text),
+)
+_pending = timeouts.c.state == TimeoutState.PENDING.value
+# The due scan and the pending listing read only this partial index (due_ms, order_id).
+Index(
+    "ix_order_timeouts_pending_due",
+    timeouts.c.due_ms,
+    timeouts.c.order_id,
+    postgresql_where=_pending,
+    sqlite_where=_pending,
+)
+_unpublished = _pending & timeouts.c.published_ms.is_(None)
+Index("ix_order_timeouts_unpublished", timeouts.c.due_ms, postgresql_where=_unpublished, sqlite_where=_unpublished)
+Index("ix_order_timeouts_state_finished", timeouts.c.state, timeouts.c.finished_ms)
+
+
+@dataclass(frozen=True)
+class TimeoutRecord:
+    """One registry row, as `get`, `show` and the listings return it."""
+
+    order_id: str
+    due_ms: int
+    state: TimeoutState
+    outcome: Outcome | None
+    version: int
+    attempts: int
+    created_ms: int
+    updated_ms: int
+    published_ms: int | None
+    fired_ms: int | None
+    finished_ms: int | None
+    worker: str | None
+    error: str | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> TimeoutRecord:
+        values = dict(row._mapping)
+        values["state"] = TimeoutState(values["state"])
+        values["outcome"] = Outcome(values["outcome"]) if values["outcome"] else None
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A registry row a worker has taken inside its batch transaction."""
+
+    order_id: str
+    due_ms: int
+    version: int
+    attempts: int  #: including this attempt
+
+
+@dataclass(frozen=True)
+class Retry:
+    order_id: str
+    due_ms: int
+    error: str
+
+
+def _insert(conn: Connection) -> Any:
+    name = conn.dialect.name
+    if name == "postgresql":
+        return postgresql.insert(timeouts)
+    if name == "sqlite":
+        return sqlite.insert(timeouts)
+    raise NotImplementedError(name)  # database_url() refuses other backends earlier
+
+
+def insert_many(
+    conn: Connection,
+    due: Sequence[tuple[str, int]],
+    *,
+    now: int,
+    published: bool,
+    replace: bool,
+) -> dict[str, int]:
+    """Insert timeouts; return {order_id: version} for those created or (with replace) re-armed.
+
+    Rows that exist are left alone unless `replace`: scheduling twice is idempotent.
+    `published` is true when the registry itself is the queue (the `sql` transport).
+    """
+    if not due:
+        return {}
+    stmt = _insert(conn)
+    params = [
+        {
+            "order_id": order_id,
+            "due_ms": due_ms,
+            "state": TimeoutState.PENDING.value,
+            "version": 1,
+            "attempts": 0,
+            "created_ms": now,
+            "updated_ms": now,
+            "published_ms": now if published else None,
+        }
+        for order_id, due_ms in due
+    ]
+    if replace:
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[timeouts.c.order_id],
+            set_={
+                **_rearm(now),
+                "due_ms": stmt.excluded.due_ms,
+                "published_ms": stmt.excluded.published_ms,
+            },
+        )
+    else:
+        stmt = stmt.on_conflict_do_nothing(index_elements=[timeouts.c.order_id])
+    result = conn.execute(stmt.returning(timeouts.c.order_id, timeouts.c.version), params)
+    return dict(result.tuples().all())
+
+
+def _rearm(now: int) -> dict[str, Any]:
+    return {
+        "state": TimeoutState.PENDING.value,
+        "outcome": None,
+        "version": timeouts.c.version + 1,
+        "attempts": 0,
+        "fired_ms": None,
+        "finished_ms": None,
+        "worker": None,
+        "error": None,
+        "updated_ms": now,
+    }
+
+
+def get(conn: Connection, order_id: str) -> TimeoutRecord | None:
+    row = conn.execute(select(timeouts).where(timeouts.c.order_id == order_id)).first()
+    return TimeoutRecord.from_row(row) if row else None
+
+
+def revoke(conn: Connection, order_id: str, *, now: int) -> bool:
+    """Pending → revoked. False when there is no pending timeout for the order."""
+    result = conn.execute(
+        update(timeouts)
+        .where(timeouts.c.order_id == order_id, _pending)
+        .values(state=TimeoutState.REVOKED.value, finished_ms=now, updated_ms=now)
+    )
+    return result.rowcount == 1
+
+
+def move_due(conn: Connection, order_id: str, due_ms: int, *, now: int, published: bool) -> int | None:
+    """Reschedule a pending timeout; return its new version, None when nothing is pending."""
+    result = conn.execute(
+        update(timeouts)
+        .where(timeouts.c.order_id == order_id, _pending)
+        .values(
+            due_ms=due_ms,
+            version=timeouts.c.version + 1,
+            published_ms=now if published else None,
+            updated_ms=now,
+        )
+        .returning(timeouts.c.version)
+    )
+    return result.scalar_one_or_none()
+
+
+def mark_published(conn: Connection, versions: Iterable[tuple[str, int]], *, now: int) -> None:
+    """Record the broker's confirmation, only for the version that was published."""
+    params = [{"oid": order_id, "ver": version} for order_id, version in versions]
+    if params:
+        conn.execute(
+            update(timeouts)
+            .where(timeouts.c.order_id == bindparam("oid"), timeouts.c.version == bindparam("ver"))
+            .values(published_ms=now),
+            params,
+        )
+
+
+_claim_columns = (timeouts.c.order_id, timeouts.c.due_ms, timeouts.c.version, timeouts.c.attempts)
+
+
+def _claim_values(now: int, worker: str) -> dict[str, Any]:
+    return {
+        "attempts": timeouts.c.attempts + 1,
+        "worker": worker,
+        "fired_ms": func.coalesce(timeouts.c.fired_ms, now),
+        "updated_ms": now,
+    }
+
+
+def claim_due(conn: Connection, *, limit: int, now: int, worker: str) -> list[Claim]:
+    """The `sql` transport's delivery: take up to `limit` due rows in due order.
+
+    On PostgreSQL, FOR UPDATE SKIP LOCKED lets every worker take a different slice without
+    waiting for the others; the row locks last until the batch commits, so a worker that dies
+    simply releases its rows. On SQLite the transaction already holds the write lock
+    (BEGIN IMMEDIATE), so the plain select is just as exclusive.
+    """
+    due = (
+        select(timeouts.c.order_id)
+        .where(_pending, timeouts.c.due_ms <= now)
+        .order_by(timeouts.c.due_ms)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    stmt = (
+        update(timeouts)
+        .where(timeouts.c.order_id.in_(due.scalar_subquery()))
+        .values(_claim_values(now, worker))
+        .returning(*_claim_columns)
+    )
+    return [Claim(*row) for row in conn.execute(stmt)]
+
+
+def claim(conn: Connection, order_ids: Sequence[str], *, now: int, worker: str) -> list[Claim]:
+    """Conditionally take delivered timeouts: only rows still pending and due.
+
+    A duplicate delivery (already done), a revoked timeout, or a stale one (rescheduled later)
+    matches nothing and is acked without effect. On PostgreSQL a second worker holding a copy of
+    the same message waits for the first one's row lock, then re-checks `state` and finds nothing.
+    """
+    if not order_ids:
+        return []
+    stmt = (
+        update(timeouts)
+        .where(timeouts.c.order_id.in_(order_ids), _pending, timeouts.c.due_ms <= now)
+        .values(_claim_values(now, worker))
+        .returning(*_claim_columns)
+    )
+    return [Claim(*row) for row in conn.execute(stmt)]
+
+
+def finish(conn: Connection, outcomes: dict[str, Outcome], *, now: int) -> None:
+    """Record the outcome of claimed rows: one UPDATE per distinct outcome."""
+    by_outcome: dict[Outcome, list[str]] = {}
+    for order_id, outcome in outcomes.items():
+        by_outcome.setdefault(outcome, []).append(order_id)
+    for outcome, order_ids in by_outcome.items():
+        conn.execute(
+            update(timeouts)
+            .where(timeouts.c.order_id.in_(order_ids))
+            .values(state=TimeoutState.DONE.value, outcome=outcome.value, finished_ms=now, updated_ms=now, error=None)
+        )
+
+
+def retry_later(conn: Connection, retries: Sequence[Retry], *, now: int, published: bool) -> None:
+    """Keep claimed rows pending with a later due time; the next attempt comes from the transport."""
+    if retries:
+        conn.execute(
+            update(timeouts)
+            .where(timeouts.c.order_id == bindparam("oid"))
+            .values(
+                due_ms=bindparam("due"),
+                error=bindparam("err"),
+                published_ms=now if published else None,
+                updated_ms=now,
+            ),
+            [{"oid": r.order_id, "due": r.due_ms, "err": r.error} for r in retries],
+        )
+
+
+def bury(conn: Connection, dead: dict[str, str], *, now: int) -> None:
+    """Dead-letter claimed rows with their reason."""
+    if dead:
+        conn.execute(
+            update(timeouts)
+            .where(timeouts.c.order_id == bindparam("oid"))
+            .values(state=TimeoutState.DEAD.value, error=bindparam("err"), finished_ms=now, updated_ms=now),
+            [{"oid": order_id, "err": reason} for order_id, reason in dead.items()],
+        )
+
+
+def replay_dead(
+    conn: Connection, order_ids: Sequence[str] | None, *, now: int, published: bool
+) -> list[tuple[str, int]]:
+    """Re-arm dead timeouts (all when `order_ids` is None) to fire now; return (id, version)."""
+    where = [timeouts.c.state == TimeoutState.DEAD.value]
+    if order_ids is not None:
+        where.append(timeouts.c.order_id.in_(order_ids))
+    stmt = (
+        update(timeouts)
+        .where(*where)
+        .values(**_rearm(now), due_ms=now, published_ms=now if published else None)
+        .returning(timeouts.c.order_id, timeouts.c.version)
+    )
+    return [(order_id, version) for order_id, version in conn.execute(stmt)]
+
+
+def next_due_ms(conn: Connection) -> int | None:
+    return conn.execute(select(func.min(timeouts.c.due_ms)).where(_pending)).scalar()
+
+
+def last_due_ms(conn: Connection) -> int:
+    return int(conn.execute(select(func.max(timeouts.c.due_ms)).where(_pending)).scalar() or 0)
+
+
+def pending(
+    conn: Connection,
+    *,
+    due_after: int | None = None,
+    due_before: int | None = None,
+    limit: int | None = 100,
+) -> list[TimeoutRecord]:
+    stmt = select(timeouts).where(_pending).order_by(timeouts.c.due_ms, timeouts.c.order_id)
+    if due_after is not None:
+        stmt = stmt.where(timeouts.c.due_ms >= due_after)
+    if due_before is not None:
+        stmt = stmt.where(timeouts.c.due_ms < due_before)
+    if limit is not None:
+        stmt = stmt.limit(limit)
+    return [TimeoutRecord.from_row(row) for row in conn.execute(stmt)]
+
+
+def pending_due_times(conn: Connection, *, due_after: int | None, due_before: int | None) -> list[int]:
+    """Due times of pending rows (index-only), for the histogram."""
+    stmt = select(timeouts.c.due_ms).where(_pending)
+    if due_after is not None:
+        stmt = stmt.where(timeouts.c.due_ms >= due_after)
+    if due_before is not None:
+        stmt = stmt.where(timeouts.c.due_ms < due_before)
+    return list(conn.execute(stmt).scalars())
+
+
+def histogram(conn: Connection, *, start_ms: int, width_ms: int, buckets: int) -> list[int]:
+    """Pending timeouts per due-time bucket [start + i*width, start + (i+1)*width), counted in SQL."""
+    index = (timeouts.c.due_ms - start_ms) // width_ms
+    stmt = (
+        select(index, func.count())
+        .where(_pending, timeouts.c.due_ms >= start_ms, timeouts.c.due_ms < start_ms + width_ms * buckets)
+        .group_by(index)
+    )
+    result = [0] * buckets
+    for i, count in conn.execute(stmt):
+        result[min(int(i), buckets - 1)] += count
+    return result
+
+
+def count_pending(conn: Connection, *, due_after: int | None = None, due_before: int | None = None) -> int:
+    stmt = select(func.count()).select_from(timeouts).where(_pending)
+    if due_after is not None:
+        stmt = stmt.where(timeouts.c.due_ms >= due_after)
+    if due_before is not None:
+        stmt = stmt.where(timeouts.c.due_ms < due_before)
+    return int(conn.execute(stmt).scalar_one())
+
+
+def counts(conn: Connection) -> dict[str, int]:
+    """Rows per state, and per outcome for finished rows (keys like 'done:cancelled')."""
+    stmt = select(timeouts.c.state, timeouts.c.outcome, func.count()).group_by(timeouts.c.state, timeouts.c.outcome)
+    result: dict[str, int] = {state.value: 0 for state in TimeoutState}
+    for state, outcome, count in conn.execute(stmt):
+        result[state] = result.get(state, 0) + count
+        if outcome:
+            result[f"{state}:{outcome}"] = count
+    return result
+
+
+def finished_between(conn: Connection, start_ms: int, end_ms: int) -> int:
+    stmt = (
+        select(func.count())
+        .select_from(timeouts)
+        .where(
+            timeouts.c.state.in_([TimeoutState.DONE.value, TimeoutState.DEAD.value]),
+            timeouts.c.finished_ms >= start_ms,
+            timeouts.c.finished_ms < end_ms,
+        )
+    )
+    return int(conn.execute(stmt).scalar_one())
+
+
+def all_records(conn: Connection) -> list[TimeoutRecord]:
+    """Every row; for the demo and chaos checks, not for production-sized tables."""
+    return [TimeoutRecord.from_row(row) for row in conn.execute(select(timeouts))]
+
+
+def dead(conn: Connection, *, limit: int | None = 100) -> list[TimeoutRecord]:
+    stmt = (
+        select(timeouts)
+        .where(timeouts.c.state == TimeoutState.DEAD.value)
+        .order_by(timeouts.c.finished_ms.desc())
+        .limit(limit)
+    )
+    return [TimeoutRecord.from_row(row) for row in conn.execute(stmt)]
+
+
+def unpublished(conn: Connection, *, limit: int) -> list[tuple[str, int, int]]:
+    """(order_id, due_ms, version) of pending rows the broker has not confirmed, in due order."""
+    stmt = (
+        select(timeouts.c.order_id, timeouts.c.due_ms, timeouts.c.version)
+        .where(_unpublished)
+        .order_by(timeouts.c.due_ms)
+        .limit(limit)
+    )
+    return [(order_id, due_ms, version) for order_id, due_ms, version in conn.execute(stmt)]
+
+
+def overdue(conn: Connection, *, before_ms: int, limit: int) -> list[tuple[str, int, int]]:
+    """(order_id, due_ms, version) of pending rows due before `before_ms`, oldest first."""
+    stmt = (
+        select(timeouts.c.order_id, timeouts.c.due_ms, timeouts.c.version)
+        .where(_pending, timeouts.c.due_ms < before_ms)
+        .order_by(timeouts.c.due_ms)
+        .limit(limit)
+    )
+    return [(order_id, due_ms, version) for order_id, due_ms, version in conn.execute(stmt)]

@@ -1,0 +1,120 @@
+"""The `sql` transport: the registry table is the queue (SQLite by default, PostgreSQL for many workers).
+
+Workers sleep until the next due time (capped) instead of polling, and wake early when a nearer
+timeout is scheduled: PostgreSQL through LISTEN/NOTIFY, SQLite through `PRAGMA data_version`,
+which changes whenever another connection commits and costs no disk read.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+from sqlalchemy import Connection, Engine, text
+
+from scheduler import registry
+from scheduler.clock import Clock
+from scheduler.database import reading
+from scheduler.names import PG_WAKE_CHANNEL
+from scheduler.transports.base import Batch, Settlement, TimerMessage
+
+#: longest sleep without re-reading the next due time (covers clock jumps and lost wake-ups)
+MAX_SLEEP_S = 10.0
+#: a scheduled timeout nearer than this wakes the workers; farther ones are found by the next re-read
+WAKE_HORIZON_MS = int(MAX_SLEEP_S * 1000)
+#: how often an idle SQLite worker looks at data_version
+SQLITE_WATCH_INTERVAL_S = 0.05
+#: pause after a claim that found nothing although rows were due (other workers hold them)
+CONTENDED_PAUSE_S = 0.02
+
+
+class SqlTransport:
+    name = "sql"
+    registry_is_queue = True
+
+    def __init__(self, engine: Engine, clock: Clock) -> None:
+        self._engine = engine
+        self._clock = clock
+        self._postgres = engine.dialect.name == "postgresql"
+        self._listener: psycopg.Connection[Any] | None = None
+        self._sqlite_watch: Any = None  # raw DBAPI connection, autocommit: outside any snapshot
+        self._contended = False
+
+    def notify_scheduled(self, conn: Connection, earliest_due_ms: int) -> None:
+        # Delivered at commit, dropped on rollback; far-off timeouts need no wake-up.
+        if self._postgres and earliest_due_ms - self._clock.now_ms() < WAKE_HORIZON_MS:
+            conn.execute(text("SELECT pg_notify(:channel, '')"), {"channel": PG_WAKE_CHANNEL})
+
+    def publish(self, messages: Sequence[TimerMessage]) -> None:
+        """Nothing to hand over: the committed registry row is the message."""
+
+    def revoke(self, order_ids: Sequence[str]) -> None:
+        """The registry row's state is the timer: nothing else to remove."""
+
+    def receive(self, limit: int, timeout: float) -> Batch:
+        deadline = time.monotonic() + timeout
+        if self._contended:
+            # Due rows exist but other workers hold them all: give them a moment.
+            self._contended = False
+            time.sleep(min(CONTENDED_PAUSE_S, timeout))
+        self._start_watching()
+        while True:
+            with reading(self._engine) as conn:
+                next_due = registry.next_due_ms(conn)
+            now = self._clock.now_ms()
+            if next_due is not None and next_due <= now:
+                return Batch(claim_due=limit)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return Batch()
+            sleep = min(remaining, MAX_SLEEP_S)
+            if next_due is not None:
+                sleep = min(sleep, (next_due - now) / 1000)
+            self._sleep_until_change(sleep)
+
+    def settle(self, settlement: Settlement) -> None:
+        # Outcomes, retries and dead letters are registry states written in the batch transaction.
+        self._contended = settlement.claimed == 0
+
+    def figures(self) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        if self._sqlite_watch is not None:
+            self._sqlite_watch.close()
+            self._sqlite_watch = None
+
+    def _start_watching(self) -> None:
+        if self._postgres and self._listener is None:
+            url = self._engine.url.set(drivername="postgresql")
+            self._listener = psycopg.connect(url.render_as_string(hide_password=False), autocommit=True)
+            self._listener.execute(f"LISTEN {PG_WAKE_CHANNEL}")
+        elif not self._postgres and self._sqlite_watch is None:
+            self._sqlite_watch = self._engine.raw_connection()
+
+    def _sleep_until_change(self, seconds: float) -> None:
+        if self._listener is not None:
+            # Wakes on the first NOTIFY or at the deadline; several notifies at once drain together.
+            for _ in self._listener.notifies(timeout=seconds, stop_after=1):
+                pass
+            return
+        assert self._sqlite_watch is not None
+        version = self._data_version()
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            time.sleep(min(SQLITE_WATCH_INTERVAL_S, left))
+            if self._data_version() != version:
+                return
+
+    def _data_version(self) -> int:
+        assert self._sqlite_watch is not None
+        cursor = self._sqlite_watch.cursor()
+        try:
+            return int(cursor.execute("PRAGMA data_version").fetchone()[0])
+        finally:
+            cursor.close()
