@@ -33,6 +33,8 @@ class RetryPolicy:
     """Backoff for timeouts whose payment status is unknown."""
 
     max_attempts: int = 5
+    #: broker deliveries without an ack (the worker died handling it) before it is dead-lettered
+    max_deliveries: int = 10
     base_s: float = 2.0
     cap_s: float = 300.0
 
@@ -84,7 +86,9 @@ class Handler:
                     order_ids = sorted({d.message.order_id for d in batch.deliveries})
                     claims = registry.claim(conn, order_ids, now=now, worker=self._worker_id)
                 report.claimed = len(claims)
-                outcomes, retries, dead = self._decide(conn, claims, now)
+                poison = self._poison(batch.deliveries, claims)
+                outcomes, retries, dead = self._decide(conn, [c for c in claims if c.order_id not in poison], now)
+                dead.update(poison)
                 registry.finish(conn, outcomes, now=now)
                 registry.retry_later(conn, retries, now=now, published=self._registry_is_queue)
                 registry.bury(conn, dead, now=now)
@@ -100,6 +104,16 @@ class Handler:
                 report.already_cancelled += 1
         report.retried, report.dead = len(retries), len(dead)
         return self._settlement(batch.deliveries, retries, dead, report), report
+
+    def _poison(self, deliveries: Sequence[Delivery], claims: Sequence[Claim]) -> dict[str, str]:
+        """Claimed timeouts whose message keeps coming back unacked: something kills the worker on them."""
+        claimed = {c.order_id for c in claims}
+        limit = self._retry.max_deliveries
+        return {
+            d.message.order_id: f"delivered {d.deliveries} times without an ack (limit {limit})"
+            for d in deliveries
+            if d.deliveries > limit and d.message.order_id in claimed
+        }
 
     def _decide(
         self, conn: Connection, claims: Sequence[Claim], now: int

@@ -60,7 +60,11 @@ class Worker:
             clock=timeouts.clock,
             worker_id=worker_id(),
             registry_is_queue=timeouts.transport.registry_is_queue,
-            retry=RetryPolicy(max_attempts=timeouts.settings.max_attempts),
+            retry=RetryPolicy(
+                max_attempts=timeouts.settings.max_attempts,
+                max_deliveries=timeouts.settings.max_deliveries,
+                base_s=timeouts.settings.retry_backoff.total_seconds(),
+            ),
         )
         self._batch_size = batch_size
         self._burst = burst
@@ -90,6 +94,9 @@ class Worker:
                     continue
                 settlement, report = self._handler.handle(batch)
                 self._transport.settle(settlement)
+                if settlement.retry and not self._transport.registry_is_queue:
+                    # The broker holds the re-armed timer now; until this commits the relay would resend it.
+                    self._timeouts.mark_published([message for _, message in settlement.retry])
             except TransportUnavailable as exc:
                 log.warning("broker unavailable, retrying in %.1fs: %s", backoff, exc)
                 self._stop.wait(backoff)

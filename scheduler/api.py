@@ -288,6 +288,10 @@ class OrderTimeouts:
             # The rows stay unpublished: the relay publishes them when the broker is back.
             log.warning("broker unavailable, %d timeouts left for the relay: %s", len(messages), exc)
             return
+        self.mark_published(messages)
+
+    def mark_published(self, messages: Sequence[TimerMessage]) -> None:
+        """Record that the broker confirmed these messages (only their current version counts)."""
         with self.engine.begin() as conn:
             registry.mark_published(conn, [(m.order_id, m.version) for m in messages], now=self.clock.now_ms())
 

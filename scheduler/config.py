@@ -42,6 +42,10 @@ class Settings:
     max_delay: timedelta = timedelta(days=30)
     #: attempts with payment status UNKNOWN before the timeout is dead-lettered
     max_attempts: int = 5
+    #: first retry delay for UNKNOWN payment status; doubles per attempt up to 5 minutes
+    retry_backoff: timedelta = timedelta(seconds=2)
+    #: a broker delivery seen this many times without an ack (workers crashing on it) is dead-lettered
+    max_deliveries: int = 10
     orders: OrdersTableNames = field(default_factory=OrdersTableNames)
 
     @classmethod

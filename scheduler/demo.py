@@ -144,9 +144,9 @@ def _watch(engine: Engine, total: int, payments: Payments) -> bool:
 
 def _report(engine: Engine, ids: list[str], payments: Payments, exit_codes: list[int], in_time: bool) -> bool:
     with reading(engine) as conn:
-        status: dict[str, str] = dict(conn.execute(text("SELECT id, status FROM orders")).tuples().all())
+        status: dict[str, str] = dict(conn.execute(text("SELECT id, status FROM orders")).all())
         cancels: dict[str, int] = dict(
-            conn.execute(text("SELECT order_id, count(*) FROM demo_cancel_log GROUP BY order_id")).tuples().all()
+            conn.execute(text("SELECT order_id, count(*) FROM demo_cancel_log GROUP BY order_id")).all()
         )
         rows = {r.order_id: r for r in registry.all_records(conn)}
     problems: list[str] = []

@@ -10,3 +10,7 @@ PG_WAKE_CHANNEL = "order_timeouts_wake"
 LEASE_TABLE = "order_timeouts_leases"
 
 DEFAULT_SQLITE_FILE = "order-timeouts.sqlite3"
+
+# --- Redis transport (scheduler/transports/redis.py) ---
+
+# --- RabbitMQ transport (scheduler/transports/rabbitmq.py) ---

@@ -176,7 +176,7 @@ def insert_many(
     else:
         stmt = stmt.on_conflict_do_nothing(index_elements=[timeouts.c.order_id])
     result = conn.execute(stmt.returning(timeouts.c.order_id, timeouts.c.version), params)
-    return dict(result.tuples().all())
+    return dict(result.all())
 
 
 def _rearm(now: int) -> dict[str, Any]:

@@ -18,6 +18,14 @@ def open_transport(broker_url: str, engine: Engine, clock: Clock) -> Transport:
         from scheduler.transports.sql import SqlTransport
 
         return SqlTransport(engine, clock)
+    if scheme in ("redis", "rediss"):
+        from scheduler.transports.redis import RedisTransport
+
+        return RedisTransport(broker_url, clock)
+    if scheme in ("amqp", "amqps"):
+        from scheduler.transports.rabbitmq import RabbitMQTransport
+
+        return RabbitMQTransport(broker_url, clock)
     raise ConfigurationError(
         f"unknown broker URL {redact(broker_url)!r}: use sql, redis://, rediss://, amqp://, amqps:// or rq+redis://"
     )

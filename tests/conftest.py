@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine
+
+from consumers.worker import Worker, WorkerTotals
+from scheduler import OrderTimeouts, Settings
+from scheduler.config import ENV_BROKER_URL, ENV_DATABASE_URL
+from scheduler.schema import init_db
+from tests.stacks import DATABASES, STACKS
+from tests.support import install_cancel_counter
+
+
+@dataclass
+class Stack:
+    """One isolated deployment for a test: registry database, broker, orders table with cancel counter."""
+
+    name: str
+    database_url: str
+    broker_url: str
+    opened: list[OrderTimeouts] = field(default_factory=list)
+
+    def timeouts(self, **settings: Any) -> OrderTimeouts:
+        """The stack's client; with settings, a new client configured with them."""
+        if not settings and self.opened:
+            return self.opened[0]
+        base = Settings(database_url=self.database_url, broker_url=self.broker_url)
+        client = OrderTimeouts(settings=replace(base, **settings))
+        self.opened.append(client)
+        return client
+
+    @property
+    def engine(self) -> Engine:
+        if not self.opened:
+            self.timeouts()
+        return self.opened[0].engine
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {**os.environ, ENV_DATABASE_URL: self.database_url, ENV_BROKER_URL: self.broker_url, **extra}
+
+    def drain(self, timeouts: OrderTimeouts | None = None, **worker: Any) -> WorkerTotals:
+        """Run an in-process worker in burst mode: everything due now gets handled."""
+        member = Worker(timeouts or self.timeouts(), burst=True, **worker)
+        return member.run()
+
+    def drain_until(
+        self,
+        condition: Callable[[], bool],
+        timeout: float = 20.0,
+        client: OrderTimeouts | None = None,
+        **worker: Any,
+    ) -> WorkerTotals:
+        """Drain repeatedly until `condition` holds: brokers deliver due timers on their own clock."""
+        client = client or self.timeouts()
+        totals = WorkerTotals()
+        deadline = time.monotonic() + timeout
+        while True:
+            run = self.drain(client, **worker)
+            for name in ("batches", "claimed", "cancelled", "paid", "already_cancelled", "retried", "dead", "stale"):
+                setattr(totals, name, getattr(totals, name) + getattr(run, name))
+            if condition():
+                return totals
+            if time.monotonic() > deadline:
+                raise AssertionError(f"condition not met within {timeout}s; worker totals {totals}")
+            time.sleep(0.05)
+
+
+def _open(factory_name: str, table: dict[str, Any], tmp_path: Path) -> Iterator[Stack]:
+    with table[factory_name](tmp_path) as (database_url, broker_url):
+        stack = Stack(factory_name, database_url, broker_url)
+        init_db(stack.engine, stack.opened[0].settings.orders)
+        install_cancel_counter(stack.engine)
+        try:
+            yield stack
+        finally:
+            for client in stack.opened:
+                client.close()
+
+
+@pytest.fixture(params=sorted(STACKS))
+def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
+    """Every transport, each on its own isolated registry and broker namespace."""
+    yield from _open(request.param, STACKS, tmp_path)
+
+
+@pytest.fixture(params=sorted(DATABASES))
+def db_stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
+    """The `sql` transport on each registry database (SQLite file, PostgreSQL schema)."""
+    yield from _open(request.param, DATABASES, tmp_path)

@@ -1,0 +1,94 @@
+"""Test fixtures' building blocks: databases per test, the orders table, a cancel counter."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable, Iterator
+from urllib.parse import quote
+
+import psycopg
+from sqlalchemy import Engine, text
+
+from scheduler.config import database_url
+from tests.services import POSTGRES_URL, require, unique
+
+
+@contextlib.contextmanager
+def postgres_schema() -> Iterator[str]:
+    """A fresh schema in the `test` database, selected through search_path; dropped afterwards."""
+    require("PostgreSQL", 5432)
+    schema = unique("ot")
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+        admin.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield f"{POSTGRES_URL}?options={quote(f'-csearch_path={schema}')}"
+    finally:
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+            admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def psycopg_url(url: str) -> str:
+    return database_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def install_cancel_counter(engine: Engine) -> None:
+    """A trigger that logs every update setting an order to CANCELLED: a second cancel shows up twice."""
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE cancel_log (order_id VARCHAR(255) NOT NULL)"))
+        if engine.dialect.name == "postgresql":
+            conn.execute(
+                text(
+                    "CREATE FUNCTION log_cancel() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                    "INSERT INTO cancel_log VALUES (NEW.id); RETURN NEW; END $$"
+                )
+            )
+            conn.execute(
+                text(
+                    "CREATE TRIGGER count_cancels AFTER UPDATE OF status ON orders FOR EACH ROW "
+                    "WHEN (NEW.status = 'CANCELLED') EXECUTE FUNCTION log_cancel()"
+                )
+            )
+        else:
+            conn.execute(
+                text(
+                    "CREATE TRIGGER count_cancels AFTER UPDATE OF status ON orders WHEN NEW.status = 'CANCELLED' "
+                    "BEGIN INSERT INTO cancel_log VALUES (NEW.id); END"
+                )
+            )
+
+
+def cancel_counts(engine: Engine) -> dict[str, int]:
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT order_id, count(*) FROM cancel_log GROUP BY order_id")).all()
+    return dict(rows)
+
+
+def add_orders(engine: Engine, ids: Iterable[str], status: str = "PENDING") -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO orders (id, status) VALUES (:id, :status)"), [{"id": i, "status": status} for i in ids]
+        )
+
+
+def order_status(engine: Engine) -> dict[str, str]:
+    with engine.connect() as conn:
+        return dict(conn.execute(text("SELECT id, status FROM orders")).all())
+
+
+def pay(engine: Engine, order_id: str) -> bool:
+    """The order service's payment: a conditional update. False when the order was no longer pending."""
+    with engine.begin() as conn:
+        result = conn.execute(
+            text("UPDATE orders SET status = 'PAID' WHERE id = :id AND status = 'PENDING'"), {"id": order_id}
+        )
+        return result.rowcount == 1
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 15.0, interval: float = 0.02) -> None:
+    """Poll a condition until it holds; fail with a clear message when it never does."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
