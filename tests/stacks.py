@@ -9,11 +9,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import ContextManager
+
 
 from tests.support import postgres_schema
 
-StackFactory = Callable[[Path], ContextManager[tuple[str, str]]]
+StackFactory = Callable[[Path], contextlib.AbstractContextManager[tuple[str, str]]]
 
 
 @contextlib.contextmanager
