@@ -10,7 +10,6 @@ import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-
 from tests.support import postgres_schema
 
 StackFactory = Callable[[Path], contextlib.AbstractContextManager[tuple[str, str]]]
