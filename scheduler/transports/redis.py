@@ -1,0 +1,427 @@
+"""The `redis` transport: timers in a sorted set per shard, moved when due into a stream per shard
+that the workers read through a consumer group.
+
+    publish ─ZADD─▶ {prefix:n}:timers     member = order id, score = due time in ms
+                        │ redis_move.lua: due members ─XADD─▶ stream, ─ZREM─▶ set, in one atomic step
+                        ▼
+                    {prefix:n}:due ─XREADGROUP (group "workers")─▶ worker ─▶ XACK + XDEL after the commit
+                        ▲ XAUTOCLAIM: entries a dead worker left unacked longer than claim_idle_ms
+
+Any worker runs the mover before it reads; scripts run one at a time, so movers racing each other
+neither duplicate nor lose a timer. A worker with nothing to read blocks on XREADGROUP until the
+earliest timer is due (or its timeout): it wakes on time without polling. It wakes sooner when
+another worker moves timers into the stream, or when a publish makes a timer the shard's earliest
+(the publisher moves a timer that is already due, or adds a wake-up entry for one due soon).
+
+The registry is authoritative: the set holds only the order id (about 112 B of Redis per pending
+timeout with 12-character ids, 144 B with UUIDs, on Redis 7.0), so stream messages carry version 0
+and the handler's conditional claim decides what a delivery means.
+
+URL: `redis://[[user]:password@]host[:port][/db][?option=value&...]`, `rediss://` for TLS. Options:
+
+- `prefix` (default `order_timeouts`): first part of every key; one per deployment. No `{` or `}`:
+  it sits inside the per-shard hash tag `{<prefix>:<shard>}`.
+- `shards` (default 1): sorted-set/stream pairs the timers are spread over (crc32 of the order id).
+  Each shard hashes to its own cluster slot, so on Redis Cluster the shards spread over the nodes.
+  Changing it strands timers on shards no longer read: the reconciler republishes them.
+- `claim_idle_ms` (default 30000): an entry delivered and left unacked this long is taken over by
+  another worker. Keep it well above the time one batch takes.
+- `cluster` (default 0): `1` connects through redis.cluster.RedisCluster; the host is a seed node.
+- `move_batch` (default 1000): most timers one mover call moves per shard (bounds its run time).
+- `dead_maxlen` (default 100000): the dead-letter stream is trimmed to about this many entries
+  (the registry keeps every dead timeout regardless).
+
+Other query options go to redis-py unchanged (`socket_timeout`, `ssl_ca_certs`, `ssl_cert_reqs`, ...).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+import uuid
+import zlib
+from collections.abc import Iterator, Sequence
+from importlib.resources import files
+from typing import Any
+
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
+from sqlalchemy import Connection
+
+from scheduler.clock import Clock
+from scheduler.errors import MalformedMessage, TransportUnavailable
+from scheduler.names import (
+    REDIS_FIELD_MESSAGE,
+    REDIS_FIELD_WAKE,
+    REDIS_GROUP,
+    redis_dead_key,
+    redis_due_key,
+    redis_timers_key,
+)
+from scheduler.transports.base import Batch, Delivery, Settlement, TimerMessage
+from scheduler.transports.redis_options import MAX_BLOCK_MS, connect, parse_url
+
+MOVE_SCRIPT = files("scheduler.transports").joinpath("redis_move.lua").read_text()
+CLAIM_SCRIPT = files("scheduler.transports").joinpath("redis_claim.lua").read_text()
+
+#: members per ZADD command when publishing a large batch
+ZADD_CHUNK = 5000
+#: a published timer due sooner than this that becomes its shard's earliest wakes a blocked worker;
+#: later ones are seen anyway when the worker's block (at most MAX_BLOCK_MS) ends
+WAKE_HORIZON_MS = MAX_BLOCK_MS
+#: a delivery whose batch transaction failed comes back after this pause
+FAILED_REDELIVERY_MS = 1000
+
+_FIELD_MESSAGE, _FIELD_WAKE = REDIS_FIELD_MESSAGE.encode(), REDIS_FIELD_WAKE.encode()
+
+#: (shard, stream id, fields, reason) of an entry that is not a timer message
+_Malformed = tuple[int, bytes, dict[bytes, bytes], str]
+
+
+class RedisTransport:
+    name = "redis"
+    registry_is_queue = False
+
+    def __init__(self, broker_url: str, clock: Clock) -> None:
+        self._url, self.options = parse_url(broker_url)
+        self._clock = clock
+        self._client: Any = None  # connected on first use: a dead broker must not break start-up
+        self._move: Any = None
+        self._claim: Any = None
+        shards = range(self.options.shards)
+        self._timers = [redis_timers_key(self.options.prefix, n) for n in shards]
+        self._streams = [redis_due_key(self.options.prefix, n) for n in shards]
+        self._shard_of_stream = {key.encode(): n for n, key in enumerate(self._streams)}
+        self._dead = redis_dead_key(self.options.prefix)
+        self._consumer = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self._groups_ready = False
+        self._consumed = False
+        self._claim_cursors = ["0-0"] * self.options.shards
+        self._next_claim_at = 0.0
+        self._claim_every_s = min(max(self.options.claim_idle_ms / 4000, 0.05), 5.0)
+        self._earliest_shard = 0  # where a cluster worker blocks: the shard of the earliest timer
+        self._first_shard = 0  # rotates, so that no shard's stream waits behind the others
+
+    def shard_of(self, order_id: str) -> int:
+        return zlib.crc32(order_id.encode()) % self.options.shards
+
+    # -- producer side ---------------------------------------------------------------------------
+
+    def notify_scheduled(self, conn: Connection, earliest_due_ms: int) -> None:
+        """Nothing to do inside the transaction: `publish` wakes the workers after the commit."""
+
+    def publish(self, messages: Sequence[TimerMessage]) -> None:
+        """ZADD in one pipeline; confirmed when the pipeline has returned."""
+        due_by_shard: dict[int, dict[str, int]] = {}
+        for message in messages:
+            due_by_shard.setdefault(self.shard_of(message.order_id), {})[message.order_id] = message.due_ms
+        if not due_by_shard:
+            return
+        with self._edge("publish"):
+            pipe = self._redis().pipeline(transaction=False)
+            for shard, due in due_by_shard.items():
+                items = list(due.items())
+                for start in range(0, len(items), ZADD_CHUNK):
+                    pipe.zadd(self._timers[shard], dict(items[start : start + ZADD_CHUNK]))
+                pipe.zrange(self._timers[shard], 0, 0, withscores=True)
+            heads = [reply for reply in pipe.execute() if isinstance(reply, list)]
+            self._wake_for(due_by_shard, heads)
+
+    def revoke(self, order_ids: Sequence[str]) -> None:
+        by_shard: dict[int, list[str]] = {}
+        for order_id in order_ids:
+            by_shard.setdefault(self.shard_of(order_id), []).append(order_id)
+        if by_shard:
+            with self._edge("revoke"):
+                pipe = self._redis().pipeline(transaction=False)
+                for shard, ids in by_shard.items():
+                    pipe.zrem(self._timers[shard], *ids)
+                pipe.execute()
+
+    def _wake_for(self, due_by_shard: dict[int, dict[str, int]], heads: list[Any]) -> None:
+        """Workers block until the earliest timer they saw: tell them when a publish changed it."""
+        now = self._clock.now_ms()
+        wake = []
+        for (shard, due), head in zip(due_by_shard.items(), heads, strict=True):
+            if not head:
+                continue
+            member, score = head[0]
+            if score <= now:
+                # Due already (fire, replay, relay catching up): moving it into the stream wakes a reader.
+                self._move_shards([shard], now)
+            elif score - now < WAKE_HORIZON_MS and member.decode() in due:
+                wake.append(shard)
+        if wake:
+            # A stream entry, not pub/sub: a worker that starts blocking after this still sees it.
+            pipe = self._redis().pipeline(transaction=False)
+            for shard in wake:
+                pipe.xadd(self._streams[shard], {_FIELD_WAKE: b""})
+            pipe.execute()
+
+    # -- consumer side ---------------------------------------------------------------------------
+
+    def receive(self, limit: int, timeout: float) -> Batch:
+        deadline = time.monotonic() + max(timeout, 0.0)
+        with self._edge("receive"):
+            self._ensure_groups()
+            deliveries: list[Delivery] = []
+            if time.monotonic() >= self._next_claim_at:
+                deliveries = self._take_over_idle(limit)
+            while True:
+                earliest = self._move_shards(range(self.options.shards), self._clock.now_ms())
+                if len(deliveries) < limit:
+                    deliveries += self._read(limit - len(deliveries))
+                if deliveries:
+                    return Batch(deliveries)
+                wait_ms = int((deadline - time.monotonic()) * 1000)
+                if earliest is not None:
+                    wait_ms = min(wait_ms, earliest - self._clock.now_ms())
+                if wait_ms > 0:
+                    deliveries = self._read(limit, block_ms=min(wait_ms, MAX_BLOCK_MS))
+                elif time.monotonic() >= deadline:
+                    return Batch()
+
+    def settle(self, settlement: Settlement) -> None:
+        now = self._clock.now_ms()
+        acks: dict[int, list[bytes]] = {}
+        with self._edge("settle"):
+            writes = self._redis().pipeline(transaction=False)
+            for delivery in settlement.done:
+                self._ack_later(acks, delivery)
+            for delivery, message in settlement.retry:
+                writes.zadd(self._timers[self.shard_of(message.order_id)], {message.order_id: message.due_ms})
+                self._ack_later(acks, delivery)
+            for delivery, reason in settlement.dead:
+                message = delivery.message
+                fields = {"order_id": message.order_id, "body": message.encode(), "reason": reason}
+                self._dead_letter(writes, {**fields, "from": self._source(delivery)})
+                self._ack_later(acks, delivery)
+            for delivery in settlement.failed:
+                # The batch transaction failed (database trouble), which says nothing against the
+                # message: rather than leave it unacked, where it would wait claim_idle_ms for
+                # XAUTOCLAIM and count one more delivery towards the poison limit, re-arm it shortly
+                # and ack. NX keeps a timer that a reschedule has re-published in the meantime. If
+                # Redis fails here, the entry stays pending and XAUTOCLAIM brings it back.
+                oid = delivery.message.order_id
+                writes.zadd(self._timers[self.shard_of(oid)], {oid: now + FAILED_REDELIVERY_MS}, nx=True)
+                self._ack_later(acks, delivery)
+            # Re-arm and dead-letter first, ack after: a crash in between redelivers (the registry
+            # makes that a no-op) instead of losing. Two round trips, because on a cluster the dead
+            # stream may live on another node than the acked stream.
+            if len(writes):
+                writes.execute()
+            self._ack(acks)
+
+    def _ensure_groups(self) -> None:
+        if self._groups_ready:
+            return
+        for stream in self._streams:
+            try:
+                # From id 0: an entry moved in before the group existed is still delivered.
+                self._redis().xgroup_create(stream, REDIS_GROUP, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+        self._groups_ready = self._consumed = True
+
+    def _move_shards(self, shards: Sequence[int], now: int) -> int | None:
+        """Run the mover on these shards; return the earliest due time left, noting its shard."""
+        client = self._redis()
+        args = [now, self.options.move_batch, REDIS_FIELD_MESSAGE]
+        keys = [[self._timers[n], self._streams[n]] for n in shards]
+        if self.options.cluster:
+            # Each shard's keys live on their own node: one script call each.
+            replies = [self._move(keys=k, args=args) for k in keys]
+        else:
+            pipe = client.pipeline(transaction=False)
+            for k in keys:
+                self._move(keys=k, args=args, client=pipe)
+            replies = pipe.execute()
+        earliest: int | None = None
+        for shard, (_moved, head) in zip(shards, replies, strict=True):
+            if head is not None and (earliest is None or int(float(head)) < earliest):
+                earliest, self._earliest_shard = int(float(head)), shard
+        return earliest
+
+    def _read(self, count: int, block_ms: int | None = None) -> list[Delivery]:
+        client = self._redis()
+        shards = self.options.shards
+        if block_ms is not None:
+            # One blocking read over every stream; Redis Cluster cannot block on keys of several
+            # slots, so there a worker blocks on the shard of the earliest timer (the one it must
+            # move next) and finds the others' entries when it wakes.
+            if self.options.cluster or shards == 1:
+                streams = {self._streams[self._earliest_shard]: ">"}
+            else:
+                streams = dict.fromkeys(self._streams, ">")
+            per_stream = max(count // len(streams), 1)
+            return self._accept(
+                client.xreadgroup(REDIS_GROUP, self._consumer, streams, count=per_stream, block=block_ms)
+            )
+        deliveries: list[Delivery] = []
+        self._first_shard = (self._first_shard + 1) % shards
+        for i in range(shards):
+            stream = self._streams[(self._first_shard + i) % shards]
+            reply = client.xreadgroup(REDIS_GROUP, self._consumer, {stream: ">"}, count=count - len(deliveries))
+            deliveries += self._accept(reply)
+            if len(deliveries) >= count:
+                break
+        return deliveries
+
+    def _take_over_idle(self, limit: int) -> list[Delivery]:
+        """XAUTOCLAIM what dead workers left behind, with delivery counts for the poison check."""
+        deliveries: list[Delivery] = []
+        for shard, stream in enumerate(self._streams):
+            args = [REDIS_GROUP, self._consumer, self.options.claim_idle_ms, self._claim_cursors[shard]]
+            cursor, taken = self._claim(keys=[stream], args=[*args, limit - len(deliveries)])
+            self._claim_cursors[shard] = cursor.decode()
+            entries = [(entry_id, _pairs(fields), int(count)) for entry_id, fields, count in taken]
+            deliveries += self._accept_entries(shard, entries)
+            if len(deliveries) >= limit:
+                break
+        # A cursor short of the end means more idle entries may wait: look again on the next receive.
+        scanned = all(cursor == "0-0" for cursor in self._claim_cursors)
+        self._next_claim_at = time.monotonic() + (self._claim_every_s if scanned else 0.0)
+        return deliveries
+
+    def _accept(self, reply: Any) -> list[Delivery]:
+        deliveries: list[Delivery] = []
+        for stream, entries in reply or []:
+            shard = self._shard_of_stream[stream]
+            deliveries += self._accept_entries(shard, [(entry_id, fields, 1) for entry_id, fields in entries])
+        return deliveries
+
+    def _accept_entries(self, shard: int, entries: list[tuple[bytes, dict[bytes, bytes], int]]) -> list[Delivery]:
+        """Timer messages become deliveries; wake-ups are dropped; anything else is dead-lettered."""
+        deliveries: list[Delivery] = []
+        drop: list[bytes] = []
+        malformed: list[_Malformed] = []
+        for entry_id, fields, count in entries:
+            if _FIELD_MESSAGE in fields:
+                try:
+                    message = TimerMessage.decode(fields[_FIELD_MESSAGE])
+                except MalformedMessage as exc:
+                    malformed.append((shard, entry_id, fields, str(exc)))
+                else:
+                    deliveries.append(Delivery(message, receipt=(shard, entry_id), deliveries=count))
+                continue
+            if _FIELD_WAKE in fields:
+                drop.append(entry_id)
+            else:
+                malformed.append((shard, entry_id, fields, f"entry has no {REDIS_FIELD_MESSAGE!r} field"))
+        if malformed:
+            pipe = self._redis().pipeline(transaction=False)
+            for _, entry_id, fields, reason in malformed:
+                self._dead_letter(pipe, {**_describe(fields), "reason": reason, "from": self._source(shard, entry_id)})
+            pipe.execute()
+            drop += [entry_id for _, entry_id, _, _ in malformed]
+        if drop:
+            self._ack({shard: drop})
+        return deliveries
+
+    def _ack_later(self, acks: dict[int, list[bytes]], delivery: Delivery) -> None:
+        shard, entry_id = delivery.receipt
+        acks.setdefault(shard, []).append(entry_id)
+
+    def _ack(self, acks: dict[int, list[bytes]]) -> None:
+        if not acks:
+            return
+        pipe = self._redis().pipeline(transaction=False)
+        for shard, ids in acks.items():
+            pipe.xack(self._streams[shard], REDIS_GROUP, *ids)
+            # Acked entries are of no further use; deleting them keeps the stream's memory flat.
+            pipe.xdel(self._streams[shard], *ids)
+        pipe.execute()
+
+    def _dead_letter(self, pipe: Any, fields: dict[str, Any]) -> None:
+        fields["at_ms"] = self._clock.now_ms()
+        pipe.xadd(self._dead, fields, maxlen=self.options.dead_maxlen, approximate=True)
+
+    def _source(self, delivery_or_shard: Delivery | int, entry_id: bytes | None = None) -> str:
+        if isinstance(delivery_or_shard, Delivery):
+            delivery_or_shard, entry_id = delivery_or_shard.receipt
+        assert isinstance(delivery_or_shard, int) and entry_id is not None
+        return f"{self._streams[delivery_or_shard]} {entry_id.decode()}"
+
+    # -- figures and lifecycle -------------------------------------------------------------------
+
+    def figures(self) -> dict[str, Any]:
+        """Timers per shard, stream lengths, pending entries per consumer, dead letters, mover lag."""
+        now = self._clock.now_ms()
+        with self._edge("figures"):
+            pipe = self._redis().pipeline(transaction=False)
+            for timers, stream in zip(self._timers, self._streams, strict=True):
+                pipe.zcard(timers)
+                pipe.zrange(timers, 0, 0, withscores=True)
+                pipe.xlen(stream)
+                pipe.xpending(stream, REDIS_GROUP)
+            pipe.xlen(self._dead)
+            replies = pipe.execute(raise_on_error=False)
+        for reply in replies:
+            # NOGROUP before any worker has started is an empty shard; anything else is an outage.
+            if isinstance(reply, Exception) and "NOGROUP" not in str(reply):
+                raise TransportUnavailable(f"redis figures: {reply}")
+        timers, heads, lengths, pending = (replies[i:-1:4] for i in range(4))
+        by_consumer: dict[str, int] = {}
+        for summary in pending:
+            for consumer in summary["consumers"] if isinstance(summary, dict) else []:
+                name = consumer["name"].decode()
+                by_consumer[name] = by_consumer.get(name, 0) + int(consumer["pending"])
+        oldest_unmoved = min((int(head[0][1]) for head in heads if head), default=None)
+        lag_ms = max(now - oldest_unmoved, 0) if oldest_unmoved is not None else 0
+        return {
+            "shards": self.options.shards,
+            "timers": sum(timers),
+            "timers_by_shard": list(timers),
+            "stream_length": sum(lengths),
+            "pending": sum(by_consumer.values()),
+            "pending_by_consumer": by_consumer,
+            "dead_letters": replies[-1],
+            "unmoved_lag_seconds": lag_ms / 1000,
+        }
+
+    def close(self) -> None:
+        if self._client is None:
+            return
+        try:
+            if self._consumed:
+                # Leave no empty consumer behind in the group (one holding entries stays, for XAUTOCLAIM).
+                for stream in self._streams:
+                    if not self._client.xpending_range(stream, REDIS_GROUP, "-", "+", 1, self._consumer):
+                        self._client.xgroup_delconsumer(stream, REDIS_GROUP, self._consumer)
+        except (RedisError, RedisClusterException):
+            pass  # best effort: an empty consumer left behind costs a few bytes
+        finally:
+            self._client.close()
+            self._client = None
+
+    def _redis(self) -> Any:
+        if self._client is None:
+            self._client = connect(self._url, self.options)
+            self._move = self._client.register_script(MOVE_SCRIPT)
+            self._claim = self._client.register_script(CLAIM_SCRIPT)
+        return self._client
+
+    @contextlib.contextmanager
+    def _edge(self, action: str) -> Iterator[None]:
+        """Every redis-py error becomes TransportUnavailable here: callers never import redis."""
+        try:
+            yield
+        except (RedisError, RedisClusterException) as exc:
+            if "NOGROUP" in str(exc):
+                # The stream or its group has gone (Redis restarted empty): create them again next time.
+                self._groups_ready = False
+            raise TransportUnavailable(f"redis {action}: {exc}") from exc
+
+
+def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def _describe(fields: dict[bytes, bytes]) -> dict[str, Any]:
+    """A malformed entry's content for the dead-letter stream: the body as it was, or every field."""
+    if list(fields) == [_FIELD_MESSAGE]:
+        return {"body": fields[_FIELD_MESSAGE]}
+    return {"fields": json.dumps({k.decode(errors="replace"): v.decode(errors="replace") for k, v in fields.items()})}

@@ -1,0 +1,90 @@
+"""The `redis` transport's URL: our options in the query string, the rest handed to redis-py.
+
+The options are listed in the docstring of scheduler/transports/redis.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.cluster import RedisCluster
+from redis.retry import Retry
+
+from scheduler.config import redact
+from scheduler.errors import ConfigurationError
+from scheduler.names import REDIS_DEFAULT_PREFIX
+
+#: seconds to wait for a TCP connection; a dead broker must not stall schedule() for long
+CONNECT_TIMEOUT_S = 2.0
+#: seconds to wait for a reply unless the URL says otherwise; above the longest XREADGROUP block
+SOCKET_TIMEOUT_S = 10.0
+#: longest XREADGROUP block, well inside the socket timeout
+MAX_BLOCK_MS = 2000
+
+
+@dataclass(frozen=True)
+class RedisOptions:
+    prefix: str = REDIS_DEFAULT_PREFIX
+    shards: int = 1
+    claim_idle_ms: int = 30_000
+    cluster: bool = False
+    move_batch: int = 1000
+    dead_maxlen: int = 100_000
+
+
+_LIMITS = {"shards": (1, 16384), "claim_idle_ms": (1, 86_400_000), "move_batch": (1, 5000), "dead_maxlen": (1, 10**9)}
+
+
+def parse_url(broker_url: str) -> tuple[str, RedisOptions]:
+    """Split a broker URL into the URL redis-py gets and our options; bad options raise ConfigurationError."""
+    parts = urlsplit(broker_url)
+    ours: dict[str, Any] = {}
+    passed: list[tuple[str, str]] = []
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key == "prefix":
+            if not value or "{" in value or "}" in value:
+                raise ConfigurationError(f"redis option prefix={value!r}: give a non-empty name without braces")
+            ours[key] = value
+        elif key == "cluster":
+            if value not in ("0", "1", "true", "false"):
+                raise ConfigurationError(f"redis option cluster={value!r}: use 1 or 0")
+            ours[key] = value in ("1", "true")
+        elif key in _LIMITS:
+            low, high = _LIMITS[key]
+            try:
+                number = int(value)
+            except ValueError:
+                number = low - 1
+            if not low <= number <= high:
+                raise ConfigurationError(f"redis option {key}={value!r}: give an integer from {low} to {high}")
+            ours[key] = number
+        else:
+            passed.append((key, value))
+    return urlunsplit(parts._replace(query=urlencode(passed))), RedisOptions(**ours)
+
+
+def connect(url: str, options: RedisOptions) -> Any:
+    """A client for the URL; connections are opened on first use, so a dead broker fails later, per call.
+
+    Typed Any: redis-py declares every reply as `Awaitable[Any] | Any` (sync and async share stubs).
+    """
+    defaults: dict[str, Any] = {"socket_connect_timeout": CONNECT_TIMEOUT_S}
+    if "socket_timeout" not in urlsplit(url).query:
+        defaults["socket_timeout"] = SOCKET_TIMEOUT_S
+    try:
+        if options.cluster:
+            # Cluster mode has only database 0; a /0 path is harmless, anything else is a mistake.
+            path = urlsplit(url).path.strip("/")
+            if path not in ("", "0"):
+                raise ConfigurationError(f"redis cluster has only database 0, not {path!r}: {redact(url)}")
+            seed = urlunsplit(urlsplit(url)._replace(path=""))
+            return RedisCluster.from_url(seed, **defaults)
+        # A couple of quick reconnects ride over a dropped connection; a dead broker fails within a second.
+        retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), 2)
+        return redis.Redis.from_url(url, retry=retry, **defaults)
+    except ValueError as exc:  # redis-py's URL parser
+        raise ConfigurationError(f"bad redis URL {redact(url)!r}: {exc}") from None
