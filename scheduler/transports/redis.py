@@ -150,7 +150,7 @@ class RedisTransport:
             member, score = head[0]
             if score <= now:
                 # Due already (fire, replay, relay catching up): moving it into the stream wakes a reader.
-                self._move_shards([shard], now)
+                self.move_due([shard], now)
             elif score - now < WAKE_HORIZON_MS and member.decode() in due:
                 wake.append(shard)
         if wake:
@@ -170,7 +170,7 @@ class RedisTransport:
             if time.monotonic() >= self._next_claim_at:
                 deliveries = self._take_over_idle(limit)
             while True:
-                earliest = self._move_shards(range(self.options.shards), self._clock.now_ms())
+                earliest = self.move_due()
                 if len(deliveries) < limit:
                     deliveries += self._read(limit - len(deliveries))
                 if deliveries:
@@ -226,19 +226,21 @@ class RedisTransport:
                     raise
         self._groups_ready = self._consumed = True
 
-    def _move_shards(self, shards: Sequence[int], now: int) -> int | None:
-        """Run the mover on these shards; return the earliest due time left, noting its shard."""
-        client = self._redis()
-        args = [now, self.options.move_batch, REDIS_FIELD_MESSAGE]
+    def move_due(self, shards: Sequence[int] | None = None, now_ms: int | None = None) -> int | None:
+        """Run the mover on these shards (all by default); return the earliest due time left in them."""
+        shards = range(self.options.shards) if shards is None else shards
+        args = [self._clock.now_ms() if now_ms is None else now_ms, self.options.move_batch, REDIS_FIELD_MESSAGE]
         keys = [[self._timers[n], self._streams[n]] for n in shards]
-        if self.options.cluster:
-            # Each shard's keys live on their own node: one script call each.
-            replies = [self._move(keys=k, args=args) for k in keys]
-        else:
-            pipe = client.pipeline(transaction=False)
-            for k in keys:
-                self._move(keys=k, args=args, client=pipe)
-            replies = pipe.execute()
+        with self._edge("move"):
+            client = self._redis()
+            if self.options.cluster:
+                # Each shard's keys live on their own node: one script call each.
+                replies = [self._move(keys=k, args=args) for k in keys]
+            else:
+                pipe = client.pipeline(transaction=False)
+                for k in keys:
+                    self._move(keys=k, args=args, client=pipe)
+                replies = pipe.execute()
         earliest: int | None = None
         for shard, (_moved, head) in zip(shards, replies, strict=True):
             if head is not None and (earliest is None or int(float(head)) < earliest):
