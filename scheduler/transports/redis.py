@@ -126,6 +126,7 @@ class RedisTransport:
                 for start in range(0, len(items), ZADD_CHUNK):
                     pipe.zadd(self._timers[shard], dict(items[start : start + ZADD_CHUNK]))
                 pipe.zrange(self._timers[shard], 0, 0, withscores=True)
+            # ZADD replies with a count, ZRANGE with a list: the lists are the heads, in shard order.
             heads = [reply for reply in pipe.execute() if isinstance(reply, list)]
             self._wake_for(due_by_shard, heads)
 
@@ -143,16 +144,18 @@ class RedisTransport:
     def _wake_for(self, due_by_shard: dict[int, dict[str, int]], heads: list[Any]) -> None:
         """Workers block until the earliest timer they saw: tell them when a publish changed it."""
         now = self._clock.now_ms()
-        wake = []
+        due_now, wake = [], []
         for (shard, due), head in zip(due_by_shard.items(), heads, strict=True):
             if not head:
                 continue
             member, score = head[0]
             if score <= now:
-                # Due already (fire, replay, relay catching up): moving it into the stream wakes a reader.
-                self.move_due([shard], now)
+                due_now.append(shard)
             elif score - now < WAKE_HORIZON_MS and member.decode() in due:
                 wake.append(shard)
+        if due_now:
+            # Due already (fire, replay, the relay catching up): moving it into the stream wakes a reader.
+            self.move_due(due_now, now)
         if wake:
             # A stream entry, not pub/sub: a worker that starts blocking after this still sees it.
             pipe = self._redis().pipeline(transaction=False)
