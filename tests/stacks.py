@@ -10,6 +10,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from tests.rabbitmq_support import rabbitmq_stack
 from tests.redis_support import redis_stack
 from tests.support import postgres_schema
 
@@ -31,6 +32,7 @@ STACKS: dict[str, StackFactory] = {
     "sql-sqlite": sql_sqlite,
     "sql-postgresql": sql_postgresql,
     "redis": redis_stack,
+    "rabbitmq": rabbitmq_stack,
 }
 #: the registry databases, for tests that are about the registry rather than a broker
 DATABASES: dict[str, StackFactory] = {"sqlite": sql_sqlite, "postgresql": sql_postgresql}

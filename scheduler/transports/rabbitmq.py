@@ -1,0 +1,206 @@
+"""The `rabbitmq` transport: a binary cascade of TTL quorum queues dead-lettering into a ready queue
+that the workers consume as competing consumers.
+
+    publish ─confirmed─▶ order_timeouts.timers ─▶ delay.NN ─TTL─▶ … ─▶ order_timeouts.ready ─▶ workers
+                                                                          │ x-delivery-limit
+                                                  dead letters ─────────▶ order_timeouts.dead
+
+The cascade and why it was chosen: scheduler/transports/rabbitmq_topology.py. The connection and
+its I/O thread (heartbeats, windowed publisher confirms): scheduler/transports/rabbitmq_link.py.
+
+Guarantees:
+- `publish` returns only when the broker has confirmed every message as routed (`mandatory`); a
+  nack, a returned message, a lost connection or an unreachable broker raise TransportUnavailable
+  and the registry rows stay unpublished for the relay. Nothing is assumed sent.
+- A delivery is acked only in `settle`, after the batch transaction has committed; a worker that
+  dies holding deliveries loses its connection and the broker hands them to another worker.
+  Prefetch = the batch size. Re-arming (retry) and dead-lettering publish first, confirmed, then
+  ack: a crash in between leaves a duplicate, which the handler acks as stale, never a loss.
+- `revoke` removes nothing: a queued message cannot be taken out of the middle of a queue. The
+  registry says revoked, so the handler acks the timer as stale when it arrives.
+- A body that is not a timer message goes to the dead-letter queue with the reason in the
+  `order-timeouts-reason` header and is acked inside `receive`; the worker carries on. A timer that
+  arrives before its due time (delays beyond the cascade's 38.8 days, clocks that disagree) is
+  re-armed for what remains instead of being handed to the handler, which would ack it as stale.
+- When the broker goes away, `receive`/`publish` raise TransportUnavailable and the next call
+  connects again (the worker loop backs off in between).
+
+URL: `amqp://user:password@host:port/vhost?option=value`, `amqps://` for TLS; the vhost is the
+URL-quoted path (`%2F` for `/`). Query options are pika's URLParameters (`heartbeat`,
+`socket_timeout`, `stack_timeout`, `blocked_connection_timeout`, `connection_attempts`,
+`retry_delay`, `ssl_options`, ...); this transport changes only the defaults of a few of them,
+see CONNECTION_DEFAULTS.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pika
+from sqlalchemy import Connection
+
+from scheduler.clock import Clock
+from scheduler.config import redact
+from scheduler.errors import ConfigurationError, MalformedMessage
+from scheduler.names import RABBITMQ_DEAD_EXCHANGE, RABBITMQ_REASON_HEADER, RABBITMQ_TIMERS_EXCHANGE
+from scheduler.transports.base import Batch, Delivery, Settlement, TimerMessage
+from scheduler.transports.rabbitmq_link import Inbound, Link, Outgoing
+from scheduler.transports.rabbitmq_topology import declarations, figure_queues, routing_key
+
+log = logging.getLogger("order_timeouts.rabbitmq")
+
+#: pika options this transport sets unless the URL gives them: heartbeats every 15 s (so a dead
+#: peer is noticed within a minute), and a dead broker must not stall schedule() for long
+CONNECTION_DEFAULTS: dict[str, Any] = {
+    "heartbeat": 30,
+    "socket_timeout": 5.0,
+    "stack_timeout": 10.0,
+    "blocked_connection_timeout": 30.0,
+}
+#: seconds to open a connection and declare the topology
+CONNECT_TIMEOUT_S = 20.0
+#: seconds to wait for the confirms of one publish before it counts as failed
+CONFIRM_TIMEOUT_S = 15.0
+#: once a delivery is there, wait this long for more to fill the batch
+COLLECT_S = 0.005
+
+_TIMER = pika.BasicProperties(content_type="application/json", delivery_mode=2)
+
+
+def connection_parameters(broker_url: str) -> pika.URLParameters:
+    try:
+        params = pika.URLParameters(broker_url)
+    except ValueError as exc:
+        raise ConfigurationError(f"bad RabbitMQ URL {redact(broker_url)!r}: {exc}") from None
+    given = parse_qs(urlsplit(broker_url).query)
+    for name, value in CONNECTION_DEFAULTS.items():
+        if name not in given:
+            setattr(params, name, value)
+    return params
+
+
+class RabbitMQTransport:
+    name = "rabbitmq"
+    registry_is_queue = False
+
+    def __init__(self, broker_url: str, clock: Clock) -> None:
+        self._params = connection_parameters(broker_url)
+        self._clock = clock
+        self._link: Link | None = None
+        self._connecting = threading.Lock()  # publish may be called from many threads
+
+    def notify_scheduled(self, conn: Connection, earliest_due_ms: int) -> None:
+        """Nothing to wake: the broker delivers each timer when its delay runs out."""
+
+    def publish(self, messages: Sequence[TimerMessage]) -> None:
+        if messages:
+            self._connected().publish(self._timers(messages), CONFIRM_TIMEOUT_S)
+
+    def revoke(self, order_ids: Sequence[str]) -> None:
+        """Nothing to remove: the registry says revoked and the timer is acked as stale when it fires."""
+
+    def receive(self, limit: int, timeout: float) -> Batch:
+        link = self._connected()
+        link.consume(limit)
+        deadline = time.monotonic() + timeout
+        while True:
+            inbound = link.take(limit, max(deadline - time.monotonic(), 0.0), COLLECT_S)
+            deliveries = self._sort(link, inbound)
+            if deliveries or not inbound or time.monotonic() >= deadline:
+                return Batch(deliveries)
+            # Everything taken was malformed or early: keep waiting for due timers.
+
+    def settle(self, settlement: Settlement) -> None:
+        republish = self._timers([message for _, message in settlement.retry])
+        republish += [self._dead_letter(d.message.encode(), reason, d.deliveries) for d, reason in settlement.dead]
+        if republish:
+            self._connected().publish(republish, CONFIRM_TIMEOUT_S)
+        acks = [*settlement.done, *(d for d, _ in settlement.retry), *(d for d, _ in settlement.dead)]
+        by_link: dict[Link, tuple[list[int], list[int]]] = {}
+        for delivery in acks:
+            link, tag = delivery.receipt
+            by_link.setdefault(link, ([], []))[0].append(tag)
+        for delivery in settlement.failed:
+            link, tag = delivery.receipt
+            by_link.setdefault(link, ([], []))[1].append(tag)
+        for link, (ack, nack) in by_link.items():
+            # Deliveries of a link that has died were requeued by the broker: nothing to settle.
+            if link.alive:
+                link.settle(ack, nack)
+
+    def figures(self) -> dict[str, Any]:
+        """Messages per queue (delay queues that hold any, ready, dead letters) and ready-queue consumers."""
+        labels = figure_queues()
+        depths = self._connected().queue_depths(list(labels.values()), CONFIRM_TIMEOUT_S)
+        figures: dict[str, Any] = {}
+        delayed = 0
+        for label, queue in labels.items():
+            messages, consumers = depths.get(queue, (0, 0))
+            if label.startswith("delay_"):
+                delayed += messages
+                if messages:
+                    figures[label] = messages
+            else:
+                figures[label] = messages
+                if label == "ready":
+                    figures["consumers"] = consumers
+        figures["delayed"] = delayed
+        return figures
+
+    def close(self) -> None:
+        with self._connecting:
+            if self._link is not None:
+                self._link.close()
+                self._link = None
+
+    def _connected(self) -> Link:
+        with self._connecting:
+            if self._link is not None and self._link.alive:
+                return self._link
+            if self._link is not None:
+                self._link.close()
+                self._link = None
+            self._link = Link(self._params, declarations(), CONNECT_TIMEOUT_S)
+            return self._link
+
+    def _timers(self, messages: Sequence[TimerMessage]) -> list[Outgoing]:
+        # The remaining delay is taken from the absolute due time now, at publish: a timer published
+        # late (by the relay, after an outage) still lands at its due time, or at once if overdue.
+        now = self._clock.now_ms()
+        return [(RABBITMQ_TIMERS_EXCHANGE, routing_key(m.due_ms - now), m.encode(), _TIMER) for m in messages]
+
+    @staticmethod
+    def _dead_letter(body: bytes, reason: str, deliveries: int) -> Outgoing:
+        headers = {RABBITMQ_REASON_HEADER: reason, "order-timeouts-deliveries": deliveries}
+        properties = pika.BasicProperties(content_type="application/json", delivery_mode=2, headers=headers)
+        return (RABBITMQ_DEAD_EXCHANGE, "", body, properties)
+
+    def _sort(self, link: Link, inbound: Sequence[Inbound]) -> list[Delivery]:
+        """Due timers for the handler; malformed bodies to the dead letters, early timers re-armed."""
+        deliveries: list[Delivery] = []
+        handled: list[int] = []
+        republish: list[Outgoing] = []
+        now = self._clock.now_ms()
+        for item in inbound:
+            try:
+                message = TimerMessage.decode(item.body)
+            except MalformedMessage as exc:
+                log.warning("malformed message dead-lettered: %s", exc)
+                republish.append(self._dead_letter(item.body, f"malformed message: {exc}", item.redeliveries + 1))
+                handled.append(item.tag)
+                continue
+            if message.due_ms > now:
+                republish += self._timers([message])
+                handled.append(item.tag)
+                continue
+            deliveries.append(Delivery(message, receipt=(link, item.tag), deliveries=item.redeliveries + 1))
+        if republish:
+            # Confirmed before the ack: a crash in between duplicates the message, never loses it.
+            link.publish(republish, CONFIRM_TIMEOUT_S)
+            link.settle(handled, [])
+        return deliveries

@@ -1,0 +1,148 @@
+"""The RabbitMQ timer: a binary cascade of TTL queues (NServiceBus, kombu's native delayed delivery).
+
+A timer's remaining delay is rounded up to whole ticks of TICK_MS and written in binary, one word
+per level, highest level first, as its routing key (`0.0.…1.0.1`). Level n is one quorum queue
+whose every message waits TICK_MS·2^n ms (`x-message-ttl`) and is then dead-lettered, at least
+once, into level n's "expired" exchange, which routes it by its key to the next lower level whose
+bit is set, or to the ready queue when none is left:
+
+    publish ─▶ order_timeouts.timers ─(highest set bit)─▶ delay.15 ─TTL─▶ delay.15.expired
+                 ─▶ delay.11 ─TTL─▶ … ─▶ delay.05 ─TTL─▶ delay.05.expired ─▶ order_timeouts.ready
+
+Every queue has a single TTL, so it expires in arrival order and no timer waits behind a longer
+one: a 60 s timer published before a 2 s one never holds it back. The remaining delay is computed
+from the message's absolute due time at publish, so a timer lands at its due time however late
+it is published; it never lands early (rounded up, and each queue's TTL starts when the timer
+enters it), which matters because the handler acks a timer that is not yet due as stale.
+
+Why a cascade rather than one TTL queue per distinct delay:
+- The topology is fixed (LEVELS quorum queues) and declared once. Per-delay queues multiply with
+  the delays really used: the relay, jittered retries, `due_at` from callers and reschedules each
+  make new ones, every one a Raft group; and `x-expires` does not count publishing as use, so a
+  per-delay queue that keeps receiving timers still expires with them inside unless every
+  publisher re-declares it in time.
+- Its cost is hops: a timer passes one queue per set bit. Each hop is an at-least-once dead-letter
+  (on this 2-core machine the broker manages roughly 10k hops/s in all), so the tick is 50 ms
+  rather than a power of two: round delays then have few set bits (30 min = 36000 ticks = 5 hops,
+  1 min = 4, 10 s = 3, 2 s = 2) while rounding adds at most 50 ms of lateness.
+- The exchanges route straight to the next set bit instead of chaining one exchange per zero bit
+  (NServiceBus's exchange-to-exchange bindings): one topic match per hop, not one per level.
+
+Delays beyond the cascade (about 38.8 days) are capped; the worker re-arms a timer that arrives
+before its due time for what remains (scheduler/transports/rabbitmq.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from scheduler.names import (
+    RABBITMQ_DEAD_EXCHANGE,
+    RABBITMQ_DEAD_QUEUE,
+    RABBITMQ_READY_QUEUE,
+    RABBITMQ_TIMERS_EXCHANGE,
+    rabbitmq_delay_queue,
+    rabbitmq_expired_exchange,
+)
+
+#: the cascade's resolution: delays are rounded up to whole ticks
+TICK_MS = 50
+#: levels 0 … LEVELS-1 wait 50 ms … 50 ms·2^25 (about 19.4 days); together about 38.8 days
+LEVELS = 26
+MAX_TICKS = (1 << LEVELS) - 1
+#: the broker dead-letters a delivery returned this many times without an ack; set above the
+#: handler's max_deliveries (default 10), so that normally the handler, which records the reason
+#: in the registry, acts first
+DELIVERY_LIMIT = 20
+
+_QUORUM: dict[str, Any] = {
+    "x-queue-type": "quorum",
+    # At-least-once dead-lettering keeps a timer in its queue until the next queue has confirmed
+    # it; RabbitMQ requires reject-publish overflow for that strategy.
+    "x-dead-letter-strategy": "at-least-once",
+    "x-overflow": "reject-publish",
+}
+
+
+@dataclass(frozen=True)
+class Exchange:
+    name: str
+    kind: str
+
+
+@dataclass(frozen=True)
+class Queue:
+    name: str
+    arguments: dict[str, Any] = field(default_factory=dict, hash=False)
+
+
+@dataclass(frozen=True)
+class Binding:
+    queue: str
+    exchange: str
+    pattern: str
+
+
+Declaration = Exchange | Queue | Binding
+
+
+def delay_ms(level: int) -> int:
+    return TICK_MS << level
+
+
+def routing_key(remaining_ms: int) -> str:
+    """The key of a timer due in `remaining_ms`: its delay in ticks, rounded up, one bit per word."""
+    ticks = min(max(-(-remaining_ms // TICK_MS), 0), MAX_TICKS)
+    return ".".join(format(ticks, f"0{LEVELS}b"))
+
+
+def _exchange_above(level: int) -> str:
+    """The exchange that routes timers on to levels below `level` (LEVELS: the entry exchange)."""
+    return RABBITMQ_TIMERS_EXCHANGE if level == LEVELS else rabbitmq_expired_exchange(level)
+
+
+def _pattern(above: int, zeros: int, tail: list[str]) -> str:
+    return ".".join(["*"] * above + ["0"] * zeros + tail)
+
+
+def bindings() -> list[Binding]:
+    """From the exchange above each level to the next lower set bit, or to the ready queue."""
+    result = []
+    for k in range(LEVELS + 1):
+        source = _exchange_above(k)
+        # Words for levels ≥ k are already spent (or, at the entry, there are none): match anything.
+        above = LEVELS - k
+        for j in range(k - 1, -1, -1):
+            result.append(Binding(rabbitmq_delay_queue(j), source, _pattern(above, k - 1 - j, ["1"] + ["*"] * j)))
+        result.append(Binding(RABBITMQ_READY_QUEUE, source, _pattern(above, k, [])))
+    return result
+
+
+def declarations() -> list[Declaration]:
+    """Everything the transport needs, in an order that can be declared idempotently at every connect."""
+    exchanges: list[Declaration] = [Exchange(_exchange_above(k), "topic") for k in range(LEVELS + 1)]
+    queues: list[Declaration] = [
+        Queue(
+            rabbitmq_delay_queue(k),
+            {**_QUORUM, "x-message-ttl": delay_ms(k), "x-dead-letter-exchange": rabbitmq_expired_exchange(k)},
+        )
+        for k in range(LEVELS)
+    ]
+    ready = Queue(
+        RABBITMQ_READY_QUEUE,
+        {**_QUORUM, "x-delivery-limit": DELIVERY_LIMIT, "x-dead-letter-exchange": RABBITMQ_DEAD_EXCHANGE},
+    )
+    dead: list[Declaration] = [
+        Exchange(RABBITMQ_DEAD_EXCHANGE, "fanout"),
+        Queue(RABBITMQ_DEAD_QUEUE, {"x-queue-type": "quorum"}),
+        Binding(RABBITMQ_DEAD_QUEUE, RABBITMQ_DEAD_EXCHANGE, ""),
+    ]
+    return [*dead, ready, *exchanges, *queues, *bindings()]
+
+
+def figure_queues() -> dict[str, str]:
+    """Label → queue name, for `stats`."""
+    labels = {"ready": RABBITMQ_READY_QUEUE, "dead_letters": RABBITMQ_DEAD_QUEUE}
+    labels.update({f"delay_{delay_ms(k) / 1000:g}s": rabbitmq_delay_queue(k) for k in range(LEVELS)})
+    return labels

@@ -1,0 +1,78 @@
+"""The `rabbitmq` stack for the contract suite, and RabbitMQ helpers for tests/test_rabbitmq.py.
+
+Each test gets its own vhost on the shared broker (rabbitmqctl add_vhost / delete_vhost): queues,
+exchanges and messages of one test are invisible to every other test and vanish with the vhost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import pika
+import pytest
+
+from tests.services import RABBITMQ_URL, require, unique
+from tests.support import postgres_schema
+
+
+def rabbitmqctl(*args: str, timeout: float = 60.0) -> str:
+    if shutil.which("rabbitmqctl") is None:
+        pytest.skip("rabbitmqctl is not installed: cannot make a vhost per test")
+    done = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=timeout, check=False)
+    if done.returncode != 0:
+        raise AssertionError(f"rabbitmqctl {' '.join(args)} failed: {done.stderr.strip() or done.stdout.strip()}")
+    return done.stdout
+
+
+def vhost_url(vhost: str, base: str = RABBITMQ_URL) -> str:
+    parts = urlsplit(base)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + quote(vhost, safe=""), parts.query, ""))
+
+
+@contextlib.contextmanager
+def rabbitmq_vhost() -> Iterator[str]:
+    """A fresh vhost that guest may use; yields its broker URL and deletes it afterwards."""
+    require("RabbitMQ", 5672)
+    vhost = unique("ot")
+    rabbitmqctl("add_vhost", vhost)
+    try:
+        rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        yield vhost_url(vhost)
+    finally:
+        rabbitmqctl("delete_vhost", vhost)
+
+
+@contextlib.contextmanager
+def rabbitmq_stack(tmp: Path) -> Iterator[tuple[str, str]]:
+    """Registry on a fresh PostgreSQL schema, broker topology in a fresh vhost."""
+    with postgres_schema() as database_url, rabbitmq_vhost() as broker_url:
+        yield database_url, broker_url
+
+
+@contextlib.contextmanager
+def channel(broker_url: str) -> Iterator[pika.adapters.blocking_connection.BlockingChannel]:
+    """A plain pika channel on the test's vhost, for poking at queues from the outside."""
+    connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+    try:
+        yield connection.channel()
+    finally:
+        connection.close()
+
+
+def wait_for_broker(timeout: float = 60.0) -> None:
+    """Until the broker accepts AMQP connections again (after start_app)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL)).close()
+            return
+        except pika.exceptions.AMQPError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
