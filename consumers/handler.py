@@ -103,7 +103,8 @@ class Handler:
             else:
                 report.already_cancelled += 1
         report.retried, report.dead = len(retries), len(dead)
-        return self._settlement(batch.deliveries, retries, dead, report), report
+        versions = {c.order_id: c.version for c in claims}
+        return self._settlement(batch.deliveries, retries, dead, versions, report), report
 
     def _poison(self, deliveries: Sequence[Delivery], claims: Sequence[Claim]) -> dict[str, str]:
         """Claimed timeouts whose message keeps coming back unacked: something kills the worker on them."""
@@ -166,7 +167,11 @@ class Handler:
 
     @staticmethod
     def _settlement(
-        deliveries: Sequence[Delivery], retries: Sequence[Retry], dead: dict[str, str], report: BatchReport
+        deliveries: Sequence[Delivery],
+        retries: Sequence[Retry],
+        dead: dict[str, str],
+        versions: dict[str, int],
+        report: BatchReport,
     ) -> Settlement:
         settlement = Settlement(claimed=report.claimed)
         retry_at = {r.order_id: r for r in retries}
@@ -177,7 +182,8 @@ class Handler:
             first = oid not in seen
             seen.add(oid)
             if first and oid in retry_at:
-                again = TimerMessage(oid, retry_at[oid].due_ms, delivery.message.version)
+                # The registry's version, not the message's: brokers may not carry it (Redis stores ids only).
+                again = TimerMessage(oid, retry_at[oid].due_ms, versions[oid])
                 settlement.retry.append((delivery, again))
             elif first and oid in dead:
                 settlement.dead.append((delivery, dead[oid]))

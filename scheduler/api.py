@@ -149,7 +149,11 @@ class OrderTimeouts:
         return ScheduleSummary(created=created, existing=len(items) - len(written), replaced=len(written) - created)
 
     def cancel(self, order_id: str, *, connection: Connection | Session | None = None) -> bool:
-        """Revoke the order's timeout (payment arrived). False when it had already fired or been revoked."""
+        """Revoke the order's timeout (payment arrived).
+
+        False when it had already fired or been revoked, or a worker is firing it at this moment (that
+        worker's conditional cancel then finds the order paid: the payment wins).
+        """
         oid = validation.order_id(order_id)
         now = self.clock.now_ms()
         with self._transaction(connection) as conn:

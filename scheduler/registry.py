@@ -199,10 +199,22 @@ def get(conn: Connection, order_id: str) -> TimeoutRecord | None:
 
 
 def revoke(conn: Connection, order_id: str, *, now: int) -> bool:
-    """Pending → revoked. False when there is no pending timeout for the order."""
+    """Pending → revoked. False when there is no pending timeout, or a worker is firing it right now.
+
+    SKIP LOCKED matters for the payment path: the order service typically holds its order row
+    lock (status → PAID) when it revokes, while a worker firing this timeout holds the registry
+    row and waits for that order row to cancel it. Waiting here would deadlock; skipping is
+    correct because that worker's conditional cancel will find the order paid and record PAID.
+    """
+    target = (
+        select(timeouts.c.order_id)
+        .where(timeouts.c.order_id == order_id, _pending)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
     result = conn.execute(
         update(timeouts)
-        .where(timeouts.c.order_id == order_id, _pending)
+        .where(timeouts.c.order_id == target, _pending)
         .values(state=TimeoutState.REVOKED.value, finished_ms=now, updated_ms=now)
     )
     return result.rowcount == 1

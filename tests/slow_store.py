@@ -3,7 +3,7 @@
 Point ORDER_TIMEOUTS_ORDER_STORE at `tests.slow_store:after_cancel` and set
 ORDER_TIMEOUTS_TEST_MARKER to a file path: after the conditional cancel has run inside the batch
 transaction (not committed), the store creates the marker file and sleeps, so the test can kill the
-worker at exactly that point.
+worker at exactly that point (ORDER_TIMEOUTS_TEST_PAUSE_S shortens the pause for SIGTERM tests).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class PausingStore(SqlOrderStore):
     def cancel_unpaid(self, conn: Connection, order_ids: Sequence[str], now: datetime) -> set[str]:
         cancelled = super().cancel_unpaid(conn, order_ids, now)
         self._marker.write_text(",".join(sorted(cancelled)))
-        time.sleep(3600)
+        time.sleep(float(os.environ.get("ORDER_TIMEOUTS_TEST_PAUSE_S", "3600")))
         return cancelled
 
 

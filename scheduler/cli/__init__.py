@@ -10,7 +10,6 @@ import sys
 from dataclasses import dataclass, replace
 from typing import Annotated
 
-import click
 import typer
 
 from scheduler.api import OrderTimeouts
@@ -77,14 +76,18 @@ def main() -> None:
     command = typer.main.get_command(app)
     try:
         code = command.main(prog_name="order-timeouts", standalone_mode=False)
-    except click.UsageError as exc:
-        _fail(exc.format_message())
+    except typer.TyperException as exc:  # typer's own click: usage errors, bad parameters
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            exc.show()  # type: ignore[attr-defined]
+            sys.exit(0)
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        _fail(message)
     except (InvalidTimeout, TimeoutNotFound, ConfigurationError) as exc:
         _fail(str(exc))
     except OrderTimeoutsError as exc:
         sys.stderr.write(f"error: {exc}\n")
         sys.exit(1)
-    except click.Abort:
+    except typer.Abort:
         sys.stderr.write("aborted\n")
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,166 @@
+"""Real worker processes on the `sql` transport: SIGKILL mid-batch, SIGTERM, payments racing timeouts."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from scheduler import Outcome, TimeoutRecord, TimeoutState
+from scheduler.database import reading
+from scheduler.registry import all_records, count_pending
+from scheduler.transports.sql import SqlTransport
+from tests.conftest import Stack
+from tests.support import add_orders, cancel_counts, order_status, pay, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def start_worker(stack: Stack, *args: str, capture: bool = False, **env: str) -> subprocess.Popen[str]:
+    argv = [sys.executable, "-m", "scheduler", "worker", *args]
+    out = subprocess.PIPE if capture else subprocess.DEVNULL
+    return subprocess.Popen(argv, env=stack.env(**env), stdout=out, stderr=None, text=True)
+
+
+def records(stack: Stack) -> dict[str, TimeoutRecord]:
+    with reading(stack.engine) as conn:
+        return {r.order_id: r for r in all_records(conn)}
+
+
+def pending_count(stack: Stack) -> int:
+    with reading(stack.engine) as conn:
+        return count_pending(conn)
+
+
+def test_sigkill_in_the_middle_of_a_batch_loses_nothing_and_cancels_nothing_twice(
+    db_stack: Stack, tmp_path: Path
+) -> None:
+    ids = [f"k-{i:03d}" for i in range(200)]
+    add_orders(db_stack.engine, ids)
+    db_stack.timeouts().schedule_many(ids, due_at=datetime.now(UTC))
+    marker = tmp_path / "mid-batch"
+    victim = start_worker(
+        db_stack,
+        "--batch-size",
+        "50",
+        ORDER_TIMEOUTS_ORDER_STORE="tests.slow_store:after_cancel",
+        ORDER_TIMEOUTS_TEST_MARKER=str(marker),
+    )
+    try:
+        wait_until(marker.exists, timeout=30)
+        assert len(marker.read_text().split(",")) == 50, "the worker is inside its first batch, cancels not committed"
+    finally:
+        victim.kill()
+        victim.wait()
+
+    # The killed batch rolled back as a whole: no order cancelled, every timeout still pending.
+    assert cancel_counts(db_stack.engine) == {}
+    assert pending_count(db_stack) == 200
+
+    survivor = start_worker(db_stack, "--batch-size", "50", "--burst")
+    assert survivor.wait(timeout=60) == 0
+    assert cancel_counts(db_stack.engine) == dict.fromkeys(ids, 1)
+    assert all(r.state is TimeoutState.DONE and r.outcome is Outcome.CANCELLED for r in records(db_stack).values())
+
+
+def test_sigterm_finishes_the_current_batch_then_exits_cleanly(db_stack: Stack, tmp_path: Path) -> None:
+    ids = [f"t-{i:03d}" for i in range(30)]
+    add_orders(db_stack.engine, ids)
+    db_stack.timeouts().schedule_many(ids, due_at=datetime.now(UTC))
+    marker = tmp_path / "mid-batch"
+    worker = start_worker(
+        db_stack,
+        "--batch-size",
+        "10",
+        ORDER_TIMEOUTS_ORDER_STORE="tests.slow_store:after_cancel",
+        ORDER_TIMEOUTS_TEST_MARKER=str(marker),
+        ORDER_TIMEOUTS_TEST_PAUSE_S="1",
+        capture=True,
+    )
+    wait_until(marker.exists, timeout=30)
+    worker.send_signal(signal.SIGTERM)
+    out, _ = worker.communicate(timeout=30)
+    assert worker.returncode == 0
+    assert "worker stopped: 1 batches, 10 cancelled" in out
+    # The batch in flight committed; the rest waits for the next worker.
+    assert sum(cancel_counts(db_stack.engine).values()) == 10
+    assert pending_count(db_stack) == 20
+
+
+def test_an_idle_worker_wakes_when_a_nearer_timeout_is_scheduled(db_stack: Stack) -> None:
+    client = db_stack.timeouts()
+    client.schedule("far", delay=timedelta(hours=1))
+    transport = SqlTransport(db_stack.engine, client.clock)
+    received: list[float] = []
+
+    def receive() -> None:
+        start = time.monotonic()
+        batch = transport.receive(100, timeout=8.0)
+        if batch:
+            received.append(time.monotonic() - start)
+
+    listener = threading.Thread(target=receive)
+    listener.start()
+    time.sleep(0.3)  # let it settle into its sleep until the far due time
+    client.schedule("near", due_at=datetime.now(UTC))
+    listener.join()
+    transport.close()
+    assert received and received[0] < 3.0, "woke on the new schedule instead of sleeping out its timeout"
+
+
+@pytest.mark.parametrize("round_", range(3))
+def test_payments_racing_the_timeout_never_cancel_a_paid_order(db_stack: Stack, round_: int) -> None:
+    ids = [f"race-{round_}-{i:03d}" for i in range(150)]
+    add_orders(db_stack.engine, ids)
+    client = db_stack.timeouts()
+    due = datetime.now(UTC) + timedelta(milliseconds=800)
+    client.schedule_many(ids, due_at=due)
+    group = [start_worker(db_stack, "--batch-size", "25") for _ in range(2)]
+    paid: set[str] = set()
+    refused: set[str] = set()
+
+    def payer(share: list[str]) -> None:
+        for oid in share:
+            # Aim at the deadline itself, a few ms either side.
+            target = due.timestamp() + random.uniform(-0.05, 0.05)
+            time.sleep(max(0.0, target - time.time()))
+            with db_stack.engine.begin() as conn:
+                ok = conn.execute(
+                    text("UPDATE orders SET status = 'PAID' WHERE id = :id AND status = 'PENDING'"), {"id": oid}
+                ).rowcount
+                if ok:
+                    client.cancel(oid, connection=conn)
+            (paid if ok else refused).add(oid)
+
+    shares = [ids[i::4] for i in range(4)]
+    payers = [threading.Thread(target=payer, args=(sorted(share, key=lambda _: random.random()),)) for share in shares]
+    try:
+        for t in payers:
+            t.start()
+        for t in payers:
+            t.join()
+        wait_until(lambda: pending_count(db_stack) == 0, timeout=30)
+    finally:
+        for member in group:
+            member.send_signal(signal.SIGTERM)
+        assert [member.wait(timeout=30) for member in group] == [0, 0]
+
+    status = order_status(db_stack.engine)
+    counts = cancel_counts(db_stack.engine)
+    final = records(db_stack)
+    assert paid | refused == set(ids)
+    for oid in paid:
+        assert status[oid] == "PAID" and oid not in counts, f"paid order {oid} was cancelled"
+        assert final[oid].outcome is not Outcome.CANCELLED
+    for oid in refused:
+        assert status[oid] == "CANCELLED" and counts[oid] == 1
+        assert final[oid].outcome is Outcome.CANCELLED
+    assert pay(db_stack.engine, ids[0]) is False, "a payment after the outcome changes nothing"
