@@ -207,13 +207,30 @@ class OrderTimeouts:
         return [oid for oid, _ in replayed]
 
     def publish_unpublished(self, limit: int = 1000) -> int:
-        """Publish registry rows the broker has not confirmed, in due order (the relay's step)."""
+        """Publish registry rows the broker has not confirmed, in due order (the relay's step).
+
+        Returns how many were published; raises TransportUnavailable while the broker is down.
+        """
         if self.transport.registry_is_queue:
             return 0
         with reading(self.engine) as conn:
             rows = registry.unpublished(conn, limit=limit)
-        self._publish([TimerMessage(*row) for row in rows])
-        return len(rows)
+        return self._publish_or_raise([TimerMessage(*row) for row in rows])
+
+    def republish_stranded(self, grace: timedelta, limit: int = 1000) -> int:
+        """Publish again pending rows overdue by more than `grace` (the reconciler's step).
+
+        Covers a broker that lost its data or a message lost anywhere on the way: the handler's
+        conditional claim makes the second copy harmless when the first one was only slow.
+        """
+        if self.transport.registry_is_queue:
+            return 0  # the registry is the queue: nothing can be stranded outside it
+        before = self.clock.now_ms() - int(grace.total_seconds() * 1000)
+        with reading(self.engine) as conn:
+            rows = registry.stranded(conn, before_ms=before, limit=limit)
+        if rows:
+            log.warning("republishing %d timeouts overdue by more than %s", len(rows), grace)
+        return self._publish_or_raise([TimerMessage(*row) for row in rows])
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -284,15 +301,17 @@ class OrderTimeouts:
             actions.append(action)
 
     def _publish(self, messages: Sequence[TimerMessage]) -> None:
-        if not messages:
-            return
         try:
-            self.transport.publish(messages)
+            self._publish_or_raise(messages)
         except TransportUnavailable as exc:
             # The rows stay unpublished: the relay publishes them when the broker is back.
             log.warning("broker unavailable, %d timeouts left for the relay: %s", len(messages), exc)
-            return
-        self.mark_published(messages)
+
+    def _publish_or_raise(self, messages: Sequence[TimerMessage]) -> int:
+        if messages:
+            self.transport.publish(messages)
+            self.mark_published(messages)
+        return len(messages)
 
     def mark_published(self, messages: Sequence[TimerMessage]) -> None:
         """Record that the broker confirmed these messages (only their current version counts)."""

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 
 from scheduler import registry
 from scheduler.api import OrderTimeouts
@@ -38,12 +38,31 @@ LAST_MOMENT_SHARE = 0.1
 LATE_SHARE = 0.03
 DEADLINE_S = 90.0
 
-# Counts every transition to CANCELLED, so a second cancel of the same order would show up here.
-CANCEL_LOG = [
-    "CREATE TABLE demo_cancel_log (order_id TEXT NOT NULL, at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%f')))",
-    """CREATE TRIGGER demo_count_cancels AFTER UPDATE OF status ON orders WHEN NEW.status = 'CANCELLED'
-       BEGIN INSERT INTO demo_cancel_log (order_id) VALUES (NEW.id); END""",
-]
+
+def install_cancel_log(engine: Engine) -> None:
+    """A trigger that logs every update setting an order to CANCELLED, so that a second cancel of
+    the same order would show up twice. Used by the demo, scripts/chaos.py and the tests."""
+    statements = {
+        "sqlite": [
+            "CREATE TRIGGER count_cancels AFTER UPDATE OF status ON orders WHEN NEW.status = 'CANCELLED' "
+            "BEGIN INSERT INTO cancel_log (order_id) VALUES (NEW.id); END",
+        ],
+        "postgresql": [
+            "CREATE FUNCTION log_cancel() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "INSERT INTO cancel_log (order_id) VALUES (NEW.id); RETURN NEW; END $$",
+            "CREATE TRIGGER count_cancels AFTER UPDATE OF status ON orders FOR EACH ROW "
+            "WHEN (NEW.status = 'CANCELLED') EXECUTE FUNCTION log_cancel()",
+        ],
+    }[engine.dialect.name]
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE cancel_log (order_id VARCHAR(255) NOT NULL)"))
+        for statement in statements:
+            conn.execute(text(statement))
+
+
+def cancel_log_counts(conn: Connection) -> dict[str, int]:
+    rows = conn.execute(text("SELECT order_id, count(*) FROM cancel_log GROUP BY order_id")).all()
+    return {order_id: int(count) for order_id, count in rows}
 
 
 @dataclass
@@ -61,9 +80,7 @@ def run_demo(*, orders: int, workers: int, path: str) -> int:
     timeouts = OrderTimeouts(settings=Settings(database_url=url, broker_url="sql"))
     engine = timeouts.engine
     init_db(engine, timeouts.settings.orders)
-    with engine.begin() as conn:
-        for statement in CANCEL_LOG:
-            conn.execute(text(statement))
+    install_cancel_log(engine)
 
     rng = random.Random()
     ids = [f"demo-{i:05d}" for i in range(orders)]
@@ -145,9 +162,7 @@ def _watch(engine: Engine, total: int, payments: Payments) -> bool:
 def _report(engine: Engine, ids: list[str], payments: Payments, exit_codes: list[int], in_time: bool) -> bool:
     with reading(engine) as conn:
         status: dict[str, str] = dict(conn.execute(text("SELECT id, status FROM orders")).all())
-        cancels: dict[str, int] = dict(
-            conn.execute(text("SELECT order_id, count(*) FROM demo_cancel_log GROUP BY order_id")).all()
-        )
+        cancels = cancel_log_counts(conn)
         rows = {r.order_id: r for r in registry.all_records(conn)}
     problems: list[str] = []
     if not in_time:

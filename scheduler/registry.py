@@ -29,7 +29,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
-from scheduler.names import REGISTRY_TABLE
+from scheduler.names import LEASE_TABLE, REGISTRY_TABLE
 
 #: longest order id we accept; ids are primary keys and broker message fields
 MAX_ORDER_ID_LENGTH = 255
@@ -81,6 +81,15 @@ Index(
 _unpublished = _pending & timeouts.c.published_ms.is_(None)
 Index("ix_order_timeouts_unpublished", timeouts.c.due_ms, postgresql_where=_unpublished, sqlite_where=_unpublished)
 Index("ix_order_timeouts_state_finished", timeouts.c.state, timeouts.c.finished_ms)
+
+#: maintenance leases: one row per job, so that several `maintain` processes never run it at once
+leases = Table(
+    LEASE_TABLE,
+    metadata,
+    Column("job", String(64), primary_key=True),
+    Column("holder", String(128), nullable=False),
+    Column("expires_ms", BigInteger, nullable=False),
+)
 
 
 @dataclass(frozen=True)
@@ -466,12 +475,46 @@ def unpublished(conn: Connection, *, limit: int) -> list[tuple[str, int, int]]:
     return [(order_id, due_ms, version) for order_id, due_ms, version in conn.execute(stmt)]
 
 
-def overdue(conn: Connection, *, before_ms: int, limit: int) -> list[tuple[str, int, int]]:
-    """(order_id, due_ms, version) of pending rows due before `before_ms`, oldest first."""
+def stranded(conn: Connection, *, before_ms: int, limit: int) -> list[tuple[str, int, int]]:
+    """(order_id, due_ms, version) of pending rows due before `before_ms` whose last publish is also
+    older than that: the broker had them long enough and they are still not finished. Oldest first.
+    Each republish stamps published_ms, so a row comes back at most once per grace period."""
     stmt = (
         select(timeouts.c.order_id, timeouts.c.due_ms, timeouts.c.version)
-        .where(_pending, timeouts.c.due_ms < before_ms)
+        .where(
+            _pending,
+            timeouts.c.due_ms < before_ms,
+            timeouts.c.published_ms.is_not(None),
+            timeouts.c.published_ms < before_ms,
+        )
         .order_by(timeouts.c.due_ms)
         .limit(limit)
     )
     return [(order_id, due_ms, version) for order_id, due_ms, version in conn.execute(stmt)]
+
+
+def take_lease(conn: Connection, job: str, holder: str, *, now: int, ttl_ms: int) -> bool:
+    """Take or renew the job's lease; False while another live holder has it.
+
+    A holder that dies simply stops renewing: its lease expires after `ttl_ms` and the next
+    process takes over, so a killed `maintain` leaves nothing stuck.
+    """
+    taken = conn.execute(
+        update(leases)
+        .where(leases.c.job == job, (leases.c.holder == holder) | (leases.c.expires_ms < now))
+        .values(holder=holder, expires_ms=now + ttl_ms)
+    ).rowcount
+    if taken:
+        return True
+    inserted = conn.execute(
+        _lease_insert(conn).values(job=job, holder=holder, expires_ms=now + ttl_ms).on_conflict_do_nothing()
+    ).rowcount
+    return bool(inserted)
+
+
+def _lease_insert(conn: Connection) -> Any:
+    return postgresql.insert(leases) if conn.dialect.name == "postgresql" else sqlite.insert(leases)
+
+
+def release_lease(conn: Connection, job: str, holder: str) -> None:
+    conn.execute(update(leases).where(leases.c.job == job, leases.c.holder == holder).values(expires_ms=0))

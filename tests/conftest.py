@@ -13,9 +13,9 @@ from sqlalchemy import Engine
 from consumers.worker import Worker, WorkerTotals
 from scheduler import OrderTimeouts, Settings
 from scheduler.config import ENV_BROKER_URL, ENV_DATABASE_URL
+from scheduler.demo import install_cancel_log
 from scheduler.schema import init_db
 from tests.stacks import DATABASES, STACKS
-from tests.support import install_cancel_counter
 
 
 @dataclass
@@ -76,7 +76,7 @@ def _open(factory_name: str, table: dict[str, Any], tmp_path: Path) -> Iterator[
     with table[factory_name](tmp_path) as (database_url, broker_url):
         stack = Stack(factory_name, database_url, broker_url)
         init_db(stack.engine, stack.opened[0].settings.orders)
-        install_cancel_counter(stack.engine)
+        install_cancel_log(stack.engine)
         try:
             yield stack
         finally:

@@ -11,6 +11,7 @@ import psycopg
 from sqlalchemy import Engine, text
 
 from scheduler.config import database_url
+from scheduler.demo import cancel_log_counts
 from tests.services import POSTGRES_URL, require, unique
 
 
@@ -32,36 +33,9 @@ def psycopg_url(url: str) -> str:
     return database_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-def install_cancel_counter(engine: Engine) -> None:
-    """A trigger that logs every update setting an order to CANCELLED: a second cancel shows up twice."""
-    with engine.begin() as conn:
-        conn.execute(text("CREATE TABLE cancel_log (order_id VARCHAR(255) NOT NULL)"))
-        if engine.dialect.name == "postgresql":
-            conn.execute(
-                text(
-                    "CREATE FUNCTION log_cancel() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-                    "INSERT INTO cancel_log VALUES (NEW.id); RETURN NEW; END $$"
-                )
-            )
-            conn.execute(
-                text(
-                    "CREATE TRIGGER count_cancels AFTER UPDATE OF status ON orders FOR EACH ROW "
-                    "WHEN (NEW.status = 'CANCELLED') EXECUTE FUNCTION log_cancel()"
-                )
-            )
-        else:
-            conn.execute(
-                text(
-                    "CREATE TRIGGER count_cancels AFTER UPDATE OF status ON orders WHEN NEW.status = 'CANCELLED' "
-                    "BEGIN INSERT INTO cancel_log VALUES (NEW.id); END"
-                )
-            )
-
-
 def cancel_counts(engine: Engine) -> dict[str, int]:
     with engine.connect() as conn:
-        rows = conn.execute(text("SELECT order_id, count(*) FROM cancel_log GROUP BY order_id")).all()
-    return dict(rows)
+        return cancel_log_counts(conn)
 
 
 def add_orders(engine: Engine, ids: Iterable[str], status: str = "PENDING") -> None:

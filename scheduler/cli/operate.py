@@ -157,3 +157,38 @@ def demo(
     from scheduler.demo import run_demo
 
     raise typer.Exit(run_demo(orders=orders, workers=workers, path=database))
+
+
+@app.command()
+def maintain(
+    ctx: typer.Context,
+    relay_interval: Annotated[str, typer.Option(help="How often unpublished timeouts go to the broker.")] = "1s",
+    sweep_interval: Annotated[str, typer.Option(help="How often the reconciler looks for stranded ones.")] = "15s",
+    grace: Annotated[str, typer.Option(help="Overdue by more than this and unfinished: publish again.")] = "60s",
+    once: Annotated[bool, typer.Option("--once", help="Run each job once and exit (cron, tests).")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Run the outbox relay and the reconciler (several processes may run; leases keep them apart)."""
+    from scheduler.maintenance import Maintenance, MaintenancePlan
+
+    plan = MaintenancePlan(
+        relay_interval=parse_duration(relay_interval, "--relay-interval"),
+        sweep_interval=parse_duration(sweep_interval, "--sweep-interval"),
+        grace=parse_duration(grace, "--grace"),
+    )
+    for name, value in (("--relay-interval", plan.relay_interval), ("--sweep-interval", plan.sweep_interval)):
+        if value.total_seconds() <= 0:
+            raise InvalidTimeout(f"{name} must be positive")
+    jobs = Maintenance(ctx.ensure_object(Context).timeouts(), plan)
+    if not once:
+        jobs.serve()
+        return
+    runs = jobs.run_once()
+    if as_json:
+        print_json([run.__dict__ for run in runs])
+    else:
+        for run in runs:
+            state = "skipped" if run.skipped else (f"error: {run.error}" if run.error else "ok")
+            console.print(f"{run.job}: {run.rows} published ({state})", highlight=False)
+    if any(run.error for run in runs):
+        raise typer.Exit(1)
