@@ -225,8 +225,9 @@ def revoke(conn: Connection, order_id: str, *, now: int) -> bool:
         update(timeouts)
         .where(timeouts.c.order_id == target, _pending)
         .values(state=TimeoutState.REVOKED.value, finished_ms=now, updated_ms=now)
+        .returning(timeouts.c.order_id)
     )
-    return result.rowcount == 1
+    return result.first() is not None
 
 
 def move_due(conn: Connection, order_id: str, due_ms: int, *, now: int, published: bool) -> int | None:
@@ -499,17 +500,22 @@ def take_lease(conn: Connection, job: str, holder: str, *, now: int, ttl_ms: int
     A holder that dies simply stops renewing: its lease expires after `ttl_ms` and the next
     process takes over, so a killed `maintain` leaves nothing stuck.
     """
+    # RETURNING rather than rowcount: the driver's rowcount of INSERT … ON CONFLICT is not portable.
     taken = conn.execute(
         update(leases)
         .where(leases.c.job == job, (leases.c.holder == holder) | (leases.c.expires_ms < now))
         .values(holder=holder, expires_ms=now + ttl_ms)
-    ).rowcount
-    if taken:
+        .returning(leases.c.job)
+    ).first()
+    if taken is not None:
         return True
     inserted = conn.execute(
-        _lease_insert(conn).values(job=job, holder=holder, expires_ms=now + ttl_ms).on_conflict_do_nothing()
-    ).rowcount
-    return bool(inserted)
+        _lease_insert(conn)
+        .values(job=job, holder=holder, expires_ms=now + ttl_ms)
+        .on_conflict_do_nothing()
+        .returning(leases.c.job)
+    ).first()
+    return inserted is not None
 
 
 def _lease_insert(conn: Connection) -> Any:
