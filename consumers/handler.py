@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -55,6 +55,8 @@ class BatchReport:
     retried: int = 0
     dead: int = 0
     stale: int = 0
+    #: claim time minus due time of each claimed timeout, for the lateness histogram
+    lateness_ms: list[int] = field(default_factory=list)
 
 
 class Handler:
@@ -86,6 +88,7 @@ class Handler:
                     order_ids = sorted({d.message.order_id for d in batch.deliveries})
                     claims = registry.claim(conn, order_ids, now=now, worker=self._worker_id)
                 report.claimed = len(claims)
+                report.lateness_ms = [now - c.due_ms for c in claims]
                 poison = self._poison(batch.deliveries, claims)
                 outcomes, retries, dead = self._decide(conn, [c for c in claims if c.order_id not in poison], now)
                 dead.update(poison)

@@ -36,7 +36,8 @@ class WorkerTotals(BatchReport):
     def add(self, report: BatchReport) -> None:
         self.batches += 1
         for f in fields(BatchReport):
-            setattr(self, f.name, getattr(self, f.name) + getattr(report, f.name))
+            if f.name != "lateness_ms":  # per batch only: totals would grow without bound
+                setattr(self, f.name, getattr(self, f.name) + getattr(report, f.name))
 
 
 def worker_id() -> str:
