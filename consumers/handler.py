@@ -160,12 +160,13 @@ class Handler:
         for oid, why in unknown.items():
             if attempts[oid] >= self._retry.max_attempts:
                 dead[oid] = f"payment status unknown after {attempts[oid]} attempts: {why}"
-                log.warning("order %s dead-lettered: %s", oid, dead[oid])
+                log.warning("order %s dead-lettered: %s", oid, dead[oid], extra={"order_id": oid, "outcome": "dead"})
             else:
                 retries.append(Retry(oid, now + self._retry.delay_ms(attempts[oid]), f"payment status unknown: {why}"))
-                log.info("order %s retried later: %s", oid, why)
-        for oid, outcome in outcomes.items():
-            log.info("order %s timeout handled: %s", oid, outcome.value)
+                log.info("order %s retried later: %s", oid, why, extra={"order_id": oid, "outcome": "retried"})
+        if log.isEnabledFor(logging.INFO):
+            for oid, outcome in outcomes.items():
+                log.info("order %s: %s", oid, outcome.value, extra={"order_id": oid, "outcome": outcome.value})
         return outcomes, retries, dead
 
     @staticmethod

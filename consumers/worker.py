@@ -20,6 +20,7 @@ from consumers.handler import BatchReport, Handler, RetryPolicy
 from consumers.orders import OrderStore, load_order_store
 from scheduler.api import OrderTimeouts
 from scheduler.errors import TransportUnavailable
+from scheduler.observability import WorkerMetrics
 
 log = logging.getLogger("order_timeouts.worker")
 
@@ -52,6 +53,7 @@ class Worker:
         store: OrderStore | None = None,
         batch_size: int = 500,
         burst: bool = False,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self._timeouts = timeouts
         self._transport = timeouts.transport
@@ -70,6 +72,7 @@ class Worker:
         self._batch_size = batch_size
         self._burst = burst
         self._stop = threading.Event()
+        self._metrics = metrics
         self.totals = WorkerTotals()
 
     def stop(self) -> None:
@@ -93,6 +96,7 @@ class Worker:
                     if self._burst:
                         break
                     continue
+                started = time.perf_counter()
                 settlement, report = self._handler.handle(batch)
                 self._transport.settle(settlement)
                 if settlement.retry and not self._transport.registry_is_queue:
@@ -109,6 +113,8 @@ class Worker:
                 continue
             backoff = OUTAGE_BACKOFF_S[0]
             self.totals.add(report)
+            if self._metrics is not None:
+                self._metrics.observe(report, time.perf_counter() - started)
             if self._burst and not report.claimed and not batch.deliveries:
                 # Due rows exist but other workers hold them; their transactions will finish them.
                 time.sleep(0.01)

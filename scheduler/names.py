@@ -6,6 +6,8 @@ from __future__ import annotations
 REGISTRY_TABLE = "order_timeouts"
 #: PostgreSQL NOTIFY channel that wakes sleeping `sql` workers when a nearer timeout is scheduled
 PG_WAKE_CHANNEL = "order_timeouts_wake"
+#: Alembic's version table for the registry: its own name, apart from the order service's history
+MIGRATIONS_VERSION_TABLE = "order_timeouts_alembic_version"
 #: maintenance lease rows (one per job) so that several `maintain` processes never overlap
 LEASE_TABLE = "order_timeouts_leases"
 

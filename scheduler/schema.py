@@ -1,23 +1,56 @@
-"""`init-db`: create the registry tables and, when absent, the `orders` table. Never alters a table."""
+"""`init-db`: bring the registry schema to the latest migration and create the `orders` table when
+it is absent. Never alters the order service's tables. Safe to run again, and from several
+processes (PostgreSQL serialises them with an advisory lock).
+"""
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, MetaData, inspect
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, MetaData, inspect, text
 
 from scheduler.config import OrdersTableNames
-from scheduler.registry import metadata as registry_metadata
+from scheduler.names import LEASE_TABLE, MIGRATIONS_VERSION_TABLE, REGISTRY_TABLE
+
+#: pg_advisory_xact_lock key for init-db ("order-timeouts" in ASCII, truncated to fit a bigint)
+_INIT_LOCK = 0x6F72646572_74696D
+
+
+def migrations() -> Config:
+    config = Config()
+    config.set_main_option("script_location", "scheduler:migrations")
+    return config
+
+
+def head() -> str:
+    revision = ScriptDirectory.from_config(migrations()).get_current_head()
+    assert revision is not None
+    return revision
+
+
+def current_revision(conn: Connection) -> str | None:
+    return MigrationContext.configure(conn, opts={"version_table": MIGRATIONS_VERSION_TABLE}).get_current_revision()
 
 
 def init_db(engine: Engine, orders: OrdersTableNames | None) -> list[str]:
-    """Create what is missing; return the names of the tables created. Safe to run again."""
+    """Migrate the registry to head and create what is missing; return the tables created."""
     from consumers.orders import orders_table  # the orders table belongs to the consumer side
 
-    existing = set(inspect(engine).get_table_names())
-    created = [name for name in registry_metadata.tables if name not in existing]
-    registry_metadata.create_all(engine, checkfirst=True)
-    if orders is not None and orders.table not in existing:
-        extra = MetaData()
-        orders_table(orders, extra)
-        extra.create_all(engine, checkfirst=True)
-        created.append(orders.table)
-    return created
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _INIT_LOCK})
+        before = set(inspect(conn).get_table_names())
+        config = migrations()
+        config.attributes["connection"] = conn
+        if REGISTRY_TABLE in before and MIGRATIONS_VERSION_TABLE not in before:
+            # Created by create_all before migrations existed: record what it already has.
+            command.stamp(config, "0002" if LEASE_TABLE in before else "0001")
+        command.upgrade(config, "head")
+        if orders is not None and orders.table not in before:
+            extra = MetaData()
+            orders_table(orders, extra)
+            extra.create_all(conn, checkfirst=True)
+        after = set(inspect(conn).get_table_names())
+    return sorted(after - before - {MIGRATIONS_VERSION_TABLE})

@@ -5,9 +5,9 @@ Bad input exits with code 2 and one line on stderr, and changes nothing.
 
 from __future__ import annotations
 
-import logging
 import sys
 from dataclasses import dataclass, replace
+from enum import StrEnum
 from typing import Annotated
 
 import typer
@@ -15,6 +15,7 @@ import typer
 from scheduler.api import OrderTimeouts
 from scheduler.config import ENV_BROKER_URL, ENV_DATABASE_URL, Settings
 from scheduler.errors import ConfigurationError, InvalidTimeout, OrderTimeoutsError, TimeoutNotFound
+from scheduler.observability import configure_logging
 
 app = typer.Typer(
     name="order-timeouts",
@@ -23,6 +24,11 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+class LogFormat(StrEnum):
+    TEXT = "text"
+    JSON = "json"
 
 
 @dataclass
@@ -51,13 +57,12 @@ def _options(
             "--broker-url", envvar=ENV_BROKER_URL, show_envvar=True, help="sql, redis://, amqp://, rq+redis://"
         ),
     ] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each event.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each event (one line per order).")] = False,
+    log_format: Annotated[LogFormat, typer.Option("--log-format", help="text for people, json for collectors.")] = (
+        LogFormat.TEXT
+    ),
 ) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(verbose=verbose, json_format=log_format is LogFormat.JSON)
     settings = Settings.from_env()
     settings = replace(
         settings,
@@ -71,7 +76,7 @@ def _options(
 def main() -> None:
     """Console entry point: click's usage errors and our own bad-input errors become one line, exit 2."""
     # Register the commands (their modules attach themselves to `app`).
-    from scheduler.cli import admin, operate  # noqa: F401
+    from scheduler.cli import admin, health, operate  # noqa: F401
 
     command = typer.main.get_command(app)
     try:

@@ -22,6 +22,9 @@ DueAtOption = Annotated[
     str | None, typer.Option("--due-at", help="ISO 8601 time with offset, e.g. 2026-11-21T10:00:00Z.")
 ]
 DEMO_FILE = "order-timeouts-demo.sqlite3"
+MetricsPortOption = Annotated[
+    int | None, typer.Option("--metrics-port", min=1, max=65535, help="Serve Prometheus /metrics on this port.")
+]
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
@@ -109,6 +112,7 @@ def worker(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=10_000, help="Timeouts per transaction.")] = 500,
     burst: Annotated[bool, typer.Option("--burst", help="Exit when nothing is due.")] = False,
     processes: Annotated[int, typer.Option("--processes", min=1, max=64, help="Run this many worker processes.")] = 1,
+    metrics_port: MetricsPortOption = None,
 ) -> None:
     """Run a member of the consumer group. SIGTERM/SIGINT finish the current batch and exit."""
     settings = ctx.ensure_object(Context).settings
@@ -117,7 +121,12 @@ def worker(
     from consumers.worker import Worker
 
     timeouts = ctx.ensure_object(Context).timeouts()
-    member = Worker(timeouts, batch_size=batch_size, burst=burst)
+    metrics = None
+    if metrics_port is not None:
+        from scheduler.observability import WorkerMetrics, serve_metrics
+
+        metrics = WorkerMetrics(serve_metrics(metrics_port, timeouts.engine, timeouts.clock))
+    member = Worker(timeouts, batch_size=batch_size, burst=burst, metrics=metrics)
     member.install_signal_handlers()
     totals = member.run()
     console.print(
@@ -166,6 +175,7 @@ def maintain(
     sweep_interval: Annotated[str, typer.Option(help="How often the reconciler looks for stranded ones.")] = "15s",
     grace: Annotated[str, typer.Option(help="Overdue by more than this and unfinished: publish again.")] = "60s",
     once: Annotated[bool, typer.Option("--once", help="Run each job once and exit (cron, tests).")] = False,
+    metrics_port: MetricsPortOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Run the outbox relay and the reconciler (several processes may run; leases keep them apart)."""
@@ -179,7 +189,12 @@ def maintain(
     for name, value in (("--relay-interval", plan.relay_interval), ("--sweep-interval", plan.sweep_interval)):
         if value.total_seconds() <= 0:
             raise InvalidTimeout(f"{name} must be positive")
-    jobs = Maintenance(ctx.ensure_object(Context).timeouts(), plan)
+    timeouts = ctx.ensure_object(Context).timeouts()
+    jobs = Maintenance(timeouts, plan)
+    if metrics_port is not None:
+        from scheduler.observability import serve_metrics
+
+        serve_metrics(metrics_port, timeouts.engine, timeouts.clock)
     if not once:
         jobs.serve()
         return

@@ -1,0 +1,69 @@
+"""`order-timeouts check`: can this process reach its database and broker? (container health checks)"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import typer
+from sqlalchemy import inspect
+from sqlalchemy.exc import SQLAlchemyError
+
+from scheduler.cli import Context, app
+from scheduler.cli.operate import JsonOption
+from scheduler.cli.render import console, print_json
+from scheduler.config import redact
+from scheduler.database import reading
+from scheduler.errors import OrderTimeoutsError
+from scheduler.names import REGISTRY_TABLE
+
+
+@app.command()
+def check(
+    ctx: typer.Context,
+    as_json: JsonOption = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing; the exit code says it.")] = False,
+) -> None:
+    """Check the database (and registry schema) and the broker; exit 1 when one is not usable."""
+    settings = ctx.ensure_object(Context).settings
+    results: list[dict[str, object]] = []
+
+    started = time.perf_counter()
+    timeouts = ctx.ensure_object(Context).timeouts()
+    try:
+        with reading(timeouts.engine) as conn:
+            ready = inspect(conn).has_table(REGISTRY_TABLE)
+        problem = None if ready else "registry tables missing: run `order-timeouts init-db`"
+    except SQLAlchemyError as exc:
+        problem = f"unreachable: {type(exc).__name__}"
+    results.append(_result("database", redact(settings.database_url), problem, started))
+
+    started = time.perf_counter()
+    try:
+        timeouts.transport.figures()
+        problem = None
+    except OrderTimeoutsError as exc:
+        problem = str(exc)
+    results.append(_result("broker", redact(settings.broker_url), problem, started))
+
+    healthy = all(r["ok"] for r in results)
+    if as_json:
+        print_json({"ok": healthy, "checks": results})
+    elif not quiet:
+        for r in results:
+            mark = "[green]ok[/]" if r["ok"] else f"[red]{r['problem']}[/]"
+            console.print(
+                f"{r['component']:<9} {r['target']}  {mark}  ({r['seconds']}s)", highlight=False, soft_wrap=True
+            )
+    if not healthy:
+        raise typer.Exit(1)
+
+
+def _result(component: str, target: str, problem: str | None, started: float) -> dict[str, object]:
+    return {
+        "component": component,
+        "target": target,
+        "ok": problem is None,
+        "problem": problem,
+        "seconds": round(time.perf_counter() - started, 3),
+    }

@@ -1,0 +1,153 @@
+"""Prometheus metrics and logging for `worker` and `maintain`.
+
+Metric names follow Prometheus conventions: a `order_timeouts_` namespace, `_total` counters,
+base units (seconds). Registry gauges (pending, overdue lag, dead) are read from the database at
+scrape time, so every process reports the same truth and nothing has to be kept in sync.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from scheduler import registry
+from scheduler.clock import Clock
+from scheduler.database import reading
+
+_LATENESS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+_BATCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class WorkerMetrics:
+    """What one worker process counts. Outcomes: cancelled, paid, already_cancelled, retried, dead, stale."""
+
+    def __init__(self, prometheus: CollectorRegistry) -> None:
+        self.fired = Counter(
+            "order_timeouts_fired_total", "Timeouts claimed by this worker (due and still pending)", registry=prometheus
+        )
+        self.outcomes = Counter(
+            "order_timeouts_outcomes_total", "What handling a timeout led to", ["outcome"], registry=prometheus
+        )
+        self.batch_seconds = Histogram(
+            "order_timeouts_batch_duration_seconds",
+            "Time from receiving a batch to settling it with the broker",
+            buckets=_BATCH_BUCKETS,
+            registry=prometheus,
+        )
+        self.lateness_seconds = Histogram(
+            "order_timeouts_lateness_seconds",
+            "Claim time minus due time of each timeout",
+            buckets=_LATENESS_BUCKETS,
+            registry=prometheus,
+        )
+
+    def observe(self, report: Any, seconds: float) -> None:
+        self.fired.inc(report.claimed)
+        for outcome in ("cancelled", "paid", "already_cancelled", "retried", "dead", "stale"):
+            count = getattr(report, outcome)
+            if count:
+                self.outcomes.labels(outcome).inc(count)
+        self.batch_seconds.observe(seconds)
+        for late in report.lateness_ms:
+            self.lateness_seconds.observe(max(late, 0) / 1000)
+
+
+class RegistryCollector(Collector):
+    """Gauges read from the registry at scrape time."""
+
+    def __init__(self, engine: Engine, clock: Clock) -> None:
+        self._engine = engine
+        self._clock = clock
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        pending = GaugeMetricFamily("order_timeouts_pending", "Timeouts waiting for their due time or a worker")
+        overdue = GaugeMetricFamily("order_timeouts_overdue", "Pending timeouts past their due time")
+        lag = GaugeMetricFamily("order_timeouts_overdue_lag_seconds", "Age of the oldest overdue pending timeout")
+        dead = GaugeMetricFamily("order_timeouts_dead", "Dead-lettered timeouts waiting for a replay")
+        up = GaugeMetricFamily("order_timeouts_registry_up", "1 when the registry answered this scrape")
+        now = self._clock.now_ms()
+        try:
+            with reading(self._engine) as conn:
+                counts = registry.counts(conn)
+                next_due = registry.next_due_ms(conn)
+                overdue_count = registry.count_pending(conn, due_before=now)
+        except SQLAlchemyError:
+            up.add_metric([], 0)
+            yield up
+            return
+        pending.add_metric([], counts.get("pending", 0))
+        overdue.add_metric([], overdue_count)
+        lag.add_metric([], max(now - next_due, 0) / 1000 if next_due is not None else 0.0)
+        dead.add_metric([], counts.get("dead", 0))
+        up.add_metric([], 1)
+        yield from (pending, overdue, lag, dead, up)
+
+
+def serve_metrics(port: int, engine: Engine, clock: Clock) -> CollectorRegistry:
+    """Start the /metrics endpoint on `port` (0.0.0.0) and return the registry to add metrics to."""
+    prometheus = CollectorRegistry()
+    prometheus.register(RegistryCollector(engine, clock))
+    start_http_server(port, registry=prometheus)
+    return prometheus
+
+
+# -- logging ----------------------------------------------------------------------------------
+
+_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@/\s]+)@", re.I)
+
+
+def scrub(text: str) -> str:
+    """Hide passwords of any URL in a log line."""
+    return _CREDENTIALS.sub(r"\g<scheme>\g<user>:***@", text)
+
+
+class _Scrubbing(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = scrub(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line for log collectors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key in ("order_id", "outcome", "worker"):
+            if hasattr(record, key):
+                entry[key] = getattr(record, key)
+        if record.exc_info:
+            entry["error"] = scrub(self.formatException(record.exc_info))
+        return json.dumps(entry)
+
+
+def configure_logging(*, verbose: bool, json_format: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_Scrubbing())
+    if json_format:
+        formatter: logging.Formatter = JsonFormatter()
+        formatter.converter = time.gmtime
+    else:
+        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO if verbose else logging.WARNING)

@@ -1,0 +1,81 @@
+"""init-db: Alembic migrations for the registry, idempotent, never touching the order service's tables."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from alembic import command
+from sqlalchemy import Engine, inspect, text
+
+from scheduler.database import make_engine
+from scheduler.names import LEASE_TABLE, MIGRATIONS_VERSION_TABLE, REGISTRY_TABLE
+from scheduler.registry import metadata
+from scheduler.schema import current_revision, head, init_db, migrations
+from tests.stacks import DATABASES
+
+
+@pytest.fixture(params=sorted(DATABASES))
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    with DATABASES[request.param](tmp_path) as (database_url, _):
+        engine = make_engine(database_url)
+        yield engine
+        engine.dispose()
+
+
+def revision(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        return current_revision(conn)
+
+
+def test_init_db_upgrades_an_older_registry_and_keeps_its_rows(engine: Engine) -> None:
+    with engine.begin() as conn:
+        config = migrations()
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0001")
+        conn.execute(
+            text(
+                "INSERT INTO order_timeouts (order_id, due_ms, state, version, attempts, created_ms, updated_ms) "
+                "VALUES ('old-order', 1, 'pending', 1, 0, 1, 1)"
+            )
+        )
+    assert revision(engine) == "0001"
+    assert LEASE_TABLE not in inspect(engine).get_table_names()
+
+    created = init_db(engine, None)
+    assert created == [LEASE_TABLE]
+    assert revision(engine) == head()
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT order_id FROM order_timeouts")).scalars().all() == ["old-order"]
+
+
+def test_init_db_twice_changes_nothing_the_second_time(engine: Engine) -> None:
+    first = init_db(engine, None)
+    assert set(first) == {REGISTRY_TABLE, LEASE_TABLE}
+    assert init_db(engine, None) == []
+    assert MIGRATIONS_VERSION_TABLE in inspect(engine).get_table_names(), "its own version table, not alembic_version"
+    assert "alembic_version" not in inspect(engine).get_table_names()
+
+
+def test_a_registry_made_before_migrations_is_adopted_not_recreated(engine: Engine) -> None:
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO order_timeouts (order_id, due_ms, state, version, attempts, created_ms, updated_ms) "
+                "VALUES ('kept', 1, 'pending', 1, 0, 1, 1)"
+            )
+        )
+    assert init_db(engine, None) == []
+    assert revision(engine) == head()
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM order_timeouts")).scalar_one() == 1
+
+
+def test_the_migrations_build_what_the_code_expects(engine: Engine) -> None:
+    init_db(engine, None)
+    live = inspect(engine)
+    for table in metadata.sorted_tables:
+        assert {c["name"] for c in live.get_columns(table.name)} == {c.name for c in table.columns}
+        assert {i["name"] for i in live.get_indexes(table.name)} == {i.name for i in table.indexes}
