@@ -63,8 +63,9 @@ def pending(
             end = before if before is not None else registry.last_due_ms(conn) + 1
             width = max((end - start) // buckets + 1, 1)
             counts = registry.histogram(conn, start_ms=start, width_ms=width, buckets=buckets)
+    broker = timeouts.transport.figures()
     if as_json:
-        data: dict[str, Any] = {"total": total, "timeouts": [record_json(r) for r in records]}
+        data: dict[str, Any] = {"total": total, "timeouts": [record_json(r) for r in records], "broker": broker}
         if histogram:
             data["histogram"] = [{"due_from": iso(start + i * width), "count": c} for i, c in enumerate(counts)]
         print_json(data)
@@ -73,8 +74,15 @@ def pending(
         if counts:
             console.print(histogram_table(counts, start, width, now))
         console.print(f"{total} pending")
-        return
-    console.print(timeouts_table(f"pending timeouts ({len(records)} of {total})", records, now))
+    else:
+        console.print(timeouts_table(f"pending timeouts ({len(records)} of {total})", records, now))
+    if broker:
+        # The broker's side of the same timeouts: timers not yet moved, stream or queue depths.
+        console.print(
+            f"{timeouts.transport.name}: " + ", ".join(f"{key} {value}" for key, value in broker.items()),
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 @app.command()
