@@ -34,6 +34,9 @@ log = logging.getLogger("order_timeouts.rabbitmq")
 
 #: most published messages awaiting their confirm at once
 WINDOW = 2000
+#: message TTL on quorum queues and at-least-once dead-lettering arrived in RabbitMQ 3.10 (which
+#: also needs the `stream_queue` feature flag enabled for at-least-once; AMQP cannot check that)
+MIN_SERVER_VERSION = (3, 10)
 
 #: (exchange, routing key, body, properties) of one message to publish
 Outgoing = tuple[str, str, bytes, Any]
@@ -222,6 +225,12 @@ class Link:
             self._conn.close()
 
     def _on_open(self, conn: Any) -> None:
+        version = (conn.server_properties or {}).get("version", b"")
+        if _version(version) < MIN_SERVER_VERSION:
+            # Older brokers ignore or refuse quorum-queue TTL and at-least-once dead-lettering: fail
+            # loudly rather than run a timer that could lose timeouts.
+            self._lose(f"RabbitMQ {version!r} is too old: the rabbitmq transport needs 3.10 or later")
+            return
         conn.channel(on_open_callback=self._on_publish_channel)
 
     def _on_publish_channel(self, channel: Any) -> None:
@@ -352,3 +361,14 @@ class Link:
             channel.queue_declare(queues[len(result)], passive=True, callback=lambda f: step(channel, f))
 
         self._conn.channel(on_open_callback=on_open)
+
+
+def _version(raw: bytes | str) -> tuple[int, ...]:
+    text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+    numbers = []
+    for part in text.split("."):
+        digits = "".join(c for c in part if c.isdigit())
+        if not digits:
+            break
+        numbers.append(int(digits))
+    return tuple(numbers)

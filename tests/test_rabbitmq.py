@@ -1,0 +1,281 @@
+"""What is specific to the `rabbitmq` transport: the TTL cascade, crashes, broker outages, dead letters.
+
+Each test runs on its own vhost (tests/rabbitmq_support.py) and its own PostgreSQL schema.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from scheduler import Outcome, TimeoutState
+from scheduler.errors import TransportUnavailable
+from scheduler.names import (
+    RABBITMQ_DEAD_QUEUE,
+    RABBITMQ_READY_QUEUE,
+    RABBITMQ_REASON_HEADER,
+    RABBITMQ_TIMERS_EXCHANGE,
+    rabbitmq_delay_queue,
+    rabbitmq_expired_exchange,
+)
+from scheduler.transports.base import Settlement, TimerMessage
+from scheduler.transports.rabbitmq import RabbitMQTransport
+from scheduler.transports.rabbitmq_topology import MAX_TICKS, TICK_MS, bindings, delay_ms, routing_key
+from tests.conftest import Stack, _open
+from tests.rabbitmq_support import channel, rabbitmq_stack, rabbitmqctl, wait_for_broker
+from tests.support import add_orders, cancel_counts, wait_until
+
+SOON = timedelta(milliseconds=300)
+
+
+@pytest.fixture
+def rabbit(tmp_path: Path) -> Iterator[Stack]:
+    yield from _open("rabbitmq", {"rabbitmq": rabbitmq_stack}, tmp_path)
+
+
+def finished(stack: Stack, *ids: str) -> bool:
+    client = stack.timeouts()
+    return all((record := client.get(oid)) is not None and record.state is not TimeoutState.PENDING for oid in ids)
+
+
+def start_worker(stack: Stack, *args: str, **env: str) -> subprocess.Popen[str]:
+    argv = [sys.executable, "-m", "scheduler", "worker", *args]
+    return subprocess.Popen(argv, env=stack.env(**env), stdout=subprocess.DEVNULL, text=True)
+
+
+def stop_worker(worker: subprocess.Popen[str]) -> int:
+    worker.send_signal(signal.SIGTERM)
+    return worker.wait(timeout=30)
+
+
+# -- the cascade as data: no broker needed ---------------------------------------------------------
+
+
+def topic_match(pattern: list[str], key: list[str]) -> bool:
+    if not pattern:
+        return not key
+    if pattern[0] == "#":
+        return any(topic_match(pattern[1:], key[skip:]) for skip in range(len(key) + 1))
+    return bool(key) and pattern[0] in ("*", key[0]) and topic_match(pattern[1:], key[1:])
+
+
+def route(key: str) -> list[str]:
+    """The queues a timer with this key passes, following the declared bindings like the broker would."""
+    table: dict[str, list[tuple[list[str], str]]] = {}
+    for binding in bindings():
+        table.setdefault(binding.exchange, []).append((binding.pattern.split("."), binding.queue))
+    path, exchange, words = [], RABBITMQ_TIMERS_EXCHANGE, key.split(".")
+    while True:
+        targets = [queue for pattern, queue in table[exchange] if topic_match(pattern, words)]
+        assert len(targets) == 1, f"{key!r} routes to {targets} at {exchange}"
+        path.append(targets[0])
+        if targets[0] == RABBITMQ_READY_QUEUE:
+            return path
+        exchange = rabbitmq_expired_exchange(int(targets[0].rsplit(".", 1)[1]))
+
+
+@given(st.integers(min_value=-86_400_000, max_value=TICK_MS * MAX_TICKS + 10**9))
+def test_a_timer_waits_its_delay_rounded_up_to_a_tick_through_falling_levels(remaining_ms: int) -> None:
+    path = route(routing_key(remaining_ms))
+    levels = [int(queue.rsplit(".", 1)[1]) for queue in path[:-1]]
+    assert path[:-1] == [rabbitmq_delay_queue(level) for level in levels]
+    assert levels == sorted(levels, reverse=True) and len(set(levels)) == len(levels), path
+    waited = sum(delay_ms(level) for level in levels)
+    expected = min(max(remaining_ms, 0), TICK_MS * MAX_TICKS)
+    # Never early (the handler would ack an early timer as stale), never more than a tick late;
+    # beyond the cascade's reach the worker re-arms the rest.
+    assert expected <= waited < expected + TICK_MS
+
+
+def test_round_delays_take_few_hops() -> None:
+    hops = {seconds: len(route(routing_key(seconds * 1000))) - 1 for seconds in (1, 2, 10, 60, 1800)}
+    assert hops == {1: 2, 2: 2, 10: 3, 60: 4, 1800: 5}
+
+
+# -- against the broker -----------------------------------------------------------------------------
+
+
+def test_a_long_timer_published_first_does_not_hold_back_a_short_one(rabbit: Stack) -> None:
+    add_orders(rabbit.engine, ["slow", "fast"])
+    client = rabbit.timeouts()
+    client.schedule("slow", delay=timedelta(seconds=90))
+    client.schedule("fast", delay=timedelta(seconds=2))
+
+    rabbit.drain_until(lambda: finished(rabbit, "fast"), timeout=10)
+    fast, slow = client.get("fast"), client.get("slow")
+    assert fast is not None and slow is not None
+    assert fast.outcome is Outcome.CANCELLED
+    assert fast.fired_ms is not None and 0 <= fast.fired_ms - fast.due_ms < 1000, "fired at its own due time"
+    assert slow.state is TimeoutState.PENDING
+    assert client.transport.figures()["delayed"] == 1, "the 90 s timer is still waiting in the cascade"
+
+
+def test_a_worker_killed_holding_unacked_deliveries_loses_nothing_and_cancels_nothing_twice(
+    rabbit: Stack, tmp_path: Path
+) -> None:
+    ids = [f"k-{i:02d}" for i in range(20)]
+    add_orders(rabbit.engine, ids)
+    rabbit.timeouts().schedule_many(ids, delay=SOON)
+    marker = tmp_path / "mid-batch"
+    victim = start_worker(
+        rabbit,
+        "--batch-size",
+        "50",
+        ORDER_TIMEOUTS_ORDER_STORE="tests.slow_store:after_cancel",
+        ORDER_TIMEOUTS_TEST_MARKER=str(marker),
+    )
+    try:
+        wait_until(marker.exists, timeout=30)
+        assert marker.read_text(), "the victim cancelled orders in a transaction it has not committed"
+    finally:
+        victim.kill()
+        victim.wait()
+    assert cancel_counts(rabbit.engine) == {}
+
+    # Its connection died with it: the broker hands the unacked deliveries to the next consumer.
+    survivor = start_worker(rabbit, "--batch-size", "50")
+    try:
+        wait_until(lambda: finished(rabbit, *ids), timeout=30)
+    finally:
+        assert stop_worker(survivor) == 0
+    assert cancel_counts(rabbit.engine) == dict.fromkeys(ids, 1)
+
+
+def test_the_worker_reconnects_after_the_broker_restarts(rabbit: Stack) -> None:
+    ids = [f"b-{i:02d}" for i in range(40)]
+    add_orders(rabbit.engine, [*ids, "after-restart"])
+    client = rabbit.timeouts()
+    client.schedule_many([(oid, timedelta(milliseconds=300 + 100 * i)) for i, oid in enumerate(ids)])
+    worker = start_worker(rabbit, "--batch-size", "10")
+    try:
+        wait_until(lambda: finished(rabbit, ids[0]), timeout=30)
+        # The broker is shared by every test running now: keep the outage short, always restart it.
+        try:
+            rabbitmqctl("stop_app")
+        finally:
+            rabbitmqctl("start_app")
+            wait_for_broker()
+        # The client's connection died with the broker; its next publish connects again.
+        client.schedule("after-restart", delay=SOON)
+        record = client.get("after-restart")
+        assert record is not None and record.published_ms is not None
+        wait_until(lambda: finished(rabbit, *ids, "after-restart"), timeout=60)
+    finally:
+        assert stop_worker(worker) == 0
+    assert cancel_counts(rabbit.engine) == dict.fromkeys([*ids, "after-restart"], 1)
+
+
+def test_a_publish_while_the_broker_is_unreachable_leaves_the_row_for_the_relay(rabbit: Stack) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    add_orders(rabbit.engine, ["o-1"])
+    cut_off = rabbit.timeouts(broker_url=f"amqp://guest:guest@127.0.0.1:{closed_port}/%2F")
+    cut_off.schedule("o-1", delay=SOON)  # raises nothing: the registry row is the outbox
+    record = cut_off.get("o-1")
+    assert record is not None and record.state is TimeoutState.PENDING and record.published_ms is None
+
+    client = rabbit.timeouts()
+    assert client.publish_unpublished() == 1
+    rabbit.drain_until(lambda: finished(rabbit, "o-1"))
+    assert cancel_counts(rabbit.engine) == {"o-1": 1}
+
+
+def test_a_queue_declared_with_other_arguments_is_a_clear_transport_error(rabbit: Stack) -> None:
+    with channel(rabbit.broker_url) as ch:
+        ch.queue_declare(RABBITMQ_READY_QUEUE, durable=True)  # a classic queue where a quorum one belongs
+    transport = RabbitMQTransport(rabbit.broker_url, rabbit.timeouts().clock)
+    try:
+        with pytest.raises(TransportUnavailable, match="PRECONDITION_FAILED"):
+            transport.publish([TimerMessage("o-1", 0, 1)])
+    finally:
+        transport.close()
+
+
+def dead_letters(broker_url: str) -> list[tuple[bytes, dict[str, Any]]]:
+    found = []
+    with channel(broker_url) as ch:
+        while True:
+            method, properties, body = ch.basic_get(RABBITMQ_DEAD_QUEUE, auto_ack=True)
+            if method is None:
+                return found
+            found.append((body, properties.headers or {}))
+
+
+def test_malformed_messages_are_dead_lettered_with_their_reason_and_the_worker_carries_on(rabbit: Stack) -> None:
+    add_orders(rabbit.engine, ["good"])
+    client = rabbit.timeouts()
+    client.transport.figures()  # connected: the topology is declared
+    with channel(rabbit.broker_url) as ch:
+        ch.confirm_delivery()
+        for body in (b"not json at all", b'{"order_id": 7, "due_ms": 0, "version": 1}'):
+            ch.basic_publish(RABBITMQ_TIMERS_EXCHANGE, routing_key(0), body, mandatory=True)
+    client.schedule("good", delay=SOON)
+
+    rabbit.drain_until(lambda: finished(rabbit, "good"))
+    assert cancel_counts(rabbit.engine) == {"good": 1}
+    figures = client.transport.figures()
+    assert (figures["dead_letters"], figures["ready"]) == (2, 0)
+    letters = sorted(dead_letters(rabbit.broker_url))
+    assert [body for body, _ in letters] == [b"not json at all", b'{"order_id": 7, "due_ms": 0, "version": 1}']
+    reasons = [headers[RABBITMQ_REASON_HEADER] for _, headers in letters]
+    assert "not JSON" in reasons[0] and "order_id" in reasons[1]
+
+
+def test_a_returned_delivery_comes_back_counted_and_can_be_dead_lettered(rabbit: Stack) -> None:
+    transport = rabbit.timeouts().transport
+    transport.publish([TimerMessage("poison", 0, 1)])
+    first = transport.receive(10, 10).deliveries
+    assert [(d.message.order_id, d.deliveries) for d in first] == [("poison", 1)]
+
+    transport.settle(Settlement(failed=first))  # the batch transaction failed: deliver it again
+    again = transport.receive(10, 10).deliveries
+    assert [(d.message.order_id, d.deliveries) for d in again] == [("poison", 2)]
+
+    transport.settle(Settlement(dead=[(again[0], "kills every worker")]))
+    assert not transport.receive(10, 0.5).deliveries, "acked after dead-lettering"
+    [(body, headers)] = dead_letters(rabbit.broker_url)
+    assert TimerMessage.decode(body) == TimerMessage("poison", 0, 1)
+    assert headers[RABBITMQ_REASON_HEADER] == "kills every worker"
+
+
+def test_a_timer_that_arrives_early_is_re_armed_not_handed_over(rabbit: Stack) -> None:
+    # As a timer beyond the cascade's reach would: it reaches the ready queue before its due time.
+    transport = rabbit.timeouts().transport
+    assert not transport.receive(10, 0).deliveries  # connected and consuming
+    due = transport._clock.now_ms() + 1500  # type: ignore[attr-defined]
+    with channel(rabbit.broker_url) as ch:
+        ch.confirm_delivery()
+        ch.basic_publish(RABBITMQ_TIMERS_EXCHANGE, routing_key(0), TimerMessage("early", due, 1).encode())
+    assert not transport.receive(10, 0.5).deliveries
+    arrived = transport.receive(10, 10).deliveries
+    assert [d.message.order_id for d in arrived] == ["early"]
+    assert time.time() * 1000 >= due
+
+
+def test_heartbeats_keep_the_connection_while_a_batch_takes_long(rabbit: Stack) -> None:
+    # heartbeat=1: the broker drops a connection that is silent for about 2 s.
+    transport = RabbitMQTransport(f"{rabbit.broker_url}?heartbeat=1", rabbit.timeouts().clock)
+    try:
+        transport.publish([TimerMessage("slow-batch", 0, 1)])
+        batch = transport.receive(10, 10)
+        link = transport._link
+        time.sleep(4)  # the worker is in the database; nobody calls the transport
+        assert link is not None and link.alive and transport._link is link
+        transport.settle(Settlement(done=batch.deliveries))
+        assert not transport.receive(10, 0.5).deliveries, "acked on the same connection, not redelivered"
+        with channel(rabbit.broker_url) as ch:
+            assert ch.queue_declare(RABBITMQ_READY_QUEUE, passive=True).method.message_count == 0
+    finally:
+        transport.close()
