@@ -83,7 +83,10 @@ class SqlOrderStore:
         stmt = select(self._id, self._status).where(self._id.in_(order_ids))
         try:
             if self._engine is None:
-                rows = conn.execute(stmt).all()
+                # A savepoint, so that a broken orders table fails only this step: the batch
+                # transaction stays usable and records the retry (PostgreSQL would abort it).
+                with conn.begin_nested():
+                    rows = conn.execute(stmt).all()
             else:
                 with self._engine.connect() as own:
                     rows = own.execute(stmt).all()
@@ -105,7 +108,8 @@ class SqlOrderStore:
         )
         try:
             if self._engine is None:
-                return set(conn.execute(stmt).scalars())
+                with conn.begin_nested():
+                    return set(conn.execute(stmt).scalars())
             with self._engine.begin() as own:
                 return set(own.execute(stmt).scalars())
         except SQLAlchemyError as exc:
