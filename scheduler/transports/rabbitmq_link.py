@@ -186,7 +186,8 @@ class Link:
         with self._cond:
             if self._error is None:
                 self._error = reason
-                if not self._closing:
+                if self._ready.is_set() and not self._closing:
+                    # (A failed connect is the caller's to report.)
                     log.warning("RabbitMQ link lost: %s", reason)
             for job in self._jobs:
                 job.fail(self._error)
