@@ -59,3 +59,31 @@ def rabbitmq_delay_queue(level: int) -> str:
 def rabbitmq_expired_exchange(level: int) -> str:
     """Topic exchange the delay queue of `level` dead-letters into: routes to the next lower set bit."""
     return f"order_timeouts.delay.{level:02d}.expired"
+
+
+# --- RQ transport (scheduler/transports/rq.py) ---
+#: default RQ queue of the timeout jobs: `rq worker --with-scheduler -S json order_timeouts` consumes it.
+#: RQ's own key names (rq:queue:…, rq:scheduled:…, rq:job:…) follow from it and from the job ids.
+RQ_DEFAULT_QUEUE = "order_timeouts"
+#: default first part of every job id; RQ job ids are global, so one prefix per deployment
+RQ_DEFAULT_JOB_PREFIX = "order-timeout"
+#: the job function, by import path: the producer side never imports the consumer side
+RQ_JOB_FUNCTION = "consumers.rq_job.fire_timeout"
+#: job meta field: deliveries since the job was last armed, for the handler's poison check
+RQ_META_DELIVERIES = "deliveries"
+
+#: the characters RQ accepts in a job id
+RQ_JOB_ID_CHARACTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+
+
+def rq_job_id(prefix: str, order_id: str) -> str:
+    """The deterministic RQ job id of an order's timeout: one job per order, whatever publishes it.
+
+    RQ accepts only `[A-Za-z0-9_-]` in job ids: such order ids follow `<prefix>-`, any other is
+    base64url-encoded after `<prefix>_`. The separator tells the two apart, so no two orders share a job.
+    """
+    import base64  # here, not at the top: this section only appends to the module
+
+    if order_id and set(order_id) <= RQ_JOB_ID_CHARACTERS:
+        return f"{prefix}-{order_id}"
+    return f"{prefix}_{base64.urlsafe_b64encode(order_id.encode()).decode().rstrip('=')}"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tests.rabbitmq_support import rabbitmq_stack
 from tests.redis_support import redis_stack
+from tests.rq_support import rq_stack
 from tests.support import postgres_schema
 
 StackFactory = Callable[[Path], contextlib.AbstractContextManager[tuple[str, str]]]
@@ -33,6 +34,7 @@ STACKS: dict[str, StackFactory] = {
     "sql-postgresql": sql_postgresql,
     "redis": redis_stack,
     "rabbitmq": rabbitmq_stack,
+    "rq": rq_stack,
 }
 #: the registry databases, for tests that are about the registry rather than a broker
 DATABASES: dict[str, StackFactory] = {"sqlite": sql_sqlite, "postgresql": sql_postgresql}

@@ -26,6 +26,10 @@ def open_transport(broker_url: str, engine: Engine, clock: Clock) -> Transport:
         from scheduler.transports.rabbitmq import RabbitMQTransport
 
         return RabbitMQTransport(broker_url, clock)
+    if scheme in ("rq+redis", "rq+rediss"):
+        from scheduler.transports.rq import RQTransport
+
+        return RQTransport(broker_url, clock)
     raise ConfigurationError(
         f"unknown broker URL {redact(broker_url)!r}: use sql, redis://, rediss://, amqp://, amqps:// or rq+redis://"
     )

@@ -1,0 +1,446 @@
+"""The `rq` transport: each timeout is an RQ scheduled job; the consumer group is plain `rq worker`.
+
+    publish ─HSET job + ZADD─▶ rq:scheduled:<queue>     one job per order: id `<prefix>-<order id>`
+                                   │ RQ's scheduler (`rq worker --with-scheduler`), or rq_move.lua
+                                   ▼
+                               rq:queue:<queue> ─▶ `rq worker -S json` runs consumers.rq_job.fire_timeout
+                                   │                 (the same Handler and registry, one job at a time)
+                                   └────────────▶ our Worker: receive ─▶ handle ─▶ settle, in batches
+
+For shops that already run RQ. A job is RQ's own: JSON serializer (never pickle), the function
+`consumers.rq_job.fire_timeout` with the timer message as its one argument, a deterministic id, so
+scheduling twice, the relay and the reconciler all write the same job; revoke deletes it
+(`Job.delete`); reschedule re-arms it. The job function applies the handler's settlement the RQ
+way: done returns, retry returns `rq.Retry` (RQ re-schedules the job), dead raises, so the job
+lands in RQ's FailedJobRegistry while the registry row says dead with the reason. Run the group as
+
+    rq worker --with-scheduler -S json --url redis://host:6379/0 order_timeouts    # N of them
+    rq worker-pool -n 4 -S json --url redis://host:6379/0 order_timeouts          # or a pool
+
+with ORDER_TIMEOUTS_DATABASE_URL and ORDER_TIMEOUTS_BROKER_URL in their environment.
+
+The project's own `order-timeouts worker` serves the same queue in batches, with RQ's own
+bookkeeping: it moves due jobs onto the queue (rq_move.lua, atomic, and only while no RQ scheduler
+holds the queue's scheduler lock, so that the two never push one job twice), takes job ids off the
+queue with LMOVE into RQ's intermediate list (rq_take.lua), registers an RQ `Execution` in the
+StartedJobRegistry for each, and settles like RQ's worker: the job is deleted (done, result_ttl 0),
+re-scheduled (retry), or failed into the FailedJobRegistry with a failure Result (dead). An id that
+LMOVE gave to one consumer is in no other consumer's hands, rq worker or ours.
+
+Crashes. Every job carries `Retry(max=CRASH_RETRIES)`, so RQ's own recovery re-queues it:
+- an rq worker's horse that dies (OOM, SIGKILL) fails the job in the worker, which re-queues it;
+- an rq worker, or our Worker, that dies altogether leaves the job in the StartedJobRegistry until
+  its lease (job_timeout + 60 s) runs out; then RQ's abandoned-job cleanup
+  (`StartedJobRegistry.cleanup`, run by every rq worker's maintenance and every
+  `maintenance_interval` seconds by our Worker) re-queues it;
+- a job left in the intermediate list (dequeued, never registered) is failed, hence re-queued, by
+  RQ's intermediate-queue cleanup after a minute (the same maintenance).
+Each run counts itself in the job's meta: a job that keeps killing its worker is dead-lettered by
+the handler's poison limit. Whatever is lost in Redis anyway (a Redis without persistence that
+restarts, a job deleted by hand) stays pending in the registry, and the reconciler publishes it again.
+
+Due times are kept to the millisecond (the registry claims only due rows, so a job that runs early
+would be acked as stale): the scores are float seconds, which RQ's scheduler moves once its
+whole-second clock has passed them. `Queue.enqueue_at` is not used because it truncates the time
+to whole seconds (up to 1 s early) and writes the registry outside the caller's pipeline.
+
+URL: `rq+redis://[[user]:password@]host[:port][/db][?option=value&...]`, `rq+rediss://` for TLS. Options:
+
+- `queue` (default `order_timeouts`): the RQ queue; give the rq workers the same name.
+- `prefix` (default `order-timeout`): first part of the job ids (letters, digits, `_`, `-`). RQ job
+  ids are global to the Redis database: one prefix per deployment.
+- `job_timeout` (default 60): RQ's timeout of one job, in seconds; a batch of our Worker must also
+  settle within it. A job is abandoned (re-queued) after job_timeout + 60 s in the StartedJobRegistry.
+- `failure_ttl` (default 604800): seconds a failed (dead-lettered) job stays in the FailedJobRegistry.
+- `move_batch` (default 1000): most due jobs one call of the mover moves.
+- `maintenance_interval` (default 30): seconds between our Worker's runs of RQ's registry cleanup.
+
+Other query options go to redis-py unchanged (`socket_timeout`, `ssl_ca_certs`, ...).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from importlib.resources import files
+from typing import Any
+
+import redis
+from redis.exceptions import RedisError
+from rq import Queue, SimpleWorker
+from rq.exceptions import DeserializationError, NoSuchJobError
+from rq.executions import Execution
+from rq.job import Job, JobStatus, Retry
+from rq.registry import FailedJobRegistry, StartedJobRegistry
+from rq.results import Result
+from rq.scheduler import RQScheduler
+from rq.serializers import JSONSerializer
+from rq.utils import now, utcformat
+from sqlalchemy import Connection
+
+from scheduler.clock import Clock
+from scheduler.errors import MalformedMessage, TransportUnavailable
+from scheduler.names import RQ_JOB_FUNCTION, RQ_META_DELIVERIES, rq_job_id
+from scheduler.transports.base import Batch, Delivery, Settlement, TimerMessage
+from scheduler.transports.redis_options import MAX_BLOCK_MS, RedisOptions, connect
+from scheduler.transports.rq_options import parse_url
+
+log = logging.getLogger("order_timeouts.transports.rq")
+
+MOVE_SCRIPT = files("scheduler.transports").joinpath("rq_move.lua").read_text()
+TAKE_SCRIPT = files("scheduler.transports").joinpath("rq_take.lua").read_text()
+
+#: RQ re-queues a job this often after its worker died on it; above the handler's poison limit
+#: (Settings.max_deliveries), so that the handler, which records why, is the one that gives up
+CRASH_RETRIES = 100
+#: jobs per pipeline when publishing a large batch
+PUBLISH_CHUNK = 2000
+#: a delivery whose batch transaction failed comes back after this pause
+FAILED_REDELIVERY_MS = 1000
+
+
+def job_body(message: TimerMessage) -> dict[str, Any]:
+    """The job's one argument: the timer message as a JSON object."""
+    return {"order_id": message.order_id, "due_ms": message.due_ms, "version": message.version}
+
+
+def job_message(job: Job, prefix: str | None = None) -> TimerMessage:
+    """The timer message a job carries; MalformedMessage when it is not one of our timeout jobs."""
+    try:
+        func_name, args, kwargs = job.func_name, job.args, job.kwargs
+    except (DeserializationError, ValueError, TypeError) as exc:
+        raise MalformedMessage(f"job data is not JSON: {exc.__cause__ or exc}") from None
+    if func_name != RQ_JOB_FUNCTION:
+        raise MalformedMessage(f"job runs {func_name!r}, not {RQ_JOB_FUNCTION}")
+    if kwargs or len(args) != 1 or not isinstance(args[0], dict):
+        raise MalformedMessage("job arguments are not one timer message")
+    fields = args[0]
+    order_id, due_ms, version = fields.get("order_id"), fields.get("due_ms"), fields.get("version")
+    # TimerMessage.decode holds the rules; it takes the body as JSON text.
+    message = TimerMessage.decode(json.dumps({"order_id": order_id, "due_ms": due_ms, "version": version}))
+    if prefix is not None and job.id != rq_job_id(prefix, message.order_id):
+        raise MalformedMessage(f"job id {job.id!r} is not the job id of order {message.order_id!r}")
+    return message
+
+
+def seconds(ms: int) -> float:
+    """A registry time as an RQ registry score: epoch seconds, to the millisecond."""
+    return ms / 1000
+
+
+@dataclass(frozen=True)
+class _Taken:
+    """The receipt of a delivery: the job and the Execution registered for it in the StartedJobRegistry."""
+
+    job: Job
+    execution: Execution
+
+
+class RQTransport:
+    name = "rq"
+    registry_is_queue = False
+
+    def __init__(self, broker_url: str, clock: Clock) -> None:
+        self._url, self.options = parse_url(broker_url)
+        self._clock = clock
+        self._client: Any = None  # connected on first use: a dead broker must not break start-up
+        self._queue: Queue | None = None
+        self._move: Any = None
+        self._take: Any = None
+        self._maintainer: SimpleWorker | None = None
+        self._next_maintenance = 0.0
+        self._name = f"order-timeouts:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+    def job_id(self, order_id: str) -> str:
+        return rq_job_id(self.options.prefix, order_id)
+
+    # -- producer side ---------------------------------------------------------------------------
+
+    def notify_scheduled(self, conn: Connection, earliest_due_ms: int) -> None:
+        """Nothing to do inside the transaction: RQ's scheduler polls every second."""
+
+    def publish(self, messages: Sequence[TimerMessage]) -> None:
+        """Write each timer as an RQ scheduled job, one pipeline per chunk; confirmed when it returns."""
+        latest = {m.order_id: m for m in messages}  # one job per order: the last message wins
+        with self._edge("publish"):
+            queue = self._rq_queue()
+            items = list(latest.values())
+            for start in range(0, len(items), PUBLISH_CHUNK):
+                pipe = self._redis().pipeline(transaction=False)
+                pipe.sadd(Queue.redis_queues_keys, queue.key)  # `rq info` lists the queue
+                for message in items[start : start + PUBLISH_CHUNK]:
+                    self._arm(pipe, message)
+                pipe.execute()
+
+    def revoke(self, order_ids: Sequence[str]) -> None:
+        """Delete the jobs (`Job.delete`: hash, registries, queue entry)."""
+        ids = [self.job_id(oid) for oid in dict.fromkeys(order_ids)]
+        if not ids:
+            return
+        with self._edge("revoke"):
+            queue = self._rq_queue()
+            jobs = self._fetch(ids)
+            pipe = self._redis().pipeline(transaction=False)
+            for job_id in ids:
+                job = jobs.get(job_id)
+                if isinstance(job, Job):
+                    job.delete(pipeline=pipe)
+                else:
+                    pipe.delete(Job.key_for(job_id))
+            # Whatever its status said, a revoked timer is in none of these any more.
+            pipe.zrem(queue.scheduled_job_registry.key, *ids)
+            pipe.zrem(queue.failed_job_registry.key, *ids)
+            pipe.execute()
+
+    def _arm(self, pipe: Any, message: TimerMessage, *, at_ms: int | None = None) -> None:
+        """Write the job afresh (no state of an earlier life survives) and put it in the scheduled registry."""
+        queue = self._rq_queue()
+        job = Job.create(
+            RQ_JOB_FUNCTION,
+            args=[job_body(message)],
+            connection=self._redis(),
+            id=self.job_id(message.order_id),
+            origin=queue.name,
+            status=JobStatus.SCHEDULED,
+            description=f"payment timeout of order {message.order_id}",
+            timeout=self.options.job_timeout,
+            result_ttl=0,
+            failure_ttl=self.options.failure_ttl,
+            retry=Retry(max=CRASH_RETRIES),
+            serializer=JSONSerializer,
+        )
+        # DEL first: a replayed job's hash still has its exc_info, its meta and the failure TTL.
+        pipe.delete(job.key)
+        job.save(pipeline=pipe)
+        pipe.zrem(queue.failed_job_registry.key, job.id)
+        pipe.zadd(queue.scheduled_job_registry.key, {job.id: seconds(message.due_ms if at_ms is None else at_ms)})
+
+    # -- consumer side (the project's Worker; rq workers run consumers/rq_job.py instead) ----------
+
+    def receive(self, limit: int, timeout: float) -> Batch:
+        deadline = time.monotonic() + max(timeout, 0.0)
+        with self._edge("receive"):
+            self._maintain()
+            while True:
+                moved, earliest_ms = self.move_due()
+                deliveries = self._take_jobs(limit)
+                if deliveries:
+                    return Batch(deliveries)
+                wait_s = deadline - time.monotonic()
+                if moved >= 0 and earliest_ms is not None:
+                    wait_s = min(wait_s, (earliest_ms - self._clock.now_ms()) / 1000)
+                if wait_s > 0:
+                    # Wakes when a job is pushed: by our mover elsewhere, or by RQ's scheduler.
+                    deliveries = self._take_jobs(limit, block_s=min(wait_s, MAX_BLOCK_MS / 1000))
+                    if deliveries:
+                        return Batch(deliveries)
+                elif time.monotonic() >= deadline:
+                    return Batch()
+
+    def move_due(self, now_ms: int | None = None) -> tuple[int, int | None]:
+        """Move due scheduled jobs onto the queue: (jobs moved or -1 when an RQ scheduler owns the
+        queue, earliest due time left in ms)."""
+        now_ms = self._clock.now_ms() if now_ms is None else now_ms
+        queue = self._rq_queue()
+        keys = [queue.scheduled_job_registry.key, queue.key, RQScheduler.get_locking_key(queue.name)]
+        args = [f"{seconds(now_ms):.3f}", self.options.move_batch, Job.redis_job_namespace_prefix, utcformat(now())]
+        with self._edge("move"):
+            moved, head = self._move(keys=keys, args=args)
+        return int(moved), (math.ceil(float(head) * 1000) if head else None)
+
+    def _take_jobs(self, limit: int, block_s: float | None = None) -> list[Delivery]:
+        queue = self._rq_queue()
+        client = self._redis()
+        ids: list[bytes] = []
+        if block_s is not None:
+            first = client.blmove(queue.key, queue.intermediate_queue_key, block_s, "LEFT", "RIGHT")
+            if first is None:
+                return []
+            ids.append(first)
+        if limit > len(ids):
+            ids += self._take(keys=[queue.key, queue.intermediate_queue_key], args=[limit - len(ids)])
+        if not ids:
+            return []
+        job_ids = [i.decode() for i in ids]
+        jobs = self._fetch(job_ids)
+        pipe = client.pipeline(transaction=False)
+        deliveries: list[Delivery] = []
+        for job_id in job_ids:
+            job = jobs.get(job_id)
+            if job is None:
+                pass  # revoked after it was queued: nothing to deliver
+            elif isinstance(job, str):
+                self._bury(pipe, job_id, None, job)
+            else:
+                try:
+                    message = job_message(job, self.options.prefix)
+                except MalformedMessage as exc:
+                    self._bury(pipe, job_id, job, str(exc))
+                else:
+                    count = int(job.meta.get(RQ_META_DELIVERIES, 0)) + 1
+                    job.meta[RQ_META_DELIVERIES] = count
+                    # What RQ's worker does before it runs a job: an Execution in the StartedJobRegistry
+                    # (with a lease, for the abandoned-job cleanup), status started.
+                    execution = Execution.create(job, self.options.lease_s, pipeline=pipe, worker_name=self._name)
+                    job.prepare_for_execution(self._name, pipeline=pipe)
+                    pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
+                    deliveries.append(Delivery(message, receipt=_Taken(job, execution), deliveries=count))
+            pipe.lrem(queue.intermediate_queue_key, 1, job_id)
+        pipe.execute()
+        return deliveries
+
+    def settle(self, settlement: Settlement) -> None:
+        now_ms = self._clock.now_ms()
+        with self._edge("settle"):
+            queue = self._rq_queue()
+            client = self._redis()
+            done = [d.receipt for d in settlement.done if isinstance(d.receipt, _Taken)]
+            # A job published again while we held it (reschedule, replay, the relay) is scheduled
+            # anew: deleting its hash would strand that entry, so it only loses our execution.
+            rearmed: set[str] = set()
+            if done:
+                check = client.pipeline(transaction=False)
+                for taken in done:
+                    check.zscore(queue.scheduled_job_registry.key, taken.job.id)
+                rearmed = {t.job.id for t, score in zip(done, check.execute(), strict=True) if score is not None}
+            pipe = client.pipeline(transaction=False)
+            for taken in done:
+                taken.execution.delete(job=taken.job, pipeline=pipe)
+                if taken.job.id not in rearmed:
+                    # RQ's success with result_ttl 0: nothing of the job is kept.
+                    pipe.delete(taken.job.key, taken.job.execution_registry.key)
+            for delivery, message in settlement.retry:
+                taken = delivery.receipt
+                taken.execution.delete(job=taken.job, pipeline=pipe)
+                self._arm(pipe, message)
+            for delivery, reason in settlement.dead:
+                taken = delivery.receipt
+                taken.execution.delete(job=taken.job, pipeline=pipe)
+                self._bury(pipe, taken.job.id, taken.job, reason)
+            for delivery in settlement.failed:
+                # The batch transaction failed (database trouble), which says nothing against the
+                # job: re-arm it shortly, as a fresh delivery. NX keeps a later due time that a
+                # reschedule has published in the meantime.
+                taken = delivery.receipt
+                taken.execution.delete(job=taken.job, pipeline=pipe)
+                taken.job.meta.pop(RQ_META_DELIVERIES, None)
+                pipe.hset(
+                    taken.job.key,
+                    mapping={"status": JobStatus.SCHEDULED.value, "meta": taken.job.serializer.dumps(taken.job.meta)},
+                )
+                score = seconds(now_ms + FAILED_REDELIVERY_MS)
+                pipe.zadd(queue.scheduled_job_registry.key, {taken.job.id: score}, nx=True)
+            pipe.execute()
+
+    def _bury(self, pipe: Any, job_id: str, job: Job | None, reason: str) -> None:
+        """Fail a job into RQ's FailedJobRegistry with the reason, as RQ's worker fails a job."""
+        queue = self._rq_queue()
+        log.warning("rq job %s dead-lettered: %s", job_id, reason)
+        if job is None:
+            # Not even readable as a job: list it as failed; the reason is in the log.
+            pipe.hset(Job.key_for(job_id), "status", JobStatus.FAILED.value)
+            pipe.expire(Job.key_for(job_id), self.options.failure_ttl)
+            pipe.zadd(queue.failed_job_registry.key, {job_id: time.time() + self.options.failure_ttl})
+            return
+        job.set_status(JobStatus.FAILED, pipeline=pipe)
+        FailedJobRegistry(queue=queue).add(job, ttl=self.options.failure_ttl, exc_string=reason, pipeline=pipe)
+        Result.create_failure(job, self.options.failure_ttl, exc_string=reason, worker_name=self._name, pipeline=pipe)
+
+    def _maintain(self) -> None:
+        """RQ's registry cleanup, as every rq worker runs it: abandoned jobs in the StartedJobRegistry
+        and jobs stuck in the intermediate list are re-queued (their Retry) or failed."""
+        if time.monotonic() < self._next_maintenance:
+            return
+        self._next_maintenance = time.monotonic() + self.options.maintenance_interval
+        if self._maintainer is None:
+            # Its own connection: RQ's worker raises the socket timeout of the connection it is given.
+            client = redis.Redis.from_url(self._url, socket_connect_timeout=2.0)
+            self._maintainer = SimpleWorker(
+                [Queue(self.options.queue, connection=client, serializer=JSONSerializer)],
+                name=self._name,
+                connection=client,
+                serializer=JSONSerializer,
+                worker_ttl=16,  # bounds that socket timeout to 11 s
+                prepare_for_work=False,
+            )
+        self._maintainer.clean_registries()  # type: ignore[no-untyped-call]  # rq leaves it unannotated
+
+    # -- figures and lifecycle -------------------------------------------------------------------
+
+    def figures(self) -> dict[str, Any]:
+        """RQ's registries of the queue: scheduled, queued, started, failed, and the mover's lag."""
+        with self._edge("figures"):
+            queue = self._rq_queue()
+            pipe = self._redis().pipeline(transaction=False)
+            pipe.zcard(queue.scheduled_job_registry.key)
+            pipe.zrange(queue.scheduled_job_registry.key, 0, 0, withscores=True)
+            pipe.llen(queue.key)
+            pipe.zcard(StartedJobRegistry(queue=queue).key)
+            pipe.zcard(queue.failed_job_registry.key)
+            scheduled, head, queued, started, failed = pipe.execute()
+        oldest_unmoved_ms = math.ceil(head[0][1] * 1000) if head else None
+        lag_ms = max(self._clock.now_ms() - oldest_unmoved_ms, 0) if oldest_unmoved_ms is not None else 0
+        return {
+            "queue": queue.name,
+            "scheduled": scheduled,
+            "queued": queued,
+            "started": started,
+            "failed": failed,
+            "unmoved_lag_seconds": lag_ms / 1000,
+        }
+
+    def close(self) -> None:
+        for client in (self._client, self._maintainer.connection if self._maintainer else None):
+            if client is not None:
+                with contextlib.suppress(RedisError):
+                    client.close()
+        self._client = self._queue = self._maintainer = None
+
+    def _redis(self) -> Any:
+        if self._client is None:
+            self._client = connect(self._url, RedisOptions())
+            self._move = self._client.register_script(MOVE_SCRIPT)
+            self._take = self._client.register_script(TAKE_SCRIPT)
+        return self._client
+
+    def _rq_queue(self) -> Queue:
+        if self._queue is None:
+            self._queue = Queue(self.options.queue, connection=self._redis(), serializer=JSONSerializer)
+        return self._queue
+
+    def _fetch(self, job_ids: Sequence[str]) -> dict[str, Job | str | None]:
+        """Jobs by id, like `Job.fetch_many`; a hash that is not a readable job gives the reason instead."""
+        pipe = self._redis().pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(Job.key_for(job_id))
+        jobs: dict[str, Job | str | None] = {}
+        for job_id, raw in zip(job_ids, pipe.execute(), strict=True):
+            if not raw:
+                jobs[job_id] = None
+                continue
+            job = Job(job_id, connection=self._redis(), serializer=JSONSerializer)
+            try:
+                job.restore(raw)
+            except (NoSuchJobError, DeserializationError, ValueError, TypeError, KeyError) as exc:
+                jobs[job_id] = f"job hash is not an RQ job: {exc}"
+            else:
+                jobs[job_id] = job
+        return jobs
+
+    @contextlib.contextmanager
+    def _edge(self, action: str) -> Iterator[None]:
+        """redis-py and RQ errors become the project's own here: callers never import redis or rq."""
+        try:
+            yield
+        except RedisError as exc:
+            raise TransportUnavailable(f"rq {action}: {exc}") from exc
+        except (NoSuchJobError, DeserializationError) as exc:
+            raise MalformedMessage(f"rq {action}: {exc}") from exc

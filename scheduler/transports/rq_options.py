@@ -1,0 +1,69 @@
+"""The `rq` transport's URL: `rq+redis://…` with our options in the query string, the rest for redis-py.
+
+The options are listed in the docstring of scheduler/transports/rq.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from scheduler.config import redact
+from scheduler.errors import ConfigurationError
+from scheduler.names import RQ_DEFAULT_JOB_PREFIX, RQ_DEFAULT_QUEUE, RQ_JOB_ID_CHARACTERS
+
+
+@dataclass(frozen=True)
+class RQOptions:
+    queue: str = RQ_DEFAULT_QUEUE
+    prefix: str = RQ_DEFAULT_JOB_PREFIX
+    job_timeout: int = 60
+    failure_ttl: int = 7 * 86_400
+    move_batch: int = 1000
+    maintenance_interval: int = 30
+
+    @property
+    def lease_s(self) -> int:
+        """How long a job stays in the StartedJobRegistry before RQ's cleanup treats it as abandoned:
+        what RQ's SimpleWorker gives a job (its timeout + 60 s)."""
+        return self.job_timeout + 60
+
+
+_LIMITS = {
+    "job_timeout": (1, 86_400),
+    "failure_ttl": (1, 10 * 365 * 86_400),
+    "move_batch": (1, 10_000),
+    "maintenance_interval": (1, 86_400),
+}
+
+
+def parse_url(broker_url: str) -> tuple[str, RQOptions]:
+    """The redis:// URL redis-py gets, and our options; bad options raise ConfigurationError."""
+    scheme, sep, rest = broker_url.partition("://")
+    if not sep or scheme.lower() not in ("rq+redis", "rq+rediss"):
+        raise ConfigurationError(f"not an rq broker URL (rq+redis:// or rq+rediss://): {redact(broker_url)}")
+    parts = urlsplit(f"{scheme.lower().removeprefix('rq+')}://{rest}")
+    ours: dict[str, Any] = {}
+    passed: list[tuple[str, str]] = []
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key == "queue":
+            if not value or any(c.isspace() for c in value):
+                raise ConfigurationError(f"rq option queue={value!r}: give a non-empty name without spaces")
+            ours[key] = value
+        elif key == "prefix":
+            if not value or not set(value) <= RQ_JOB_ID_CHARACTERS:
+                raise ConfigurationError(f"rq option prefix={value!r}: use letters, digits, '_' and '-' only")
+            ours[key] = value
+        elif key in _LIMITS:
+            low, high = _LIMITS[key]
+            try:
+                number = int(value)
+            except ValueError:
+                number = low - 1
+            if not low <= number <= high:
+                raise ConfigurationError(f"rq option {key}={value!r}: give an integer from {low} to {high}")
+            ours[key] = number
+        else:
+            passed.append((key, value))
+    return urlunsplit(parts._replace(query=urlencode(passed))), RQOptions(**ours)

@@ -1,0 +1,56 @@
+"""The `rq` stack for the contract suite, and RQ helpers for tests/test_rq.py.
+
+Each test gets its own queue name, which is also its job-id prefix; teardown deletes the keys that
+carry that name (queue, registries, jobs, executions, results, locks, the test's rq workers) and
+nothing else (never FLUSHDB on a shared server).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from tests.services import REDIS_URL, require, unique
+from tests.support import postgres_schema
+
+
+def rq_broker_url(namespace: str, base: str = REDIS_URL, **options: object) -> str:
+    """The rq+redis:// URL of a queue named `namespace` whose job ids start with `namespace`."""
+    query = "&".join(f"{key}={value}" for key, value in {"queue": namespace, "prefix": namespace, **options}.items())
+    return f"rq+{base}{'&' if '?' in base else '?'}{query}"
+
+
+def delete_namespace(client: Any, namespace: str) -> None:
+    """Delete every RQ key that names the namespace: rq:queue:<ns>…, rq:job:<ns>-…, rq:worker:<ns>-…"""
+    for key in client.scan_iter(match=f"rq:*{namespace}*", count=1000):
+        client.delete(key)
+    client.srem("rq:queues", f"rq:queue:{namespace}")
+    # Workers the test started (named after the namespace) and killed may still be listed.
+    gone = [member for member in client.smembers("rq:workers") if namespace.encode() in member]
+    if gone:
+        client.srem("rq:workers", *gone)
+
+
+@contextlib.contextmanager
+def rq_namespace() -> Iterator[str]:
+    require("Redis", 6379)
+    namespace = unique("ot")
+    try:
+        yield namespace
+    finally:
+        client = redis.Redis.from_url(REDIS_URL)
+        try:
+            delete_namespace(client, namespace)
+        finally:
+            client.close()
+
+
+@contextlib.contextmanager
+def rq_stack(tmp: Path, **options: object) -> Iterator[tuple[str, str]]:
+    """Registry on a fresh PostgreSQL schema, jobs on a fresh RQ queue with its own job-id prefix."""
+    with postgres_schema() as database_url, rq_namespace() as namespace:
+        yield database_url, rq_broker_url(namespace, **options)
