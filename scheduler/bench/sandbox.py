@@ -1,0 +1,141 @@
+"""Private corners of the shared services for one bench step: a PostgreSQL schema, a SQLite file, a
+Redis key prefix, a RabbitMQ vhost. Each is removed afterwards; nothing else is touched (no FLUSHDB,
+nothing in `public`)."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import psycopg
+import redis
+
+from scheduler.bench.plan import Services
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:10]}"
+
+
+def with_search_path(postgres_url: str, schema: str) -> str:
+    joiner = "&" if "?" in postgres_url else "?"
+    return f"{postgres_url}{joiner}options={quote(f'-csearch_path={schema}')}"
+
+
+@contextlib.contextmanager
+def postgres_schema(postgres_url: str) -> Iterator[str]:
+    """A fresh schema selected through search_path; yields the URL that uses it."""
+    schema = unique("bench")
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield with_search_path(postgres_url, schema)
+    finally:
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@contextlib.contextmanager
+def sqlite_file() -> Iterator[str]:
+    folder = Path(tempfile.mkdtemp(prefix="order-timeouts-bench-"))
+    try:
+        yield f"sqlite:///{folder / 'registry.sqlite3'}"
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def redis_client(redis_url: str) -> Any:
+    return redis.Redis.from_url(redis_url)
+
+
+def delete_matching(client: Any, *patterns: str) -> None:
+    for pattern in patterns:
+        batch: list[bytes] = []
+        for key in client.scan_iter(match=pattern, count=2000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                client.delete(*batch)
+                batch = []
+        if batch:
+            client.delete(*batch)
+
+
+@contextlib.contextmanager
+def redis_prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix of our own for the product's redis transport; its keys are deleted afterwards."""
+    prefix = unique("bench")
+    try:
+        yield prefix
+    finally:
+        client = redis_client(redis_url)
+        try:
+            delete_matching(client, f"{{{prefix}:*", f"{{{prefix}}}:*")
+        finally:
+            client.close()
+
+
+def rabbitmqctl(*args: str) -> None:
+    done = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=120, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {done.stderr.strip() or done.stdout.strip()}")
+
+
+@contextlib.contextmanager
+def rabbitmq_vhost(rabbitmq_url: str) -> Iterator[str]:
+    """A vhost of our own that the URL's user may use; deleted (with every queue in it) afterwards."""
+    if shutil.which("rabbitmqctl") is None:
+        raise RuntimeError("rabbitmqctl is not installed: the bench needs a vhost of its own")
+    vhost = unique("bench")
+    user = urlsplit(rabbitmq_url).username or "guest"
+    rabbitmqctl("add_vhost", vhost)
+    try:
+        rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+        parts = urlsplit(rabbitmq_url)
+        yield urlunsplit((parts.scheme, parts.netloc, "/" + quote(vhost, safe=""), parts.query, ""))
+    finally:
+        rabbitmqctl("delete_vhost", vhost)
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """One product system: where its registry lives and which broker URL the workers get."""
+
+    system: str
+    database_url: str
+    broker_url: str
+
+
+@contextlib.contextmanager
+def deployment(system: str, services: Services) -> Iterator[Deployment]:
+    """A fresh, empty deployment of one product system."""
+    with contextlib.ExitStack() as stack:
+        if system == "sql-sqlite":
+            yield Deployment(system, stack.enter_context(sqlite_file()), "sql")
+            return
+        database_url = stack.enter_context(postgres_schema(services.postgres_url))
+        if system == "sql-postgresql":
+            broker_url = "sql"
+        elif system == "redis":
+            prefix = stack.enter_context(redis_prefix(services.redis_url))
+            broker_url = _with_query(services.redis_url, prefix=prefix)
+        elif system == "rq":
+            prefix = stack.enter_context(redis_prefix(services.redis_url))
+            broker_url = "rq+" + _with_query(services.redis_url, prefix=prefix)
+        elif system == "rabbitmq":
+            broker_url = stack.enter_context(rabbitmq_vhost(services.rabbitmq_url))
+        else:
+            raise ValueError(f"unknown system {system!r}")
+        yield Deployment(system, database_url, broker_url)
+
+
+def _with_query(url: str, **options: str) -> str:
+    query = "&".join(f"{key}={value}" for key, value in options.items())
+    return f"{url}{'&' if '?' in url else '?'}{query}"

@@ -1,0 +1,271 @@
+"""The product's workloads, one system at a time, each group of steps in a fresh deployment.
+
+    bulk + latency:  schedule_many of far-off timeouts (rate, Redis bytes), then single schedule()
+                     calls inside order transactions (p50/p99)
+    drains:          2 worker processes; a burst due at one instant (half the orders paid), a
+                     steady stream due at N per second, then the same burst again with a large
+                     number of far-off timeouts pending (rates against the empty system)
+
+Lateness comes from the registry: finished_ms - due_ms of each timeout (finished_ms is the time the
+batch that handled it started its transaction). "All finished" is the bench's own clock when the
+registry showed nothing pending up to the due time.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import Engine, func, insert, select, text
+from sqlalchemy.orm import Session
+
+from consumers.orders import orders_table
+from scheduler.api import OrderTimeouts
+from scheduler.bench.measure import Lateness, ProcessGroup, SystemResult, now_ms, percentile, rate, wait_for
+from scheduler.bench.plan import Services, Sizes
+from scheduler.bench.sandbox import Deployment, deployment, redis_client
+from scheduler.clock import from_ms
+from scheduler.config import ENV_BROKER_URL, ENV_DATABASE_URL, Settings
+from scheduler.database import reading
+from scheduler.registry import TimeoutState, timeouts
+from scheduler.schema import init_db
+
+#: bulk and latency timeouts: far enough off that nothing fires during the step
+BULK_DELAY = timedelta(minutes=30)
+#: the pending load of the loaded measurement: never due during the bench
+FAR_DELAY = timedelta(days=20)
+#: rows per schedule_many call when filling the pending load (keeps the client's memory flat)
+FILL_CHUNK = 100_000
+#: seconds between looks at the registry while waiting for a drain
+POLL_S = 0.02
+#: seconds a worker process needs to start (imports, connections) on a busy 2-core machine
+WORKER_START_S = 2.0
+#: rate assumed for the lead time of the first burst when no bulk rate was measured
+FALLBACK_RATE = 5000.0
+
+Progress = Callable[[str], None]
+
+
+def lead_ms(count: int, schedule_rate: float | None, minimum_s: float = WORKER_START_S) -> int:
+    """How far ahead to put a due time so that scheduling `count` timeouts ends before it."""
+    expected = count / (schedule_rate or FALLBACK_RATE)
+    return int(max(minimum_s, expected * 1.5 + 0.5) * 1000)
+
+
+def run_product(system: str, sizes: Sizes, services: Services, progress: Progress) -> SystemResult:
+    result = SystemResult(system)
+    with deployment(system, services) as target:
+        progress(f"{system}: bulk schedule of {sizes.bulk:,} and {sizes.latency:,} single schedules")
+        _bulk_and_latency(target, sizes, services, result)
+    with deployment(system, services) as target:
+        _drains(target, sizes, result, progress)
+    return result
+
+
+def _client(target: Deployment) -> OrderTimeouts:
+    client = OrderTimeouts(settings=Settings(database_url=target.database_url, broker_url=target.broker_url))
+    init_db(client.engine, client.settings.orders)
+    return client
+
+
+def _bulk_and_latency(target: Deployment, sizes: Sizes, services: Services, result: SystemResult) -> None:
+    client = _client(target)
+    memory = redis_client(services.redis_url) if target.system in ("redis", "rq") else None
+    try:
+        ids = [f"bulk-{i:07d}" for i in range(sizes.bulk)]
+        before = int(memory.info("memory")["used_memory"]) if memory is not None else 0
+        started = time.perf_counter()
+        client.schedule_many(ids, delay=BULK_DELAY)
+        result.figures["bulk_rate"] = rate(sizes.bulk, time.perf_counter() - started)
+        result.figures["bulk_n"] = sizes.bulk
+        if memory is not None:
+            used = int(memory.info("memory")["used_memory"]) - before
+            result.figures["redis_bytes_per_timeout"] = used / sizes.bulk
+
+        orders = orders_table(client.settings.orders)
+        samples: list[float] = []
+        for i in range(sizes.latency):
+            order_id = f"single-{i:06d}"
+            started = time.perf_counter()
+            # The order service's transaction: the order row and its timeout commit together; with
+            # a Session, broker transports publish right after the commit (inside this timing).
+            with Session(client.engine) as session, session.begin():
+                session.execute(insert(orders).values(id=order_id, status="PENDING"))
+                client.schedule(order_id, delay=BULK_DELAY, connection=session)
+            samples.append((time.perf_counter() - started) * 1000)
+        result.figures["schedule_p50_ms"] = percentile(samples, 0.50)
+        result.figures["schedule_p99_ms"] = percentile(samples, 0.99)
+    finally:
+        client.close()
+        if memory is not None:
+            memory.close()
+
+
+def add_orders(engine: Engine, ids: Sequence[str], settings: Settings) -> set[str]:
+    """Orders rows for the ids, every other one already PAID; returns the unpaid ids."""
+    names = settings.orders
+    table = orders_table(names)
+    rows = [
+        {names.id_column: oid, names.status_column: names.paid_status if i % 2 else names.pending_status}
+        for i, oid in enumerate(ids)
+    ]
+    with engine.begin() as conn:
+        for start in range(0, len(rows), 10_000):
+            conn.execute(insert(table), rows[start : start + 10_000])
+    return {oid for i, oid in enumerate(ids) if i % 2 == 0}
+
+
+class _Drains:
+    """The worker group's steps in one deployment, in order: burst, steady, loaded burst."""
+
+    def __init__(self, target: Deployment, sizes: Sizes, result: SystemResult, progress: Progress) -> None:
+        self.target = target
+        self.sizes = sizes
+        self.result = result
+        self.progress = progress
+        self.client = _client(target)
+        self.engine = self.client.engine
+
+    def pending_up_to(self, due_ms: int) -> int:
+        with reading(self.engine) as conn:
+            stmt = (
+                select(func.count())
+                .select_from(timeouts)
+                .where(timeouts.c.state == TimeoutState.PENDING.value, timeouts.c.due_ms <= due_ms)
+            )
+            return int(conn.execute(stmt).scalar_one())
+
+    def lateness(self, prefix: str) -> Lateness:
+        with reading(self.engine) as conn:
+            rows = conn.execute(
+                select(timeouts.c.due_ms, timeouts.c.finished_ms).where(
+                    timeouts.c.order_id.like(f"{prefix}-%"), timeouts.c.state == TimeoutState.DONE.value
+                )
+            ).all()
+        return Lateness([float(finished - due) for due, finished in rows if finished is not None])
+
+    def verify(self, prefix: str, unpaid: set[str], total: int) -> bool:
+        """Every unpaid order cancelled, every paid one left paid, every timeout done."""
+        names = self.client.settings.orders
+        with reading(self.engine) as conn:
+            cancelled = conn.execute(
+                text(
+                    f"SELECT {names.id_column} FROM {names.table} "
+                    f"WHERE {names.status_column} = :cancelled AND {names.id_column} LIKE :prefix"
+                ),
+                {"cancelled": names.cancelled_status, "prefix": f"{prefix}-%"},
+            ).scalars()
+            done = conn.execute(
+                select(func.count())
+                .select_from(timeouts)
+                .where(timeouts.c.order_id.like(f"{prefix}-%"), timeouts.c.state == TimeoutState.DONE.value)
+            ).scalar_one()
+            return set(cancelled) == unpaid and int(done) == total
+
+    def wait_drained(self, due_ms: int, workers: ProcessGroup, timeout: float) -> int | None:
+        """The bench's clock when nothing due by `due_ms` was pending any more; None on timeout."""
+        ok = wait_for(lambda: self.pending_up_to(due_ms) == 0 or not workers.alive(), timeout=timeout, interval=POLL_S)
+        if not ok:
+            self.result.notes.append(f"{self.target.system}: timeouts still pending after {timeout:.0f}s")
+            return None
+        failure = workers.failure()
+        if failure:
+            self.result.notes.append(f"{self.target.system}: {failure}")
+            return None
+        return now_ms()
+
+    def burst(
+        self, prefix: str, workers: ProcessGroup, schedule_rate: float | None, started_s: float = 0.5
+    ) -> dict[str, Any]:
+        """`burst` timeouts due at one instant, half of their orders paid; returns its figures."""
+        count = self.sizes.burst
+        ids = [f"{prefix}-{i:06d}" for i in range(count)]
+        unpaid = add_orders(self.engine, ids, self.client.settings)
+        due = now_ms() + lead_ms(count, schedule_rate, started_s)
+        started = time.perf_counter()
+        self.client.schedule_many(ids, due_at=from_ms(due))
+        scheduled = rate(count, time.perf_counter() - started)
+        if now_ms() > due:
+            self.result.notes.append(f"{self.target.system}: {prefix} scheduling ended after the due time")
+        finished = self.wait_drained(due, workers, timeout=max(60.0, count / 100))
+        lateness = self.lateness(prefix)
+        figures: dict[str, Any] = {"schedule_rate": scheduled, **lateness.summary("lateness")}
+        if finished is not None:
+            seconds = max(finished - due, 1) / 1000
+            figures |= {"all_finished_s": seconds, "drain_rate": count / seconds}
+            figures["verified"] = self.verify(prefix, unpaid, count)
+        self.result.lateness[prefix] = lateness.samples
+        return figures
+
+    def steady(self, workers: ProcessGroup) -> None:
+        per_second, seconds = self.sizes.steady_rate, self.sizes.steady_seconds
+        count = int(per_second * seconds)
+        ids = [f"steady-{i:06d}" for i in range(count)]
+        add_orders(self.engine, ids, self.client.settings)
+        first = now_ms() + lead_ms(count, self.result.figures.get("bulk_rate"), 0.5)
+        due = [first + int(i * 1000 / per_second) for i in range(count)]
+        self.client.schedule_many([(oid, from_ms(at)) for oid, at in zip(ids, due, strict=True)])
+        self.wait_drained(due[-1], workers, timeout=seconds + 60.0 + (first - now_ms()) / 1000)
+        lateness = self.lateness("steady")
+        self.result.figures["steady_p50_ms"] = percentile(lateness.samples, 0.50)
+        self.result.figures["steady_p99_ms"] = percentile(lateness.samples, 0.99)
+        self.result.lateness["steady"] = lateness.samples
+
+    def fill(self, count: int) -> None:
+        """Far-off pending timeouts (no orders rows needed: they never fire during the bench)."""
+        started = time.perf_counter()
+        for start in range(0, count, FILL_CHUNK):
+            ids = [f"load-{i:08d}" for i in range(start, min(start + FILL_CHUNK, count))]
+            self.client.schedule_many(ids, delay=FAR_DELAY)
+        self.result.figures["pending_fill_rate"] = rate(count, time.perf_counter() - started)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _drains(target: Deployment, sizes: Sizes, result: SystemResult, progress: Progress) -> None:
+    steps = _Drains(target, sizes, result, progress)
+    env = {ENV_DATABASE_URL: target.database_url, ENV_BROKER_URL: target.broker_url}
+    argv = [sys.executable, "-m", "scheduler", "worker", "--batch-size", str(sizes.batch_size)]
+    workers = ProcessGroup(argv, sizes.workers, env)
+    figures = result.figures
+    try:
+        progress(f"{target.system}: burst of {sizes.burst:,} due at once, {sizes.workers} workers")
+        # The first due time also leaves the worker processes time to start.
+        empty = steps.burst("burst", workers, figures.get("bulk_rate"), WORKER_START_S)
+        figures |= {
+            "burst_all_finished_s": empty.get("all_finished_s"),
+            "burst_drain_rate": empty.get("drain_rate"),
+            "burst_p50_ms": empty.get("lateness_p50_ms"),
+            "burst_p99_ms": empty.get("lateness_p99_ms"),
+            "burst_max_ms": empty.get("lateness_max_ms"),
+            "burst_verified": empty.get("verified"),
+        }
+        progress(f"{target.system}: steady {sizes.steady_rate}/s for {sizes.steady_seconds:g}s")
+        steps.steady(workers)
+        if sizes.pending:
+            progress(f"{target.system}: {sizes.pending:,} far-off timeouts pending, then the burst again")
+            steps.fill(sizes.pending)
+            loaded = steps.burst("loaded", workers, empty.get("schedule_rate"))
+            figures |= {
+                "empty_schedule_rate": empty["schedule_rate"],
+                "loaded_schedule_rate": loaded["schedule_rate"],
+                "empty_fire_rate": empty.get("drain_rate"),
+                "loaded_fire_rate": loaded.get("drain_rate"),
+                "loaded_verified": loaded.get("verified"),
+                "loaded_pending": sizes.pending,
+            }
+            figures["loaded_schedule_ratio"] = _ratio(loaded["schedule_rate"], empty["schedule_rate"])
+            figures["loaded_fire_ratio"] = _ratio(loaded.get("drain_rate"), empty.get("drain_rate"))
+    finally:
+        workers.stop()
+        steps.close()
+
+
+def _ratio(loaded: float | None, empty: float | None) -> float | None:
+    if loaded is None or not empty:
+        return None
+    return loaded / empty

@@ -1,0 +1,97 @@
+"""`order-timeouts bench`: the transports against RQ and APScheduler in one run (scheduler/bench/)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from scheduler.bench import PROFILES, BenchPlan, Services, available_systems, run_bench
+from scheduler.bench.report import PLOT_SKIPPED, document, plot_lateness, table
+from scheduler.cli import app
+from scheduler.cli.render import console
+from scheduler.errors import InvalidTimeout
+
+_SIZE = {"min": 1}
+
+
+@app.command()
+def bench(
+    profile: Annotated[str, typer.Option(help="Sizes: full, quick (about a minute) or tiny (tests).")] = "full",
+    quick: Annotated[bool, typer.Option("--quick", help="Same as --profile quick.")] = False,
+    systems: Annotated[
+        str | None, typer.Option(help=f"Comma-separated, default all: {', '.join(available_systems())}.")
+    ] = None,
+    bulk: Annotated[int | None, typer.Option(help="Orders per bulk schedule.", **_SIZE)] = None,
+    latency: Annotated[int | None, typer.Option(help="Single schedule() calls timed.", **_SIZE)] = None,
+    burst: Annotated[int | None, typer.Option(help="Timeouts due at once.", **_SIZE)] = None,
+    steady_rate: Annotated[int | None, typer.Option(help="Steady load: timeouts due per second.", **_SIZE)] = None,
+    steady_seconds: Annotated[float | None, typer.Option(help="Steady load: seconds.", min=0.1)] = None,
+    pending: Annotated[
+        int | None, typer.Option(help="Far-off timeouts pending for the loaded figures; 0 skips them.", min=0)
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes per system.", min=1, max=16)] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Timeouts per worker transaction.", **_SIZE)] = None,
+    postgres_url: Annotated[str, typer.Option(help="PostgreSQL for registries and orders (own schemas).")] = (
+        Services.postgres_url
+    ),
+    redis_url: Annotated[str, typer.Option(help="Redis (own key prefixes).")] = Services.redis_url,
+    rabbitmq_url: Annotated[str, typer.Option(help="RabbitMQ (own vhosts, through rabbitmqctl).")] = (
+        Services.rabbitmq_url
+    ),
+    output: Annotated[Path, typer.Option(help="Folder for the JSON document and the plot.")] = Path("bench-results"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON document instead of the table.")] = False,
+) -> None:
+    """Bulk schedule, schedule() latency, burst and steady lateness, Redis bytes, 1M-pending load:
+    the product's transports against RQ and APScheduler on this machine."""
+    profile = "quick" if quick else profile
+    if profile not in PROFILES:
+        raise InvalidTimeout(f"--profile must be one of {', '.join(PROFILES)}, not {profile!r}")
+    chosen = [name.strip() for name in systems.split(",") if name.strip()] if systems else None
+    unknown = sorted(set(chosen or []) - set(available_systems()))
+    if unknown:
+        raise InvalidTimeout(f"unknown systems {', '.join(unknown)}; choose from {', '.join(available_systems())}")
+    plan = BenchPlan.build(
+        profile,
+        chosen,
+        Services(postgres_url=postgres_url, redis_url=redis_url, rabbitmq_url=rabbitmq_url),
+        bulk=bulk,
+        latency=latency,
+        burst=burst,
+        steady_rate=steady_rate,
+        steady_seconds=steady_seconds,
+        pending=pending,
+        workers=workers,
+        batch_size=batch_size,
+    )
+
+    def progress(line: str) -> None:
+        sys.stderr.write(f"bench: {line}\n")
+
+    run = run_bench(plan, progress)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    plot = plot_lateness(run.results, output / f"bench-{stamp}-lateness.png")
+    if plot is None:
+        progress(PLOT_SKIPPED)
+    doc = document(run.results, run.meta, plot)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / f"bench-{stamp}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    if as_json:
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        return
+    machine = run.meta["machine"]
+    # One column per system: wider than a default 80-column pipe, or the cells wrap into mush.
+    wide = Console(width=max(console.width, 44 + 24 * len(run.results)))
+    wide.print(
+        table(run.results, f"order-timeouts bench, {run.meta['date']}, profile {profile}, {machine['cpus']} cores, "
+              f"load {machine['load_before']['load_1m']} → {machine['load_after']['load_1m']}")
+    )  # fmt: skip
+    for result in run.results:
+        for note in result.notes:
+            console.print(f"[yellow]note[/] {note}", highlight=False)
+    console.print(f"results in {output / f'bench-{stamp}.json'}" + (f", plot {plot}" if plot else ""))

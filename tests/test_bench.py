@@ -1,0 +1,38 @@
+"""The bench's smallest profile on the `sql` systems: every figure is there and the JSON parses.
+
+Timings are not asserted: this machine's load decides them. The figures' meaning is checked where
+it cannot depend on timing (the drains cancelled exactly the unpaid orders).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from scheduler.bench.report import PRODUCT_FIGURES
+from scheduler.cli import app
+from tests.services import POSTGRES_URL, require
+
+
+def test_tiny_profile_reports_every_figure_for_the_sql_systems(tmp_path: Path) -> None:
+    require("PostgreSQL", 5432)
+    from scheduler.cli import bench  # noqa: F401  (registers the command on the app)
+
+    args = ["bench", "--profile", "tiny", "--systems", "sql-sqlite,sql-postgresql", "--json"]
+    args += ["--postgres-url", POSTGRES_URL, "--output", str(tmp_path)]
+    outcome = CliRunner().invoke(app, args)
+
+    assert outcome.exit_code == 0, outcome.output
+    document = json.loads(outcome.stdout)
+    assert set(document["systems"]) == {"sql-sqlite", "sql-postgresql"}
+    for system, entry in document["systems"].items():
+        figures = entry["figures"]
+        missing = [key for key in PRODUCT_FIGURES if figures.get(key) is None]
+        assert not missing, f"{system} lacks {missing}; notes: {entry['notes']}"
+        assert figures["burst_verified"] is True and figures["loaded_verified"] is True
+        assert figures["bulk_rate"] > 0 and figures["burst_p99_ms"] >= figures["burst_p50_ms"]
+    assert any(check["figure"] == "steady_p99_ms" for check in document["targets"])
+    saved = list(tmp_path.glob("bench-*.json"))
+    assert len(saved) == 1 and json.loads(saved[0].read_text())["profile"] == "tiny"
