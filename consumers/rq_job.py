@@ -94,7 +94,7 @@ def fire_timeout(message: dict[str, Any]) -> Retry | None:
     score = job.connection.zscore(ScheduledJobRegistry.key_template.format(job.origin), job.id)
     if score is not None:
         current = Job.fetch(job.id, connection=job.connection, serializer=job.serializer)
-        return _again(job, job_message(current), math.ceil(float(score) * 1000), context.clock)
+        return _again(job, job_message(current), round(float(score) * 1000), context.clock)
     return None
 
 

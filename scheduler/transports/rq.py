@@ -63,7 +63,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import socket
 import time
@@ -191,10 +190,12 @@ class RQTransport:
             pipe = self._redis().pipeline(transaction=False)
             for job_id in ids:
                 job = jobs.get(job_id)
-                if isinstance(job, Job):
-                    job.delete(pipeline=pipe)
-                else:
-                    pipe.delete(Job.key_for(job_id))
+                try:
+                    if isinstance(job, Job):
+                        job.delete(pipeline=pipe)
+                except ValueError:  # RQ found an execution record half gone: delete what we know
+                    pass
+                pipe.delete(Job.key_for(job_id))
             # Whatever its status said, a revoked timer is in none of these any more.
             pipe.zrem(queue.scheduled_job_registry.key, *ids)
             pipe.zrem(queue.failed_job_registry.key, *ids)
@@ -254,7 +255,7 @@ class RQTransport:
         args = [f"{seconds(now_ms):.3f}", self.options.move_batch, Job.redis_job_namespace_prefix, utcformat(now())]
         with self._edge("move"):
             moved, head = self._move(keys=keys, args=args)
-        return int(moved), (math.ceil(float(head) * 1000) if head else None)
+        return int(moved), (round(float(head) * 1000) if head else None)
 
     def _take_jobs(self, limit: int, block_s: float | None = None) -> list[Delivery]:
         queue = self._rq_queue()
@@ -314,7 +315,9 @@ class RQTransport:
             pipe = client.pipeline(transaction=False)
             for taken in done:
                 taken.execution.delete(job=taken.job, pipeline=pipe)
-                if taken.job.id not in rearmed:
+                if taken.job.id in rearmed:
+                    pipe.hset(taken.job.key, "status", JobStatus.SCHEDULED.value)
+                else:
                     # RQ's success with result_ttl 0: nothing of the job is kept.
                     pipe.delete(taken.job.key, taken.job.execution_registry.key)
             for delivery, message in settlement.retry:
@@ -386,7 +389,7 @@ class RQTransport:
             pipe.zcard(StartedJobRegistry(queue=queue).key)
             pipe.zcard(queue.failed_job_registry.key)
             scheduled, head, queued, started, failed = pipe.execute()
-        oldest_unmoved_ms = math.ceil(head[0][1] * 1000) if head else None
+        oldest_unmoved_ms = round(head[0][1] * 1000) if head else None
         lag_ms = max(self._clock.now_ms() - oldest_unmoved_ms, 0) if oldest_unmoved_ms is not None else 0
         return {
             "queue": queue.name,

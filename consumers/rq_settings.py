@@ -1,0 +1,25 @@
+"""Settings module for `rq worker -c consumers.rq_settings`: the rq transport's queue and Redis, from the env.
+
+    ORDER_TIMEOUTS_BROKER_URL=rq+redis://host:6379/0?queue=order_timeouts ORDER_TIMEOUTS_DATABASE_URL=… \\
+        rq worker --with-scheduler -S json -c consumers.rq_settings
+
+RQ's CLI imports this module in the worker's main process and reads its upper-case names: the
+Redis URL and the queue of ORDER_TIMEOUTS_BROKER_URL, so that neither is written twice. Importing
+it also loads the job function and its dependencies (SQLAlchemy, the driver) before RQ forks a
+work horse for each job; without it every horse imports them again (about 0.4 s per job). The
+serializer still goes on the command line (`-S json`): RQ's settings module has no entry for it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import consumers.rq_job  # noqa: F401  (loaded once here, inherited by every forked work horse)
+from scheduler.config import ENV_BROKER_URL
+from scheduler.transports.rq_options import parse_url
+
+_redis_url, _options = parse_url(os.environ.get(ENV_BROKER_URL) or "rq+redis://localhost:6379/0")
+
+#: read by RQ's CLI (`rq worker -c`); `--url` and queue names on the command line still win
+REDIS_URL = _redis_url
+QUEUES = [_options.queue]

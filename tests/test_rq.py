@@ -1,0 +1,323 @@
+"""What is specific to the `rq` transport: RQ jobs with deterministic ids, JSON in Redis, real rq workers.
+
+The contract suite (tests/test_transport_contract.py -k rq) covers what every transport does.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import redis
+from rq import Queue
+from rq.job import Job
+from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
+from rq.serializers import JSONSerializer
+
+from scheduler import Outcome, ScheduleResult, TimeoutState, TransportUnavailable
+from scheduler.config import ENV_MAX_ATTEMPTS
+from scheduler.demo import install_cancel_log
+from scheduler.errors import ConfigurationError
+from scheduler.names import RQ_JOB_FUNCTION
+from scheduler.schema import init_db
+from scheduler.transports.base import Settlement, TimerMessage
+from scheduler.transports.rq import RQTransport
+from scheduler.transports.rq_options import parse_url
+from tests.conftest import Stack
+from tests.rq_support import rq_broker_url, rq_stack
+from tests.services import REDIS_URL
+from tests.support import add_orders, cancel_counts, order_status, pay, postgres_schema
+
+RQ_CLI = str(Path(sys.executable).with_name("rq"))
+PAST = timedelta(seconds=2)  # RQ's scheduler moves a job once its whole-second clock has passed the due time
+
+
+@pytest.fixture
+def rq(tmp_path: Path) -> Iterator[Stack]:
+    with rq_stack(tmp_path) as (database_url, broker_url):
+        stack = Stack("rq", database_url, broker_url)
+        init_db(stack.engine, stack.opened[0].settings.orders)
+        install_cancel_log(stack.engine)
+        try:
+            yield stack
+        finally:
+            for client in stack.opened:
+                client.close()
+
+
+@pytest.fixture
+def client() -> Iterator[redis.Redis]:
+    connection = redis.Redis.from_url(REDIS_URL)
+    yield connection
+    connection.close()
+
+
+def transport(stack: Stack) -> RQTransport:
+    found = stack.timeouts().transport
+    assert isinstance(found, RQTransport)
+    return found
+
+
+def queue(stack: Stack, client: redis.Redis) -> Queue:
+    return Queue(transport(stack).options.queue, connection=client, serializer=JSONSerializer)
+
+
+def scheduled(stack: Stack, client: redis.Redis) -> dict[str, float]:
+    """Job id → scheduled time (epoch seconds) of every job in the queue's ScheduledJobRegistry."""
+    key = ScheduledJobRegistry(queue=queue(stack, client)).key
+    return {member.decode(): score for member, score in client.zrange(key, 0, -1, withscores=True)}
+
+
+def run_rq_worker(stack: Stack, *args: str, name: str = "w1", **env: str) -> str:
+    """`rq worker --with-scheduler --burst` as the operator runs it, configured by the environment."""
+    namespace = transport(stack).options.queue
+    command = [RQ_CLI, "worker", "--with-scheduler", "--burst", "-S", "json", "-n", f"{namespace}-{name}", *args]
+    done = subprocess.run(command, env=stack.env(**env), capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stderr
+
+
+def test_the_job_id_is_deterministic_so_one_order_is_one_job(rq: Stack, client: redis.Redis) -> None:
+    timeouts = rq.timeouts()
+    assert timeouts.schedule("o-1", delay=timedelta(hours=1)) is ScheduleResult.CREATED
+    record = timeouts.get("o-1")
+    assert record is not None
+    # The relay and the reconciler publish the same timer again; a replace re-arms it.
+    transport(rq).publish([TimerMessage("o-1", record.due_ms, record.version)] * 2)
+    assert timeouts.schedule("o-1", delay=timedelta(hours=2), replace=True) is ScheduleResult.REPLACED
+
+    job_id = transport(rq).job_id("o-1")
+    assert job_id == f"{transport(rq).options.prefix}-o-1"
+    replaced = timeouts.get("o-1")
+    assert replaced is not None
+    assert scheduled(rq, client) == {job_id: replaced.due_ms / 1000}, "one job, at the latest due time, to the ms"
+    assert queue(rq, client).count == 0
+
+
+def test_a_waiting_receive_returns_the_job_when_it_comes_due(rq: Stack) -> None:
+    due = datetime.now(UTC) + timedelta(milliseconds=400)
+    rq.timeouts().schedule("soon", due_at=due)
+    batch = transport(rq).receive(10, 3.0)
+    late = datetime.now(UTC) - due
+    assert [d.message.order_id for d in batch.deliveries] == ["soon"]
+    assert timedelta(0) <= late < timedelta(milliseconds=300), "on time, by the mover's own clock"
+    transport(rq).settle(Settlement(done=batch.deliveries))
+    assert transport(rq).figures()["started"] == 0
+
+
+def test_order_ids_that_rq_rejects_get_an_encoded_job_id_and_are_handled(rq: Stack, client: redis.Redis) -> None:
+    odd = ["ordre n°7/é", "a:b", "a_b", "a-b"]
+    add_orders(rq.engine, odd)
+    ids = {transport(rq).job_id(oid) for oid in odd}
+    assert len(ids) == len(odd), "no two orders share a job"
+    rq.timeouts().schedule_many(odd, due_at=datetime.now(UTC))
+    assert set(scheduled(rq, client)) == ids
+    rq.drain_until(lambda: cancel_counts(rq.engine) == dict.fromkeys(odd, 1))
+
+
+def test_the_job_is_json_in_redis_never_pickle(rq: Stack, client: redis.Redis) -> None:
+    rq.timeouts().schedule("o-1", delay=timedelta(minutes=30))
+    record = rq.timeouts().get("o-1")
+    assert record is not None
+    job = client.hgetall(Job.key_for(transport(rq).job_id("o-1")))
+    assert job[b"status"] == b"scheduled"
+    assert json.loads(zlib.decompress(job[b"data"])) == [
+        RQ_JOB_FUNCTION,
+        None,
+        [{"order_id": "o-1", "due_ms": record.due_ms, "version": 1}],
+        {},
+    ]
+
+
+def test_cancel_deletes_the_job_scheduled_or_queued(rq: Stack, client: redis.Redis) -> None:
+    timeouts = rq.timeouts()
+    timeouts.schedule_many(["later", "due"], due_at=datetime.now(UTC) + timedelta(milliseconds=50))
+    timeouts.reschedule("later", delay=timedelta(hours=1))
+    time.sleep(0.1)
+    later = timeouts.get("later")
+    assert later is not None
+    assert transport(rq).move_due() == (1, later.due_ms)
+    assert queue(rq, client).job_ids == [transport(rq).job_id("due")]
+
+    assert timeouts.cancel("later") and timeouts.cancel("due")
+    assert scheduled(rq, client) == {}
+    assert queue(rq, client).count == 0
+    assert not client.exists(*(Job.key_for(transport(rq).job_id(oid)) for oid in ("later", "due")))
+
+
+def test_reschedule_moves_the_job(rq: Stack, client: redis.Redis) -> None:
+    timeouts = rq.timeouts()
+    timeouts.schedule("r-1", delay=timedelta(hours=1))
+    moved = timeouts.reschedule("r-1", delay=timedelta(hours=2))
+    job_id = transport(rq).job_id("r-1")
+    assert scheduled(rq, client) == {job_id: moved.due_ms / 1000}
+    job = Job.fetch(job_id, connection=client, serializer=JSONSerializer)
+    assert job.args == [{"order_id": "r-1", "due_ms": moved.due_ms, "version": 2}]
+
+
+def test_rq_workers_with_scheduler_cancel_each_unpaid_order_once(rq: Stack, client: redis.Redis) -> None:
+    ids = [f"w-{i:02d}" for i in range(24)]
+    add_orders(rq.engine, ids)
+    paid = set(ids[::4])
+    for oid in paid:
+        assert pay(rq.engine, oid)
+    rq.timeouts().schedule_many(ids, due_at=datetime.now(UTC) - PAST)
+
+    # Two members of the consumer group at once: the plain command line, and the settings module
+    # that takes Redis and the queue from ORDER_TIMEOUTS_BROKER_URL and preloads the job function.
+    namespace = transport(rq).options.queue
+    plain = [RQ_CLI, "worker", "--with-scheduler", "--burst", "-S", "json", "--url", REDIS_URL]
+    workers = [
+        subprocess.Popen([*plain, "-n", f"{namespace}-plain", namespace], env=rq.env(), stderr=subprocess.PIPE),
+        subprocess.Popen(
+            [*plain[:-2], "-c", "consumers.rq_settings", "-n", f"{namespace}-preloaded"],
+            env=rq.env(),
+            stderr=subprocess.PIPE,
+        ),
+    ]
+    for worker in workers:
+        _, stderr = worker.communicate(timeout=60)
+        assert worker.returncode == 0, stderr.decode()[-2000:]
+    if scheduled(rq, client) or queue(rq, client).count:
+        run_rq_worker(rq, "-c", "consumers.rq_settings")  # the second one may have started first
+
+    assert cancel_counts(rq.engine) == {oid: 1 for oid in ids if oid not in paid}
+    assert {oid for oid, status in order_status(rq.engine).items() if status == "PAID"} == paid
+    for oid in ids:
+        record = rq.timeouts().get(oid)
+        assert record is not None and record.state is TimeoutState.DONE
+        assert record.outcome is (Outcome.PAID if oid in paid else Outcome.CANCELLED)
+        assert record.worker and record.worker.startswith(namespace)
+    # RQ's success with result_ttl 0: nothing of the jobs is left.
+    assert not client.exists(*(Job.key_for(transport(rq).job_id(oid)) for oid in ids))
+    assert transport(rq).figures() | {"unmoved_lag_seconds": 0} == {
+        "queue": namespace,
+        "scheduled": 0,
+        "queued": 0,
+        "started": 0,
+        "failed": 0,
+        "unmoved_lag_seconds": 0,
+    }
+
+
+def test_a_dead_timeout_fails_its_job_into_rqs_failed_registry(rq: Stack, client: redis.Redis) -> None:
+    # No order row: the payment status is unknown; with one attempt allowed, that is the end.
+    rq.timeouts().schedule("ghost", due_at=datetime.now(UTC) - PAST)
+    stderr = run_rq_worker(rq, "-c", "consumers.rq_settings", **{ENV_MAX_ATTEMPTS: "1"})
+    assert "TimeoutDeadLettered" in stderr
+
+    record = rq.timeouts().get("ghost")
+    assert record is not None and record.state is TimeoutState.DEAD
+    assert record.error and "unknown after 1 attempts" in record.error
+    job_id = transport(rq).job_id("ghost")
+    assert FailedJobRegistry(queue=queue(rq, client)).get_job_ids() == [job_id]
+    failure = Job.fetch(job_id, connection=client, serializer=JSONSerializer).latest_result()
+    assert failure is not None and failure.exc_string and record.error in failure.exc_string
+    assert transport(rq).figures()["failed"] == 1
+
+    # Replaying the dead timeout takes the job out of the failed registry and schedules it again.
+    add_orders(rq.engine, ["ghost"])
+    assert rq.timeouts().replay_dead(["ghost"]) == ["ghost"]
+    assert FailedJobRegistry(queue=queue(rq, client)).get_job_ids() == []
+    time.sleep(1.1)  # whole seconds for RQ's scheduler
+    run_rq_worker(rq, "-c", "consumers.rq_settings", name="w2")
+    assert cancel_counts(rq.engine) == {"ghost": 1}
+
+
+def test_an_unknown_payment_status_returns_a_retry_that_rq_schedules_not_before_the_registry(
+    rq: Stack, client: redis.Redis
+) -> None:
+    rq.timeouts().schedule("ghost", due_at=datetime.now(UTC) - PAST)
+    run_rq_worker(rq, "-c", "consumers.rq_settings", **{ENV_MAX_ATTEMPTS: "3"})
+    record = rq.timeouts().get("ghost")
+    assert record is not None
+    assert (record.state, record.attempts) == (TimeoutState.PENDING, 1)
+    assert record.published_ms is not None, "the job function re-armed it: nothing for the relay"
+    score = scheduled(rq, client)[transport(rq).job_id("ghost")]
+    assert record.due_ms / 1000 <= score <= record.due_ms / 1000 + 2.5
+
+
+def test_our_worker_dead_letters_into_rqs_failed_registry_with_the_reason(rq: Stack, client: redis.Redis) -> None:
+    timeouts = rq.timeouts(max_attempts=1)
+    timeouts.schedule("ghost", due_at=datetime.now(UTC))
+    rq.drain_until(lambda: timeouts.get("ghost").state is TimeoutState.DEAD, client=timeouts)  # type: ignore[union-attr]
+    job_id = transport(rq).job_id("ghost")
+    assert FailedJobRegistry(queue=queue(rq, client)).get_job_ids() == [job_id]
+    failure = Job.fetch(job_id, connection=client, serializer=JSONSerializer).latest_result()
+    assert failure is not None and failure.exc_string and "unknown after 1 attempts" in failure.exc_string
+    assert StartedJobRegistry(queue=queue(rq, client)).get_job_ids() == []
+
+
+def test_a_job_our_worker_holds_is_not_run_by_an_rq_worker_and_comes_back_if_ours_dies(
+    rq: Stack, client: redis.Redis
+) -> None:
+    add_orders(rq.engine, ["held"])
+    rq.timeouts().schedule("held", due_at=datetime.now(UTC))
+    crashing = rq.timeouts(broker_url=rq.broker_url)  # another worker's own client
+    batch = crashing.transport.receive(10, 0.0)
+    assert [d.message.order_id for d in batch.deliveries] == ["held"]
+    crashing.close()  # dies without settling: the job stays in RQ's StartedJobRegistry
+    job_id = transport(rq).job_id("held")
+    assert StartedJobRegistry(queue=queue(rq, client)).get_job_ids(cleanup=False) == [job_id]
+
+    run_rq_worker(rq, "-c", "consumers.rq_settings")
+    assert cancel_counts(rq.engine) == {}, "the rq worker found nothing to run"
+
+    # Once the lease has run out, RQ's abandoned-job cleanup re-queues the job (its crash Retry).
+    StartedJobRegistry(queue=queue(rq, client)).cleanup(timestamp=time.time() + transport(rq).options.lease_s + 1)
+    assert queue(rq, client).job_ids == [job_id]
+    assert Job.fetch(job_id, connection=client, serializer=JSONSerializer).meta == {"deliveries": 1}
+    rq.drain_until(lambda: cancel_counts(rq.engine) == {"held": 1})
+
+
+def test_malformed_jobs_on_the_queue_are_failed_with_the_reason(rq: Stack, client: redis.Redis) -> None:
+    add_orders(rq.engine, ["good"])
+    rq.timeouts().schedule("good", due_at=datetime.now(UTC))
+    jobs = queue(rq, client)
+    bad = jobs.enqueue(RQ_JOB_FUNCTION, {"order_id": 5, "due_ms": 1, "version": 1})
+    foreign = jobs.enqueue("os.getcwd")
+    wrong_id = jobs.enqueue(RQ_JOB_FUNCTION, {"order_id": "good", "due_ms": 1, "version": 1})
+
+    rq.drain_until(lambda: cancel_counts(rq.engine) == {"good": 1})
+    assert set(FailedJobRegistry(queue=jobs).get_job_ids()) == {bad.id, foreign.id, wrong_id.id}
+    reasons = {job.id: job.latest_result().exc_string for job in (bad, foreign, wrong_id)}  # type: ignore[union-attr]
+    assert "order_id must be a non-empty string" in (reasons[bad.id] or "")
+    assert "os.getcwd" in (reasons[foreign.id] or "")
+    assert "is not the job id of order 'good'" in (reasons[wrong_id.id] or "")
+
+
+def test_redis_unreachable_schedule_still_commits_the_row_unpublished(tmp_path: Path) -> None:
+    with postgres_schema() as database_url:
+        stack = Stack("rq-down", database_url, rq_broker_url("nowhere", base="redis://127.0.0.1:1/0"))
+        try:
+            init_db(stack.engine, stack.opened[0].settings.orders)
+            timeouts = stack.timeouts()
+            started = time.monotonic()
+            assert timeouts.schedule("o-1", delay=timedelta(minutes=30)) is ScheduleResult.CREATED
+            assert time.monotonic() - started < 5
+            record = timeouts.get("o-1")
+            assert record is not None and record.published_ms is None, "left for the relay"
+            with pytest.raises(TransportUnavailable):
+                timeouts.publish_unpublished()
+            with pytest.raises(TransportUnavailable):
+                timeouts.transport.receive(10, 0.0)
+            assert timeouts.cancel("o-1") is True, "revoke is best effort; the registry says revoked"
+        finally:
+            for opened in stack.opened:
+                opened.close()
+
+
+def test_the_url_options_are_checked() -> None:
+    url, options = parse_url("rq+rediss://:pw@host:6380/2?queue=q1&prefix=p-1&job_timeout=30&ssl_cert_reqs=none")
+    assert url == "rediss://:pw@host:6380/2?ssl_cert_reqs=none"
+    assert (options.queue, options.prefix, options.job_timeout, options.lease_s) == ("q1", "p-1", 30, 90)
+    for bad in ("prefix=a:b", "queue=", "job_timeout=0", "failure_ttl=x"):
+        with pytest.raises(ConfigurationError):
+            parse_url(f"rq+redis://host/0?{bad}")
