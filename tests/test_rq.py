@@ -5,7 +5,10 @@ The contract suite (tests/test_transport_contract.py -k rq) covers what every tr
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -33,7 +36,7 @@ from scheduler.transports.rq_options import parse_url
 from tests.conftest import Stack
 from tests.rq_support import rq_broker_url, rq_stack
 from tests.services import REDIS_URL
-from tests.support import add_orders, cancel_counts, order_status, pay, postgres_schema
+from tests.support import add_orders, cancel_counts, order_status, pay, postgres_schema, wait_until
 
 RQ_CLI = str(Path(sys.executable).with_name("rq"))
 PAST = timedelta(seconds=2)  # RQ's scheduler moves a job once its whole-second clock has passed the due time
@@ -82,6 +85,18 @@ def run_rq_worker(stack: Stack, *args: str, name: str = "w1", **env: str) -> str
     done = subprocess.run(command, env=stack.env(**env), capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stderr
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants, children first."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            children += [int(child) for child in (task / "children").read_text().split()]
+    for child in children:
+        kill_tree(child)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
 
 
 def test_the_job_id_is_deterministic_so_one_order_is_one_job(rq: Stack, client: redis.Redis) -> None:
@@ -205,6 +220,45 @@ def test_rq_workers_with_scheduler_cancel_each_unpaid_order_once(rq: Stack, clie
         "failed": 0,
         "unmoved_lag_seconds": 0,
     }
+
+
+def test_an_rq_worker_pool_is_a_consumer_group_too(rq: Stack) -> None:
+    ids = [f"p-{i}" for i in range(8)]
+    add_orders(rq.engine, ids)
+    rq.timeouts().schedule_many(ids, due_at=datetime.now(UTC) - PAST)
+    command = [RQ_CLI, "worker-pool", "--burst", "-n", "2", "-S", "json", "-c", "consumers.rq_settings"]
+    # Its workers get random names; RQ expires their keys a minute after they stop.
+    done = subprocess.run(command, env=rq.env(), capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert cancel_counts(rq.engine) == dict.fromkeys(ids, 1)
+
+
+def test_an_rq_worker_killed_mid_job_cancels_nothing_and_rqs_cleanup_brings_the_job_back(
+    rq: Stack, client: redis.Redis, tmp_path: Path
+) -> None:
+    add_orders(rq.engine, ["k-1"])
+    rq.timeouts().schedule("k-1", due_at=datetime.now(UTC) - PAST)
+    marker = tmp_path / "cancelled-not-committed"
+    namespace = transport(rq).options.queue
+    command = [RQ_CLI, "worker", "--with-scheduler", "--burst", "-S", "json", "-c", "consumers.rq_settings"]
+    env = rq.env(ORDER_TIMEOUTS_ORDER_STORE="tests.slow_store:after_cancel", ORDER_TIMEOUTS_TEST_MARKER=str(marker))
+    worker = subprocess.Popen([*command, "-n", f"{namespace}-doomed"], env=env)
+    try:
+        wait_until(marker.exists, timeout=30)
+    finally:
+        kill_tree(worker.pid)  # the worker and its work horse (which RQ puts in its own process group)
+        worker.wait(timeout=10)
+    assert order_status(rq.engine) == {"k-1": "PENDING"}, "the cancel was never committed"
+    job_id = transport(rq).job_id("k-1")
+    assert StartedJobRegistry(queue=queue(rq, client)).get_job_ids(cleanup=False) == [job_id]
+
+    # RQ's abandoned-job cleanup, as any rq worker runs it once the lease is over, re-queues the job.
+    StartedJobRegistry(queue=queue(rq, client)).cleanup(timestamp=time.time() + transport(rq).options.lease_s + 1)
+    assert queue(rq, client).job_ids == [job_id]
+    run_rq_worker(rq, "-c", "consumers.rq_settings", name="w2")
+    assert cancel_counts(rq.engine) == {"k-1": 1}
+    record = rq.timeouts().get("k-1")
+    assert record is not None and record.state is TimeoutState.DONE
 
 
 def test_a_dead_timeout_fails_its_job_into_rqs_failed_registry(rq: Stack, client: redis.Redis) -> None:
