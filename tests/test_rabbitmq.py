@@ -30,7 +30,7 @@ from scheduler.names import (
     rabbitmq_expired_exchange,
 )
 from scheduler.transports.base import Settlement, TimerMessage
-from scheduler.transports.rabbitmq import RabbitMQTransport
+from scheduler.transports.rabbitmq import HOLD_MS, RabbitMQTransport
 from scheduler.transports.rabbitmq_topology import MAX_TICKS, TICK_MS, bindings, delay_ms, routing_key
 from tests.conftest import Stack, _open
 from tests.rabbitmq_support import channel, rabbitmq_stack, rabbitmqctl, wait_for_broker
@@ -262,18 +262,29 @@ def test_a_returned_delivery_comes_back_counted_and_can_be_dead_lettered(rabbit:
     assert headers[RABBITMQ_REASON_HEADER] == "kills every worker"
 
 
-def test_a_timer_that_arrives_early_is_re_armed_not_handed_over(rabbit: Stack) -> None:
-    # As a timer beyond the cascade's reach would: it reaches the ready queue before its due time.
+def test_an_early_timer_is_held_until_due_and_a_far_too_early_one_re_armed(rabbit: Stack) -> None:
+    # Timers are routed to arrive EARLY_MS ahead and wait in the consumer; one that comes far earlier
+    # (a delay beyond the cascade's reach, a publisher whose clock runs ahead) goes back to the cascade.
     transport = rabbit.timeouts().transport
     assert not transport.receive(10, 0).deliveries  # connected and consuming
-    due = transport._clock.now_ms() + 1500  # type: ignore[attr-defined]
+    now = rabbit.timeouts().clock.now_ms()
+    due = {"held": now + 1500, "re-armed": now + HOLD_MS + 2000}
     with channel(rabbit.broker_url) as ch:
         ch.confirm_delivery()
-        ch.basic_publish(RABBITMQ_TIMERS_EXCHANGE, routing_key(0), TimerMessage("early", due, 1).encode())
+        for oid, at in due.items():
+            ch.basic_publish(RABBITMQ_TIMERS_EXCHANGE, routing_key(0), TimerMessage(oid, at, 1).encode())
     assert not transport.receive(10, 0.5).deliveries
-    arrived = transport.receive(10, 10).deliveries
-    assert [d.message.order_id for d in arrived] == ["early"]
-    assert time.time() * 1000 >= due
+    figures = transport.figures()
+    assert (figures["delayed"], figures["ready"]) == (1, 0), "one back in the cascade, one held unacked"
+
+    arrived: dict[str, float] = {}
+    while len(arrived) < 2:
+        batch = transport.receive(10, 10)
+        assert batch.deliveries, "both arrive"
+        arrived |= {d.message.order_id: time.time() * 1000 for d in batch.deliveries}
+        transport.settle(Settlement(done=batch.deliveries))
+    for oid, at in due.items():
+        assert at <= arrived[oid] < at + 1000, f"{oid} handed over at its due time"
 
 
 def test_heartbeats_keep_the_connection_while_a_batch_takes_long(rabbit: Stack) -> None:

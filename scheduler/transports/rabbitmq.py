@@ -18,10 +18,17 @@ Guarantees:
   ack: a crash in between leaves a duplicate, which the handler acks as stale, never a loss.
 - `revoke` removes nothing: a queued message cannot be taken out of the middle of a queue. The
   registry says revoked, so the handler acks the timer as stale when it arrives.
+- Timers are routed to reach the ready queue EARLY_MS before their due time, and the consumer
+  holds them (unacked, in memory) until they are due. That absorbs the cascade's own delays: every
+  hop is a dead-letter that the broker performs at a limited rate (about 10k/s on this 2-core
+  machine), and a hop that waits in a backlog makes the timer late by as much, since each queue's
+  TTL counts from the moment the timer entered it. Timers due sooner than EARLY_MS skip the
+  cascade altogether. Holding costs prefetch slots only; a due timer is never behind a held one.
+- A timer that arrives more than HOLD_MS before its due time (delays beyond the cascade's 38.8
+  days, clocks that disagree) is re-armed for what remains rather than held; it is never handed to
+  the handler early, which would ack it as stale.
 - A body that is not a timer message goes to the dead-letter queue with the reason in the
-  `order-timeouts-reason` header and is acked inside `receive`; the worker carries on. A timer that
-  arrives before its due time (delays beyond the cascade's 38.8 days, clocks that disagree) is
-  re-armed for what remains instead of being handed to the handler, which would ack it as stale.
+  `order-timeouts-reason` header and is acked inside `receive`; the worker carries on.
 - When the broker goes away, `receive`/`publish` raise TransportUnavailable and the next call
   connects again (the worker loop backs off in between).
 
@@ -34,10 +41,12 @@ see CONNECTION_DEFAULTS.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -68,6 +77,13 @@ CONNECT_TIMEOUT_S = 20.0
 CONFIRM_TIMEOUT_S = 15.0
 #: once a delivery is there, wait this long for more to fill the batch
 COLLECT_S = 0.005
+#: shortest wait of a receive, even with timeout 0 (`worker --burst`): deliveries the broker sends
+#: in reply to the previous batch's acks are a round trip away, not absent
+MIN_WAIT_S = 0.05
+#: timers reach the ready queue this long before they are due; the consumer holds them until then
+EARLY_MS = 1000
+#: a timer arriving earlier than this before its due time is re-armed instead of held
+HOLD_MS = 2 * EARLY_MS
 
 _TIMER = pika.BasicProperties(content_type="application/json", delivery_mode=2)
 
@@ -84,6 +100,17 @@ def connection_parameters(broker_url: str) -> pika.URLParameters:
     return params
 
 
+@dataclass(order=True)
+class _Held:
+    """A delivered timer the consumer keeps, unacked, until its due time."""
+
+    due_ms: int
+    tag: int
+    link: Link = field(compare=False)
+    message: TimerMessage = field(compare=False)
+    deliveries: int = field(compare=False)
+
+
 class RabbitMQTransport:
     name = "rabbitmq"
     registry_is_queue = False
@@ -93,6 +120,7 @@ class RabbitMQTransport:
         self._clock = clock
         self._link: Link | None = None
         self._connecting = threading.Lock()  # publish may be called from many threads
+        self._held: list[_Held] = []  # a heap, earliest due first; only the consumer thread uses it
 
     def notify_scheduled(self, conn: Connection, earliest_due_ms: int) -> None:
         """Nothing to wake: the broker delivers each timer when its delay runs out."""
@@ -107,13 +135,17 @@ class RabbitMQTransport:
     def receive(self, limit: int, timeout: float) -> Batch:
         link = self._connected()
         link.consume(limit)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + max(timeout, MIN_WAIT_S)
         while True:
-            inbound = link.take(limit, max(deadline - time.monotonic(), 0.0), COLLECT_S)
-            deliveries = self._sort(link, inbound)
-            if deliveries or not inbound or time.monotonic() >= deadline:
+            deliveries = self._release(limit)
+            if deliveries:
                 return Batch(deliveries)
-            # Everything taken was malformed or early: keep waiting for due timers.
+            wait = deadline - time.monotonic()
+            if self._held:
+                wait = min(wait, (self._held[0].due_ms - self._clock.now_ms()) / 1000)
+            self._sort(link, link.take(limit, max(wait, 0.0), COLLECT_S))
+            if not self._due() and time.monotonic() >= deadline:
+                return Batch()
 
     def settle(self, settlement: Settlement) -> None:
         republish = self._timers([message for _, message in settlement.retry])
@@ -157,6 +189,7 @@ class RabbitMQTransport:
             if self._link is not None:
                 self._link.close()
                 self._link = None
+            self._held.clear()
 
     def _connected(self) -> Link:
         with self._connecting:
@@ -165,13 +198,15 @@ class RabbitMQTransport:
             if self._link is not None:
                 self._link.close()
                 self._link = None
+            # Held timers belonged to the old connection: the broker has requeued them.
+            self._held.clear()
             self._link = Link(self._params, declarations(), CONNECT_TIMEOUT_S)
             return self._link
 
     def _timers(self, messages: Sequence[TimerMessage]) -> list[Outgoing]:
         # The remaining delay is taken from the absolute due time now, at publish: a timer published
         # late (by the relay, after an outage) still lands at its due time, or at once if overdue.
-        now = self._clock.now_ms()
+        now = self._clock.now_ms() + EARLY_MS
         return [(RABBITMQ_TIMERS_EXCHANGE, routing_key(m.due_ms - now), m.encode(), _TIMER) for m in messages]
 
     @staticmethod
@@ -180,9 +215,20 @@ class RabbitMQTransport:
         properties = pika.BasicProperties(content_type="application/json", delivery_mode=2, headers=headers)
         return (RABBITMQ_DEAD_EXCHANGE, "", body, properties)
 
-    def _sort(self, link: Link, inbound: Sequence[Inbound]) -> list[Delivery]:
-        """Due timers for the handler; malformed bodies to the dead letters, early timers re-armed."""
+    def _due(self) -> bool:
+        return bool(self._held) and self._held[0].due_ms <= self._clock.now_ms()
+
+    def _release(self, limit: int) -> list[Delivery]:
+        """Held timers that are due now, earliest first."""
+        now = self._clock.now_ms()
         deliveries: list[Delivery] = []
+        while self._held and self._held[0].due_ms <= now and len(deliveries) < limit:
+            held = heapq.heappop(self._held)
+            deliveries.append(Delivery(held.message, receipt=(held.link, held.tag), deliveries=held.deliveries))
+        return deliveries
+
+    def _sort(self, link: Link, inbound: Sequence[Inbound]) -> None:
+        """Timers to hold until due; malformed bodies to the dead letters, far too early timers re-armed."""
         handled: list[int] = []
         republish: list[Outgoing] = []
         now = self._clock.now_ms()
@@ -194,13 +240,12 @@ class RabbitMQTransport:
                 republish.append(self._dead_letter(item.body, f"malformed message: {exc}", item.redeliveries + 1))
                 handled.append(item.tag)
                 continue
-            if message.due_ms > now:
+            if message.due_ms - now > HOLD_MS:
                 republish += self._timers([message])
                 handled.append(item.tag)
                 continue
-            deliveries.append(Delivery(message, receipt=(link, item.tag), deliveries=item.redeliveries + 1))
+            heapq.heappush(self._held, _Held(message.due_ms, item.tag, link, message, item.redeliveries + 1))
         if republish:
             # Confirmed before the ack: a crash in between duplicates the message, never loses it.
             link.publish(republish, CONFIRM_TIMEOUT_S)
             link.settle(handled, [])
-        return deliveries

@@ -28,7 +28,7 @@ from pika.spec import Basic
 
 from scheduler.errors import TransportUnavailable
 from scheduler.names import RABBITMQ_READY_QUEUE
-from scheduler.transports.rabbitmq_topology import Binding, Declaration, Exchange, Queue
+from scheduler.transports.rabbitmq_topology import Declaration, Exchange, Queue
 
 log = logging.getLogger("order_timeouts.rabbitmq")
 
@@ -73,7 +73,7 @@ class _Job:
 class Link:
     def __init__(self, params: pika.URLParameters, topology: Sequence[Declaration], timeout: float) -> None:
         self._params = params
-        self._topology = iter(topology)
+        self._topology = topology
         self._cond = threading.Condition()
         self._inbox: deque[Inbound] = deque()
         self._jobs: set[_Job] = set()  # every job not yet done, so that a dying link can fail them
@@ -238,19 +238,24 @@ class Link:
         self._pub = channel
         channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_return_callback(self._on_return)
-        self._declare_next()
+        self._declare()
 
-    def _declare_next(self, _frame: Any = None) -> None:
-        """Declare the topology one step at a time (each step is an RPC), then go on."""
-        step = next(self._topology, None)
-        if isinstance(step, Exchange):
-            self._pub.exchange_declare(step.name, step.kind, durable=True, callback=self._declare_next)
-        elif isinstance(step, Queue):
-            self._pub.queue_declare(step.name, durable=True, arguments=step.arguments, callback=self._declare_next)
-        elif isinstance(step, Binding):
-            self._pub.queue_bind(step.queue, step.exchange, step.pattern, callback=self._declare_next)
-        else:
-            self._pub.confirm_delivery(ack_nack_callback=self._on_confirm, callback=self._on_confirm_mode)
+    def _declare(self) -> None:
+        """Declare the topology without waiting for each reply (nowait), then enter confirm mode.
+
+        The broker handles a channel's commands in order: once confirm mode is acknowledged, every
+        declaration before it has succeeded; one that failed (406: a queue exists with other
+        arguments) closes the channel instead, and the link dies with that reason.
+        """
+        for step in self._topology:
+            # callback=None makes pika send nowait requests, so this is one burst, not ~400 round trips.
+            if isinstance(step, Exchange):
+                self._pub.exchange_declare(step.name, step.kind, durable=True, callback=None)
+            elif isinstance(step, Queue):
+                self._pub.queue_declare(step.name, durable=True, arguments=step.arguments, callback=None)
+            else:
+                self._pub.queue_bind(step.queue, step.exchange, step.pattern, callback=None)
+        self._pub.confirm_delivery(ack_nack_callback=self._on_confirm, callback=self._on_confirm_mode)
 
     def _on_confirm_mode(self, _frame: Any) -> None:
         self._conn.channel(on_open_callback=self._on_consumer_channel)
