@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import redis
 
@@ -54,3 +55,13 @@ def rq_stack(tmp: Path, **options: object) -> Iterator[tuple[str, str]]:
     """Registry on a fresh PostgreSQL schema, jobs on a fresh RQ queue with its own job-id prefix."""
     with postgres_schema() as database_url, rq_namespace() as namespace:
         yield database_url, rq_broker_url(namespace, **options)
+
+
+def lose_everything(broker_url: str) -> None:
+    """What a Redis restart without persistence does to an rq stack: every key of its namespace gone."""
+    namespace = parse_qs(urlsplit(broker_url).query)["queue"][0]
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        delete_namespace(client, namespace)
+    finally:
+        client.close()
