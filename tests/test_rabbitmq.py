@@ -20,6 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from scheduler import Outcome, TimeoutState
+from scheduler.clock import SystemClock
 from scheduler.errors import TransportUnavailable
 from scheduler.names import (
     RABBITMQ_DEAD_QUEUE,
@@ -33,7 +34,7 @@ from scheduler.transports.base import Settlement, TimerMessage
 from scheduler.transports.rabbitmq import HOLD_MS, RabbitMQTransport
 from scheduler.transports.rabbitmq_topology import MAX_TICKS, TICK_MS, bindings, delay_ms, routing_key
 from tests.conftest import Stack, _open
-from tests.rabbitmq_support import channel, rabbitmq_stack, rabbitmqctl, wait_for_broker
+from tests.rabbitmq_support import channel, rabbitmq_stack, rabbitmq_vhost, rabbitmqctl, wait_for_broker
 from tests.support import add_orders, cancel_counts, wait_until
 
 SOON = timedelta(milliseconds=300)
@@ -193,15 +194,16 @@ def test_a_publish_while_the_broker_is_unreachable_leaves_the_row_for_the_relay(
     assert cancel_counts(rabbit.engine) == {"o-1": 1}
 
 
-def test_a_queue_declared_with_other_arguments_is_a_clear_transport_error(rabbit: Stack) -> None:
-    with channel(rabbit.broker_url) as ch:
-        ch.queue_declare(RABBITMQ_READY_QUEUE, durable=True)  # a classic queue where a quorum one belongs
-    transport = RabbitMQTransport(rabbit.broker_url, rabbit.timeouts().clock)
-    try:
-        with pytest.raises(TransportUnavailable, match="PRECONDITION_FAILED"):
-            transport.publish([TimerMessage("o-1", 0, 1)])
-    finally:
-        transport.close()
+def test_a_queue_declared_with_other_arguments_is_a_clear_transport_error() -> None:
+    with rabbitmq_vhost() as broker_url:
+        with channel(broker_url) as ch:
+            ch.queue_declare(RABBITMQ_READY_QUEUE, durable=True)  # a classic queue where a quorum one belongs
+        transport = RabbitMQTransport(broker_url, SystemClock())
+        try:
+            with pytest.raises(TransportUnavailable, match="PRECONDITION_FAILED"):
+                transport.publish([TimerMessage("o-1", 0, 1)])
+        finally:
+            transport.close()
 
 
 def test_an_unroutable_timer_is_an_error_and_the_next_connection_declares_the_topology_again(rabbit: Stack) -> None:
