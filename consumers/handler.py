@@ -21,6 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from consumers.orders import OrderStore, PaymentStatus
 from scheduler import registry
 from scheduler.clock import Clock, from_ms
+from scheduler.config import Settings
 from scheduler.errors import OrderStoreUnavailable
 from scheduler.registry import Claim, Outcome, Retry
 from scheduler.transports.base import Batch, Delivery, Settlement, TimerMessage
@@ -37,6 +38,14 @@ class RetryPolicy:
     max_deliveries: int = 10
     base_s: float = 2.0
     cap_s: float = 300.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RetryPolicy:
+        return cls(
+            max_attempts=settings.max_attempts,
+            max_deliveries=settings.max_deliveries,
+            base_s=settings.retry_backoff.total_seconds(),
+        )
 
     def delay_ms(self, attempts: int) -> int:
         delay = min(self.cap_s, self.base_s * 2 ** max(attempts - 1, 0))

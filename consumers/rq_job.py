@@ -145,11 +145,7 @@ def _context() -> _Context:
         timeouts=timeouts,
         transport=timeouts.transport,
         store=load_order_store(settings),
-        retry=RetryPolicy(
-            max_attempts=settings.max_attempts,
-            max_deliveries=settings.max_deliveries,
-            base_s=settings.retry_backoff.total_seconds(),
-        ),
+        retry=RetryPolicy.from_settings(settings),
         clock=timeouts.clock,
     )
     _contexts[key] = context

@@ -63,11 +63,7 @@ class Worker:
             clock=timeouts.clock,
             worker_id=worker_id(),
             registry_is_queue=timeouts.transport.registry_is_queue,
-            retry=RetryPolicy(
-                max_attempts=timeouts.settings.max_attempts,
-                max_deliveries=timeouts.settings.max_deliveries,
-                base_s=timeouts.settings.retry_backoff.total_seconds(),
-            ),
+            retry=RetryPolicy.from_settings(timeouts.settings),
         )
         self._batch_size = batch_size
         self._burst = burst

@@ -18,6 +18,7 @@ from scheduler import TimeoutState
 from scheduler.database import reading
 from scheduler.maintenance import Maintenance, MaintenancePlan
 from scheduler.registry import all_records, count_pending
+from tests import rq_support
 from tests.conftest import Stack
 from tests.stacks import STACKS
 from tests.support import add_orders, cancel_counts, wait_until
@@ -65,6 +66,8 @@ def lose_everything(stack: Stack) -> None:
             except pika.exceptions.ChannelClosedByBroker:
                 channel = connection.channel()  # that level does not exist
         connection.close()
+    elif stack.name == "rq":
+        rq_support.lose_everything(stack.broker_url)
     else:  # pragma: no cover - a new broker must say how it loses its data
         raise NotImplementedError(stack.name)
 
