@@ -150,9 +150,11 @@ class Link:
         result: dict[str, tuple[int, int]] = {}
         finished = threading.Event()
         self._call(lambda: self._inspect(list(queues), result, finished))
-        if not finished.wait(timeout):
-            raise TransportUnavailable(f"no queue figures from RabbitMQ within {timeout:g}s")
-        self._raise_if_dead()
+        deadline = time.monotonic() + timeout
+        while not finished.wait(0.05):
+            self._raise_if_dead()
+            if time.monotonic() > deadline:
+                raise TransportUnavailable(f"no queue figures from RabbitMQ within {timeout:g}s")
         return result
 
     def close(self) -> None:
