@@ -22,9 +22,12 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    any_,
     bindparam,
+    cast,
     func,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -71,8 +74,9 @@ timeouts = Table(
 )
 _pending = timeouts.c.state == TimeoutState.PENDING.value
 # The due scan and the pending listing read only this partial index (due_ms, order_id).
+PENDING_DUE_INDEX = "ix_order_timeouts_pending_due"
 Index(
-    "ix_order_timeouts_pending_due",
+    PENDING_DUE_INDEX,
     timeouts.c.due_ms,
     timeouts.c.order_id,
     postgresql_where=_pending,
@@ -159,6 +163,8 @@ def insert_many(
     """
     if not due:
         return {}
+    if conn.dialect.name == "postgresql":
+        return _insert_many_postgresql(conn, due, now=now, published=published, replace=replace)
     stmt = _insert(conn)
     params = [
         {
@@ -186,6 +192,37 @@ def insert_many(
         stmt = stmt.on_conflict_do_nothing(index_elements=[timeouts.c.order_id])
     result = conn.execute(stmt.returning(timeouts.c.order_id, timeouts.c.version), params)
     return dict(result.all())
+
+
+# Two arrays instead of eight parameters per row: one short statement per chunk, whatever its size,
+# and no per-row work in SQLAlchemy (the bulk schedule's bottleneck on PostgreSQL).
+_INSERT_MANY_POSTGRESQL = f"""
+INSERT INTO {REGISTRY_TABLE} AS t
+    (order_id, due_ms, state, version, attempts, created_ms, updated_ms, published_ms)
+SELECT v.order_id, v.due_ms, :pending, 1, 0, CAST(:now AS bigint), CAST(:now AS bigint), CAST(:published AS bigint)
+FROM unnest(CAST(:ids AS text[]), CAST(:dues AS bigint[])) AS v(order_id, due_ms)
+ON CONFLICT (order_id) DO {{conflict}}
+RETURNING t.order_id, t.version
+"""
+# replace=True: the same re-arm as _rearm() below.
+_REARM_POSTGRESQL = """UPDATE SET
+    state = :pending, outcome = NULL, version = t.version + 1, attempts = 0, fired_ms = NULL,
+    finished_ms = NULL, worker = NULL, error = NULL, updated_ms = CAST(:now AS bigint),
+    due_ms = EXCLUDED.due_ms, published_ms = EXCLUDED.published_ms"""
+
+
+def _insert_many_postgresql(
+    conn: Connection, due: Sequence[tuple[str, int]], *, now: int, published: bool, replace: bool
+) -> dict[str, int]:
+    sql = _INSERT_MANY_POSTGRESQL.format(conflict=_REARM_POSTGRESQL if replace else "NOTHING")
+    params = {
+        "ids": [order_id for order_id, _ in due],
+        "dues": [due_ms for _, due_ms in due],
+        "pending": TimeoutState.PENDING.value,
+        "now": now,
+        "published": now if published else None,
+    }
+    return {row[0]: row[1] for row in conn.execute(text(sql), params)}
 
 
 def _rearm(now: int) -> dict[str, Any]:
@@ -249,13 +286,31 @@ def move_due(conn: Connection, order_id: str, due_ms: int, *, now: int, publishe
 def mark_published(conn: Connection, versions: Iterable[tuple[str, int]], *, now: int) -> None:
     """Record the broker's confirmation, only for the version that was published."""
     params = [{"oid": order_id, "ver": version} for order_id, version in versions]
-    if params:
+    if params and conn.dialect.name == "postgresql":
+        # One statement for the whole batch instead of one UPDATE per row.
+        conn.execute(
+            text(
+                f"UPDATE {REGISTRY_TABLE} AS t SET published_ms = :now "
+                "FROM unnest(CAST(:ids AS text[]), CAST(:versions AS integer[])) AS v(order_id, version) "
+                "WHERE t.order_id = v.order_id AND t.version = v.version"
+            ),
+            {"now": now, "ids": [p["oid"] for p in params], "versions": [p["ver"] for p in params]},
+        )
+    elif params:
         conn.execute(
             update(timeouts)
             .where(timeouts.c.order_id == bindparam("oid"), timeouts.c.version == bindparam("ver"))
             .values(published_ms=now),
             params,
         )
+
+
+def _among(conn: Connection, order_ids: Sequence[str]) -> Any:
+    """`order_id = ANY(:ids)` on PostgreSQL: one array parameter, one cached plan, whatever the
+    batch size (an IN list renders and plans anew for every length); IN on SQLite."""
+    if conn.dialect.name == "postgresql":
+        return timeouts.c.order_id == any_(cast(bindparam("ids", list(order_ids)), postgresql.ARRAY(Text)))
+    return timeouts.c.order_id.in_(order_ids)
 
 
 _claim_columns = (timeouts.c.order_id, timeouts.c.due_ms, timeouts.c.version, timeouts.c.attempts)
@@ -278,6 +333,8 @@ def claim_due(conn: Connection, *, limit: int, now: int, worker: str) -> list[Cl
     simply releases its rows. On SQLite the transaction already holds the write lock
     (BEGIN IMMEDIATE), so the plain select is just as exclusive.
     """
+    if conn.dialect.name == "sqlite":
+        return _claim_due_sqlite(conn, limit=limit, now=now, worker=worker)
     due = (
         select(timeouts.c.order_id)
         .where(_pending, timeouts.c.due_ms <= now)
@@ -294,6 +351,28 @@ def claim_due(conn: Connection, *, limit: int, now: int, worker: str) -> list[Cl
     return [Claim(*row) for row in conn.execute(stmt)]
 
 
+# Without ANALYZE statistics SQLite's planner answers `state = 'pending'` from
+# ix_order_timeouts_state_finished and walks (and sorts) every pending row: with a million far-off
+# timeouts that is ~100 ms per claim and per look at the next due time. INDEXED BY pins the partial
+# index, which reads only the due rows, already in due order.
+# The state is a literal, not a parameter: SQLite uses a partial index only when it can see at
+# prepare time that the query implies the index's WHERE.
+_SQLITE_PENDING_DUE = f"{REGISTRY_TABLE} INDEXED BY {PENDING_DUE_INDEX}"
+_SQLITE_IS_PENDING = f"state = '{TimeoutState.PENDING.value}'"
+
+
+def _claim_due_sqlite(conn: Connection, *, limit: int, now: int, worker: str) -> list[Claim]:
+    stmt = text(
+        f"UPDATE {REGISTRY_TABLE} SET attempts = attempts + 1, worker = :worker, "
+        "fired_ms = coalesce(fired_ms, :now), updated_ms = :now "
+        f"WHERE order_id IN (SELECT order_id FROM {_SQLITE_PENDING_DUE} "
+        f"WHERE {_SQLITE_IS_PENDING} AND due_ms <= :now ORDER BY due_ms LIMIT :limit) "
+        "RETURNING order_id, due_ms, version, attempts"
+    )
+    params = {"worker": worker, "now": now, "limit": limit}
+    return [Claim(*row) for row in conn.execute(stmt, params)]
+
+
 def claim(conn: Connection, order_ids: Sequence[str], *, now: int, worker: str) -> list[Claim]:
     """Conditionally take delivered timeouts: only rows still pending and due.
 
@@ -305,7 +384,7 @@ def claim(conn: Connection, order_ids: Sequence[str], *, now: int, worker: str) 
         return []
     stmt = (
         update(timeouts)
-        .where(timeouts.c.order_id.in_(order_ids), _pending, timeouts.c.due_ms <= now)
+        .where(_among(conn, order_ids), _pending, timeouts.c.due_ms <= now)
         .values(_claim_values(now, worker))
         .returning(*_claim_columns)
     )
@@ -313,7 +392,25 @@ def claim(conn: Connection, order_ids: Sequence[str], *, now: int, worker: str) 
 
 
 def finish(conn: Connection, outcomes: dict[str, Outcome], *, now: int) -> None:
-    """Record the outcome of claimed rows: one UPDATE per distinct outcome."""
+    """Record the outcome of claimed rows: one UPDATE (per distinct outcome on SQLite)."""
+    if not outcomes:
+        return
+    if conn.dialect.name == "postgresql":
+        conn.execute(
+            text(
+                f"UPDATE {REGISTRY_TABLE} AS t SET state = :done, outcome = v.outcome, finished_ms = :now, "
+                "updated_ms = :now, error = NULL "
+                "FROM unnest(CAST(:ids AS text[]), CAST(:outcomes AS text[])) AS v(order_id, outcome) "
+                "WHERE t.order_id = v.order_id"
+            ),
+            {
+                "done": TimeoutState.DONE.value,
+                "now": now,
+                "ids": list(outcomes),
+                "outcomes": [outcome.value for outcome in outcomes.values()],
+            },
+        )
+        return
     by_outcome: dict[Outcome, list[str]] = {}
     for order_id, outcome in outcomes.items():
         by_outcome.setdefault(outcome, []).append(order_id)
@@ -369,6 +466,8 @@ def replay_dead(
 
 
 def next_due_ms(conn: Connection) -> int | None:
+    if conn.dialect.name == "sqlite":
+        return conn.execute(text(f"SELECT min(due_ms) FROM {_SQLITE_PENDING_DUE} WHERE {_SQLITE_IS_PENDING}")).scalar()
     return conn.execute(select(func.min(timeouts.c.due_ms)).where(_pending)).scalar()
 
 
