@@ -22,12 +22,14 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    and_,
     any_,
     bindparam,
     cast,
     func,
     select,
     text,
+    true,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -382,9 +384,17 @@ def claim(conn: Connection, order_ids: Sequence[str], *, now: int, worker: str) 
     """
     if not order_ids:
         return []
+    still_due: Any = and_(_pending, timeouts.c.due_ms <= now)
+    if conn.dialect.name == "postgresql":
+        # `IS TRUE` hides these two conditions from index matching, so the plan is always the
+        # primary key lookup of the ids the batch names. Left visible, stale statistics (a bulk
+        # load not analyzed yet) make the planner scan every due row of the partial index and
+        # filter them against the ids, for each batch. PostgreSQL still re-checks the whole
+        # condition on a row it had to wait for.
+        still_due = still_due.is_(true())
     stmt = (
         update(timeouts)
-        .where(_among(conn, order_ids), _pending, timeouts.c.due_ms <= now)
+        .where(_among(conn, order_ids), still_due)
         .values(_claim_values(now, worker))
         .returning(*_claim_columns)
     )
