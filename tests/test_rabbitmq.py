@@ -31,8 +31,16 @@ from scheduler.names import (
     rabbitmq_expired_exchange,
 )
 from scheduler.transports.base import Settlement, TimerMessage
-from scheduler.transports.rabbitmq import HOLD_MS, RabbitMQTransport
-from scheduler.transports.rabbitmq_topology import MAX_TICKS, TICK_MS, bindings, delay_ms, routing_key
+from scheduler.transports.rabbitmq import ARRIVE_EARLIEST_MS, ARRIVE_LATEST_MS, HOLD_MS, RabbitMQTransport
+from scheduler.transports.rabbitmq_topology import (
+    LEVELS,
+    MAX_TICKS,
+    TICK_MS,
+    bindings,
+    delay_ms,
+    fewest_hops,
+    routing_key,
+)
 from tests.conftest import Stack, _open
 from tests.rabbitmq_support import channel, rabbitmq_stack, rabbitmq_vhost, rabbitmqctl, wait_for_broker
 from tests.support import add_orders, cancel_counts, wait_until
@@ -86,22 +94,48 @@ def route(key: str) -> list[str]:
         exchange = rabbitmq_expired_exchange(int(targets[0].rsplit(".", 1)[1]))
 
 
-@given(st.integers(min_value=-86_400_000, max_value=TICK_MS * MAX_TICKS + 10**9))
-def test_a_timer_waits_its_delay_rounded_up_to_a_tick_visiting_each_level_once(remaining_ms: int) -> None:
-    path = route(routing_key(remaining_ms))
+def arrival_window(remaining_ms: int) -> tuple[int, int]:
+    return remaining_ms - ARRIVE_EARLIEST_MS, remaining_ms - ARRIVE_LATEST_MS
+
+
+@given(st.integers(min_value=0, max_value=MAX_TICKS))
+def test_a_timer_waits_its_ticks_visiting_the_level_of_each_set_bit_once(ticks: int) -> None:
+    path = route(routing_key(ticks))
     levels = [int(queue.rsplit(".", 1)[1]) for queue in path[:-1]]
     assert path[:-1] == [rabbitmq_delay_queue(level) for level in levels]
-    assert len(set(levels)) == len(levels), path
-    waited = sum(delay_ms(level) for level in levels)
-    expected = min(max(remaining_ms, 0), TICK_MS * MAX_TICKS)
-    # Never early (the handler would ack an early timer as stale), never more than a tick late;
-    # beyond the cascade's reach the worker re-arms the rest.
-    assert expected <= waited < expected + TICK_MS
+    assert sorted(levels) == [level for level in range(LEVELS) if ticks >> level & 1]
+    assert sum(delay_ms(level) for level in levels) == ticks * TICK_MS
+
+
+@given(st.integers(min_value=-86_400_000, max_value=TICK_MS * MAX_TICKS - 1))
+def test_a_timer_arrives_within_its_window_before_the_due_time(remaining_ms: int) -> None:
+    # Early enough to absorb the cascade's backlog, never so early that the consumer re-arms it;
+    # never after the due time (the handler would ack a timer that is not due yet as stale).
+    earliest, latest = arrival_window(remaining_ms)
+    waited = RabbitMQTransport._delay_ticks(remaining_ms) * TICK_MS
+    if latest >= TICK_MS:
+        assert earliest <= waited <= latest
+    else:
+        assert waited == 0, "due within the window already: straight to the ready queue"
+    assert remaining_ms - waited < HOLD_MS
+
+
+@given(st.integers(min_value=0, max_value=10**7), st.integers(min_value=0, max_value=2000))
+def test_the_window_is_spent_on_fewer_hops(latest: int, width: int) -> None:
+    ticks = fewest_hops(latest - width, latest)
+    candidates = range(max(-(-(latest - width) // TICK_MS), 0), latest // TICK_MS + 1)
+    if latest < TICK_MS:
+        assert ticks == 0
+    elif not candidates:
+        assert ticks == latest // TICK_MS, "no whole tick in the window: the latest that is not late"
+    else:
+        assert ticks in candidates
+        assert ticks.bit_count() == min(candidate.bit_count() for candidate in candidates)
 
 
 def test_round_delays_take_few_hops() -> None:
-    hops = {seconds: len(route(routing_key(seconds * 1000))) - 1 for seconds in (1, 2, 10, 60, 1800)}
-    assert hops == {1: 2, 2: 2, 10: 3, 60: 4, 1800: 5}
+    hops = {seconds: RabbitMQTransport._delay_ticks(seconds * 1000).bit_count() for seconds in (1, 2, 10, 60, 1800)}
+    assert hops == {1: 0, 2: 1, 10: 3, 60: 3, 1800: 5}
 
 
 # -- against the broker -----------------------------------------------------------------------------

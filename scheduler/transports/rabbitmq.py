@@ -18,15 +18,15 @@ Guarantees:
   ack: a crash in between leaves a duplicate, which the handler acks as stale, never a loss.
 - `revoke` removes nothing: a queued message cannot be taken out of the middle of a queue. The
   registry says revoked, so the handler acks the timer as stale when it arrives.
-- Timers are routed to reach the ready queue EARLY_MS before their due time, and the consumer
-  holds them (unacked, in memory) until they are due. That absorbs the cascade's own delays: every
-  hop is a dead-letter that the broker performs at a limited rate (about 10k/s on this 2-core
-  machine), and a hop that waits in a backlog makes the timer late by as much, since each queue's
-  TTL counts from the moment the timer entered it. Timers due sooner than EARLY_MS skip the
-  cascade altogether. Holding costs prefetch slots only; a due timer is never behind a held one.
+- Timers are routed to reach the ready queue between ARRIVE_EARLIEST_MS and ARRIVE_LATEST_MS
+  before their due time, and the consumer holds them (unacked, in memory) until they are due. The
+  window lets the cascade take fewer hops, and the lead absorbs the cascade's own backlog: each hop
+  is a dead-letter the broker performs at a limited rate, and a hop that waits makes the timer late
+  by as much. Timers due sooner skip the cascade altogether. Holding costs prefetch slots only: a
+  held timer never delays a due one the consumer already has.
 - A timer that arrives more than HOLD_MS before its due time (delays beyond the cascade's 38.8
-  days, clocks that disagree) is re-armed for what remains rather than held; it is never handed to
-  the handler early, which would ack it as stale.
+  days, clocks that disagree) is re-armed for what remains rather than held; no timer is handed
+  to the handler early, which would ack it as stale.
 - A body that is not a timer message goes to the dead-letter queue with the reason in the
   `order-timeouts-reason` header and is acked inside `receive`; the worker carries on.
 - When the broker goes away, `receive`/`publish` raise TransportUnavailable and the next call
@@ -59,7 +59,7 @@ from scheduler.errors import ConfigurationError, MalformedMessage
 from scheduler.names import RABBITMQ_DEAD_EXCHANGE, RABBITMQ_REASON_HEADER, RABBITMQ_TIMERS_EXCHANGE
 from scheduler.transports.base import Batch, Delivery, Settlement, TimerMessage
 from scheduler.transports.rabbitmq_link import Inbound, Link, Outgoing
-from scheduler.transports.rabbitmq_topology import declarations, figure_queues, routing_key
+from scheduler.transports.rabbitmq_topology import declarations, fewest_hops, figure_queues, routing_key
 
 log = logging.getLogger("order_timeouts.rabbitmq")
 
@@ -80,10 +80,12 @@ COLLECT_S = 0.005
 #: shortest wait of a receive, even with timeout 0 (`worker --burst`): deliveries the broker sends
 #: in reply to the previous batch's acks are a round trip away, not absent
 MIN_WAIT_S = 0.05
-#: timers reach the ready queue this long before they are due; the consumer holds them until then
-EARLY_MS = 1000
+#: timers reach the ready queue this long before they are due, at most and at least (plus the
+#: cascade's backlog); the consumer holds them until then
+ARRIVE_EARLIEST_MS = 1500
+ARRIVE_LATEST_MS = 500
 #: a timer arriving earlier than this before its due time is re-armed instead of held
-HOLD_MS = 2 * EARLY_MS
+HOLD_MS = 2500
 
 _TIMER = pika.BasicProperties(content_type="application/json", delivery_mode=2)
 
@@ -206,8 +208,15 @@ class RabbitMQTransport:
     def _timers(self, messages: Sequence[TimerMessage]) -> list[Outgoing]:
         # The remaining delay is taken from the absolute due time now, at publish: a timer published
         # late (by the relay, after an outage) still lands at its due time, or at once if overdue.
-        now = self._clock.now_ms() + EARLY_MS
-        return [(RABBITMQ_TIMERS_EXCHANGE, routing_key(m.due_ms - now), m.encode(), _TIMER) for m in messages]
+        now = self._clock.now_ms()
+        return [
+            (RABBITMQ_TIMERS_EXCHANGE, routing_key(self._delay_ticks(m.due_ms - now)), m.encode(), _TIMER)
+            for m in messages
+        ]
+
+    @staticmethod
+    def _delay_ticks(remaining_ms: int) -> int:
+        return fewest_hops(remaining_ms - ARRIVE_EARLIEST_MS, remaining_ms - ARRIVE_LATEST_MS)
 
     @staticmethod
     def _dead_letter(body: bytes, reason: str, deliveries: int) -> Outgoing:
