@@ -82,7 +82,7 @@ class Handler:
         self._engine = engine
         self._store = store
         self._clock = clock
-        self._worker_id = worker_id
+        self.worker_id = worker_id
         self._registry_is_queue = registry_is_queue
         self._retry = retry or RetryPolicy()
 
@@ -92,10 +92,10 @@ class Handler:
             with self._engine.begin() as conn:
                 now = self._clock.now_ms()
                 if batch.claim_due:
-                    claims = registry.claim_due(conn, limit=batch.claim_due, now=now, worker=self._worker_id)
+                    claims = registry.claim_due(conn, limit=batch.claim_due, now=now, worker=self.worker_id)
                 else:
                     order_ids = sorted({d.message.order_id for d in batch.deliveries})
-                    claims = registry.claim(conn, order_ids, now=now, worker=self._worker_id)
+                    claims = registry.claim(conn, order_ids, now=now, worker=self.worker_id)
                 report.claimed = len(claims)
                 report.lateness_ms = [now - c.due_ms for c in claims]
                 poison = self._poison(batch.deliveries, claims)

@@ -84,6 +84,13 @@ class Worker:
 
     def run(self) -> WorkerTotals:
         """Handle batches until stopped (or, in burst mode, until nothing is due)."""
+        log.info(
+            "worker %s ready: %s transport, batches of %d%s",
+            self._handler.worker_id,
+            self._transport.name,
+            self._batch_size,
+            ", burst" if self._burst else "",
+        )
         backoff = OUTAGE_BACKOFF_S[0]
         while not self._stop.is_set():
             try:

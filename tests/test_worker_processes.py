@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -25,9 +27,20 @@ pytestmark = pytest.mark.slow
 
 
 def start_worker(stack: Stack, *args: str, capture: bool = False, **env: str) -> subprocess.Popen[str]:
-    argv = [sys.executable, "-m", "scheduler", "worker", *args]
+    """A worker process, returned once it is ready (its signal handlers installed, its loop started)."""
+    fd, name = tempfile.mkstemp(prefix="worker-", suffix=".log")
+    argv = [sys.executable, "-m", "scheduler", "-v", "worker", *args]
     out = subprocess.PIPE if capture else subprocess.DEVNULL
-    return subprocess.Popen(argv, env=stack.env(**env), stdout=out, stderr=None, text=True)
+    process = subprocess.Popen(argv, env=stack.env(**env), stdout=out, stderr=fd, text=True)
+    os.close(fd)
+    path = Path(name)
+    try:
+        wait_until(lambda: " ready: " in path.read_text() or process.poll() is not None, timeout=60)
+    finally:
+        text_ = path.read_text()
+        path.unlink()
+    assert process.poll() is None or args[-1] == "--burst", text_
+    return process
 
 
 def records(stack: Stack) -> dict[str, TimeoutRecord]:
@@ -121,9 +134,10 @@ def test_payments_racing_the_timeout_never_cancel_a_paid_order(db_stack: Stack, 
     ids = [f"race-{round_}-{i:03d}" for i in range(150)]
     add_orders(db_stack.engine, ids)
     client = db_stack.timeouts()
+    group = [start_worker(db_stack, "--batch-size", "25") for _ in range(2)]
+    # Due once both workers are running: the race is between payment and a live consumer group.
     due = datetime.now(UTC) + timedelta(milliseconds=800)
     client.schedule_many(ids, due_at=due)
-    group = [start_worker(db_stack, "--batch-size", "25") for _ in range(2)]
     paid: set[str] = set()
     refused: set[str] = set()
 
@@ -151,7 +165,8 @@ def test_payments_racing_the_timeout_never_cancel_a_paid_order(db_stack: Stack, 
     finally:
         for member in group:
             member.send_signal(signal.SIGTERM)
-        assert [member.wait(timeout=30) for member in group] == [0, 0]
+        codes = [member.wait(timeout=30) for member in group]
+    assert codes == [0, 0], "SIGTERM lets each worker finish and exit cleanly"
 
     status = order_status(db_stack.engine)
     counts = cancel_counts(db_stack.engine)
