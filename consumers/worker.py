@@ -68,7 +68,7 @@ class Worker:
         self._batch_size = batch_size
         self._burst = burst
         self._stop = threading.Event()
-        self._metrics = metrics
+        self.metrics = metrics
         self.totals = WorkerTotals()
 
     def stop(self) -> None:
@@ -116,8 +116,8 @@ class Worker:
                 continue
             backoff = OUTAGE_BACKOFF_S[0]
             self.totals.add(report)
-            if self._metrics is not None:
-                self._metrics.observe(report, time.perf_counter() - started)
+            if self.metrics is not None:
+                self.metrics.observe(report, time.perf_counter() - started)
             if self._burst and not report.claimed and not batch.deliveries:
                 # Due rows exist but other workers hold them; their transactions will finish them.
                 time.sleep(0.01)

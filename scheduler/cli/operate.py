@@ -121,13 +121,14 @@ def worker(
     from consumers.worker import Worker
 
     timeouts = ctx.ensure_object(Context).timeouts()
-    metrics = None
+    member = Worker(timeouts, batch_size=batch_size, burst=burst)
+    # Before anything else can be observed from outside (the metrics port): a SIGTERM from then on
+    # always means "finish the batch and exit".
+    member.install_signal_handlers()
     if metrics_port is not None:
         from scheduler.observability import WorkerMetrics, serve_metrics
 
-        metrics = WorkerMetrics(serve_metrics(metrics_port, timeouts.engine, timeouts.clock))
-    member = Worker(timeouts, batch_size=batch_size, burst=burst, metrics=metrics)
-    member.install_signal_handlers()
+        member.metrics = WorkerMetrics(serve_metrics(metrics_port, timeouts.engine, timeouts.clock))
     totals = member.run()
     console.print(
         f"worker stopped: {totals.batches} batches, {totals.cancelled} cancelled, {totals.paid} paid, "
