@@ -122,7 +122,7 @@ class RabbitMQTransport:
         self._clock = clock
         self._link: Link | None = None
         self._connecting = threading.Lock()  # publish may be called from many threads
-        self._held: list[_Held] = []  # a heap, earliest due first; only the consumer thread uses it
+        self._held: list[_Held] = []  # a heap, earliest due first; only the consumer thread touches it
 
     def notify_scheduled(self, conn: Connection, earliest_due_ms: int) -> None:
         """Nothing to wake: the broker delivers each timer when its delay runs out."""
@@ -191,7 +191,6 @@ class RabbitMQTransport:
             if self._link is not None:
                 self._link.close()
                 self._link = None
-            self._held.clear()
 
     def _connected(self) -> Link:
         with self._connecting:
@@ -200,8 +199,6 @@ class RabbitMQTransport:
             if self._link is not None:
                 self._link.close()
                 self._link = None
-            # Held timers belonged to the old connection: the broker has requeued them.
-            self._held.clear()
             self._link = Link(self._params, declarations(), CONNECT_TIMEOUT_S)
             return self._link
 
@@ -233,6 +230,8 @@ class RabbitMQTransport:
         deliveries: list[Delivery] = []
         while self._held and self._held[0].due_ms <= now and len(deliveries) < limit:
             held = heapq.heappop(self._held)
+            if not held.link.alive:
+                continue  # its connection died: the broker has requeued it for some consumer
             deliveries.append(Delivery(held.message, receipt=(held.link, held.tag), deliveries=held.deliveries))
         return deliveries
 
