@@ -8,6 +8,7 @@ import contextlib
 import shutil
 import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -101,7 +102,19 @@ def rabbitmq_vhost(rabbitmq_url: str) -> Iterator[str]:
         parts = urlsplit(rabbitmq_url)
         yield urlunsplit((parts.scheme, parts.netloc, "/" + quote(vhost, safe=""), parts.query, ""))
     finally:
-        rabbitmqctl("delete_vhost", vhost)
+        _delete_vhost(vhost)
+
+
+def _delete_vhost(vhost: str, attempts: int = 10) -> None:
+    """Retried: other people's tests restart the shared broker, and a vhost must not be left behind."""
+    for attempt in range(attempts):
+        try:
+            rabbitmqctl("delete_vhost", vhost)
+            return
+        except RuntimeError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(3.0)
 
 
 @dataclass(frozen=True)
