@@ -42,6 +42,8 @@ class Sizes:
     workers: int = 2
     #: timeouts per worker transaction
     batch_size: int = 500
+    #: seconds to let the worker processes start (imports, connections) before the first burst
+    worker_start_s: float = 2.0
 
 
 PROFILES: dict[str, Sizes] = {
@@ -72,6 +74,7 @@ PROFILES: dict[str, Sizes] = {
         steady_rate=200,
         steady_seconds=1.0,
         pending=1000,
+        worker_start_s=1.0,
     ),
 }
 

@@ -267,7 +267,7 @@ def _drains(target: Deployment, sizes: Sizes, result: SystemResult, progress: Pr
     # empty system's rates are not charged for it while the loaded ones are not.
     steps.client.schedule_many([f"warm-{i:03d}" for i in range(100)], delay=FAR_DELAY)
     # Nor for the worker processes' start-up (imports, connections), which takes a core or two.
-    time.sleep(WORKER_START_S)
+    time.sleep(sizes.worker_start_s)
     try:
         progress(f"{target.system}: burst of {sizes.burst:,} due at once, {sizes.workers} workers")
         empty_rate = steps.schedule_rate("empty") if sizes.pending else None
