@@ -47,7 +47,12 @@ def rabbitmq_vhost() -> Iterator[str]:
         rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
         yield vhost_url(vhost)
     finally:
-        rabbitmqctl("delete_vhost", vhost)
+        try:
+            rabbitmqctl("delete_vhost", vhost)
+        except AssertionError:
+            # Another test may be restarting the shared broker right now: wait for it, then retry.
+            wait_for_broker()
+            rabbitmqctl("delete_vhost", vhost)
 
 
 def declare_topology(broker_url: str) -> None:
