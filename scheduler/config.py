@@ -97,3 +97,15 @@ def redact(url: str) -> str:
     credentials, _, host = rest.rpartition("@")
     user, colon, _password = credentials.partition(":")
     return f"{scheme}://{user}{':***' if colon else ''}@{host}"
+
+
+def bounded_int(transport: str, key: str, value: str, limits: tuple[int, int]) -> int:
+    """An integer URL option within its limits, or a ConfigurationError naming the option."""
+    low, high = limits
+    try:
+        number = int(value)
+    except ValueError:
+        number = low - 1
+    if not low <= number <= high:
+        raise ConfigurationError(f"{transport} option {key}={value!r}: give an integer from {low} to {high}")
+    return number

@@ -72,7 +72,7 @@ class Stack:
             time.sleep(0.05)
 
 
-def _open(factory_name: str, table: dict[str, Any], tmp_path: Path) -> Iterator[Stack]:
+def open_stack(factory_name: str, table: dict[str, Any], tmp_path: Path) -> Iterator[Stack]:
     with table[factory_name](tmp_path) as (database_url, broker_url):
         stack = Stack(factory_name, database_url, broker_url)
         init_db(stack.engine, stack.opened[0].settings.orders)
@@ -87,10 +87,10 @@ def _open(factory_name: str, table: dict[str, Any], tmp_path: Path) -> Iterator[
 @pytest.fixture(params=sorted(STACKS))
 def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
     """Every transport, each on its own isolated registry and broker namespace."""
-    yield from _open(request.param, STACKS, tmp_path)
+    yield from open_stack(request.param, STACKS, tmp_path)
 
 
 @pytest.fixture(params=sorted(DATABASES))
 def db_stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
     """The `sql` transport on each registry database (SQLite file, PostgreSQL schema)."""
-    yield from _open(request.param, DATABASES, tmp_path)
+    yield from open_stack(request.param, DATABASES, tmp_path)

@@ -19,7 +19,7 @@ from scheduler.database import reading
 from scheduler.maintenance import Maintenance, MaintenancePlan
 from scheduler.registry import all_records, count_pending
 from tests import rq_support
-from tests.conftest import Stack
+from tests.conftest import Stack, open_stack
 from tests.stacks import STACKS
 from tests.support import add_orders, cancel_counts, wait_until
 
@@ -29,9 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(params=BROKERS)
 def broker_stack(request: pytest.FixtureRequest, tmp_path: Path) -> object:
-    from tests.conftest import _open
-
-    yield from _open(request.param, STACKS, tmp_path)
+    yield from open_stack(request.param, STACKS, tmp_path)
 
 
 def unreachable(broker_url: str) -> str:

@@ -41,7 +41,7 @@ from scheduler.transports.rabbitmq_topology import (
     fewest_hops,
     routing_key,
 )
-from tests.conftest import Stack, _open
+from tests.conftest import Stack, open_stack
 from tests.rabbitmq_support import channel, rabbitmq_stack, rabbitmq_vhost, rabbitmqctl, wait_for_broker
 from tests.support import add_orders, cancel_counts, wait_until
 
@@ -50,7 +50,7 @@ SOON = timedelta(milliseconds=300)
 
 @pytest.fixture
 def rabbit(tmp_path: Path) -> Iterator[Stack]:
-    yield from _open("rabbitmq", {"rabbitmq": rabbitmq_stack}, tmp_path)
+    yield from open_stack("rabbitmq", {"rabbitmq": rabbitmq_stack}, tmp_path)
 
 
 def finished(stack: Stack, *ids: str) -> bool:

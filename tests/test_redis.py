@@ -36,7 +36,7 @@ from scheduler.registry import count_pending
 from scheduler.transports.base import Delivery, Settlement, TimerMessage
 from scheduler.transports.redis import FAILED_REDELIVERY_MS, RedisTransport
 from scheduler.transports.redis_options import RedisOptions, parse_url
-from tests.conftest import Stack, _open
+from tests.conftest import Stack, open_stack
 from tests.redis_support import broker_url, delete_prefix, redis_prefix, redis_stack
 from tests.services import REDIS_URL, require, unique
 from tests.support import add_orders, cancel_counts, pay, postgres_schema, wait_until
@@ -92,7 +92,7 @@ def transport(make_transport: Callable[..., RedisTransport]) -> RedisTransport:
 @pytest.fixture
 def rstack(tmp_path: Path) -> Iterator[Stack]:
     """A whole deployment on the redis transport: registry on PostgreSQL, orders, cancel counter."""
-    yield from _open("redis", {"redis": redis_stack}, tmp_path)
+    yield from open_stack("redis", {"redis": redis_stack}, tmp_path)
 
 
 def now_ms() -> int:
@@ -506,7 +506,7 @@ def cluster_stack(redis_cluster: str, tmp_path: Path) -> Iterator[Stack]:
             break
 
     try:
-        yield from _open("redis-cluster", {"redis-cluster": lambda _: cluster_registry(prefix)}, tmp_path)
+        yield from open_stack("redis-cluster", {"redis-cluster": lambda _: cluster_registry(prefix)}, tmp_path)
     finally:
         delete_prefix(seed, prefix)
         seed.close()

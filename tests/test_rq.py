@@ -26,16 +26,16 @@ from rq.serializers import JSONSerializer
 
 from scheduler import Outcome, ScheduleResult, TimeoutState, TransportUnavailable
 from scheduler.config import ENV_MAX_ATTEMPTS
-from scheduler.demo import install_cancel_log
 from scheduler.errors import ConfigurationError
 from scheduler.names import RQ_JOB_FUNCTION
 from scheduler.schema import init_db
 from scheduler.transports.base import Settlement, TimerMessage
 from scheduler.transports.rq import RQTransport
 from scheduler.transports.rq_options import parse_url
-from tests.conftest import Stack
-from tests.rq_support import rq_broker_url, rq_stack
+from tests.conftest import Stack, open_stack
+from tests.rq_support import rq_broker_url
 from tests.services import REDIS_URL
+from tests.stacks import STACKS
 from tests.support import add_orders, cancel_counts, order_status, pay, postgres_schema, wait_until
 
 RQ_CLI = str(Path(sys.executable).with_name("rq"))
@@ -44,15 +44,7 @@ PAST = timedelta(seconds=2)  # RQ's scheduler moves a job once its whole-second 
 
 @pytest.fixture
 def rq(tmp_path: Path) -> Iterator[Stack]:
-    with rq_stack(tmp_path) as (database_url, broker_url):
-        stack = Stack("rq", database_url, broker_url)
-        init_db(stack.engine, stack.opened[0].settings.orders)
-        install_cancel_log(stack.engine)
-        try:
-            yield stack
-        finally:
-            for client in stack.opened:
-                client.close()
+    yield from open_stack("rq", STACKS, tmp_path)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from redis.backoff import ExponentialBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
 
-from scheduler.config import redact
+from scheduler.config import bounded_int, redact
 from scheduler.errors import ConfigurationError
 from scheduler.names import REDIS_DEFAULT_PREFIX
 
@@ -54,14 +54,7 @@ def parse_url(broker_url: str) -> tuple[str, RedisOptions]:
                 raise ConfigurationError(f"redis option cluster={value!r}: use 1 or 0")
             ours[key] = value in ("1", "true")
         elif key in _LIMITS:
-            low, high = _LIMITS[key]
-            try:
-                number = int(value)
-            except ValueError:
-                number = low - 1
-            if not low <= number <= high:
-                raise ConfigurationError(f"redis option {key}={value!r}: give an integer from {low} to {high}")
-            ours[key] = number
+            ours[key] = bounded_int("redis", key, value, _LIMITS[key])
         else:
             passed.append((key, value))
     return urlunsplit(parts._replace(query=urlencode(passed))), RedisOptions(**ours)

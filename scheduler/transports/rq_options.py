@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from scheduler.config import redact
+from scheduler.config import bounded_int, redact
 from scheduler.errors import ConfigurationError
 from scheduler.names import RQ_DEFAULT_JOB_PREFIX, RQ_DEFAULT_QUEUE, RQ_JOB_ID_CHARACTERS
 
@@ -56,14 +56,7 @@ def parse_url(broker_url: str) -> tuple[str, RQOptions]:
                 raise ConfigurationError(f"rq option prefix={value!r}: use letters, digits, '_' and '-' only")
             ours[key] = value
         elif key in _LIMITS:
-            low, high = _LIMITS[key]
-            try:
-                number = int(value)
-            except ValueError:
-                number = low - 1
-            if not low <= number <= high:
-                raise ConfigurationError(f"rq option {key}={value!r}: give an integer from {low} to {high}")
-            ours[key] = number
+            ours[key] = bounded_int("rq", key, value, _LIMITS[key])
         else:
             passed.append((key, value))
     return urlunsplit(parts._replace(query=urlencode(passed))), RQOptions(**ours)
