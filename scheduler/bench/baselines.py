@@ -28,7 +28,7 @@ from sqlalchemy import Engine, insert
 from consumers.orders import orders_table
 from scheduler.bench.measure import Lateness, ProcessGroup, SystemResult, now_ms, percentile, rate, wait_for
 from scheduler.bench.plan import Services, Sizes
-from scheduler.bench.sandbox import delete_matching, postgres_schema, redis_client, unique
+from scheduler.bench.sandbox import delete_matching, delete_rq_keys, postgres_schema, redis_client, unique
 from scheduler.bench.workloads import BULK_DELAY, POLL_S, Progress, add_orders, lead_ms
 from scheduler.clock import from_ms
 from scheduler.config import Settings
@@ -176,12 +176,9 @@ def run_rq(sizes: Sizes, services: Services, progress: Progress) -> SystemResult
             finally:
                 workers.stop()
     finally:
-        delete_matching(client, f"rq:*{name}*", f"{name}:*")
-        client.srem("rq:queues", f"rq:queue:{name}")
-        for member in client.smembers("rq:workers"):
-            if name in member.decode():
-                client.srem("rq:workers", member)
+        delete_matching(client, f"{name}:*")
         client.close()
+        delete_rq_keys(services.redis_url, name)
     return result
 
 

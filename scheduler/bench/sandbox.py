@@ -83,6 +83,29 @@ def redis_prefix(redis_url: str) -> Iterator[str]:
             client.close()
 
 
+@contextlib.contextmanager
+def rq_namespace(redis_url: str) -> Iterator[str]:
+    """A name for an RQ queue and its job ids; every RQ key and set entry naming it goes afterwards."""
+    name = unique("bench")
+    try:
+        yield name
+    finally:
+        delete_rq_keys(redis_url, name)
+
+
+def delete_rq_keys(redis_url: str, name: str) -> None:
+    client = redis_client(redis_url)
+    try:
+        # Job hashes, results, the queue and its registries all carry the name; two global sets list them.
+        delete_matching(client, f"rq:*{name}*")
+        client.srem("rq:queues", f"rq:queue:{name}")
+        for member in client.smembers("rq:workers"):
+            if name in member.decode():
+                client.srem("rq:workers", member)
+    finally:
+        client.close()
+
+
 def rabbitmqctl(*args: str) -> None:
     done = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=120, check=False)
     if done.returncode != 0:
@@ -140,8 +163,10 @@ def deployment(system: str, services: Services) -> Iterator[Deployment]:
             prefix = stack.enter_context(redis_prefix(services.redis_url))
             broker_url = _with_query(services.redis_url, prefix=prefix)
         elif system == "rq":
-            prefix = stack.enter_context(redis_prefix(services.redis_url))
-            broker_url = "rq+" + _with_query(services.redis_url, prefix=prefix)
+            # RQ's keys are global (`rq:job:<id>`, `rq:scheduled:<queue>`): a queue and job-id prefix
+            # of our own keep other deployments' jobs out of ours, and let us delete ours afterwards.
+            prefix = stack.enter_context(rq_namespace(services.redis_url))
+            broker_url = "rq+" + _with_query(services.redis_url, prefix=prefix, queue=prefix)
         elif system == "rabbitmq":
             broker_url = stack.enter_context(rabbitmq_vhost(services.rabbitmq_url))
         else:
