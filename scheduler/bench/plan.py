@@ -58,12 +58,13 @@ PROFILES: dict[str, Sizes] = {
     ),
     "quick": Sizes(
         bulk=10_000,
-        bulk_apscheduler=2000,
-        latency=200,
+        bulk_apscheduler=1000,
+        latency=100,
         burst=2000,
         steady_rate=500,
-        steady_seconds=3.0,
+        steady_seconds=2.0,
         pending=20_000,
+        worker_start_s=1.5,
     ),
     # For the test suite: every figure, in a few seconds per system.
     "tiny": Sizes(
