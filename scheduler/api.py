@@ -15,7 +15,8 @@ unpublished and the relay (`order-timeouts maintain`) publishes it when the brok
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -141,8 +142,12 @@ class OrderTimeouts:
         written: dict[str, int] = {}
         if connection is None:
             # Chunked transactions of our own: memory stays flat and each chunk publishes as it commits.
-            for start in range(0, len(items), SCHEDULE_CHUNK):
-                written.update(self._write(items[start : start + SCHEDULE_CHUNK], None, replace))
+            chunks = [items[start : start + SCHEDULE_CHUNK] for start in range(0, len(items), SCHEDULE_CHUNK)]
+            if self.transport.registry_is_queue or len(chunks) < 2:
+                for chunk in chunks:
+                    written.update(self._write(chunk, None, replace))
+            else:
+                written = self._write_overlapped(chunks, replace)
         else:
             written = self._write(items, connection, replace)
         created = sum(1 for version in written.values() if version == 1)
@@ -243,8 +248,34 @@ class OrderTimeouts:
             max_delay=self.settings.max_delay,
         )
 
+    def _write_overlapped(self, chunks: Sequence[Sequence[tuple[str, int]]], replace: bool) -> dict[str, int]:
+        """Write chunk k+1 while the broker confirms chunk k (one publisher thread, one chunk ahead).
+
+        Each chunk is still published only after its own commit and marked published only after
+        the broker confirmed it; a publish that fails leaves its rows to the relay, as in `_write`.
+        Waiting for the previous publish before handing over the next keeps memory flat.
+        """
+        written: dict[str, int] = {}
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="order-timeouts-publish") as publisher:
+            publishing: Future[None] | None = None
+            for chunk in chunks:
+                actions: list[Callable[[], None]] = []
+                written.update(self._write(chunk, None, replace, defer=actions.append))
+                if publishing is not None:
+                    publishing.result()  # an unexpected error stops the bulk here, as it would unthreaded
+                    publishing = None
+                if actions:
+                    publishing = publisher.submit(actions[0])
+            if publishing is not None:
+                publishing.result()
+        return written
+
     def _write(
-        self, items: Sequence[tuple[str, int]], connection: Connection | Session | None, replace: bool
+        self,
+        items: Sequence[tuple[str, int]],
+        connection: Connection | Session | None,
+        replace: bool,
+        defer: Callable[[Callable[[], None]], None] | None = None,
     ) -> dict[str, int]:
         if not items:
             return {}
@@ -257,7 +288,10 @@ class OrderTimeouts:
         if versions and not queue:
             due = dict(items)
             messages = [TimerMessage(oid, due[oid], version) for oid, version in versions.items()]
-            self._after_commit(connection, lambda: self._publish(messages))
+            if defer is not None and connection is None:
+                defer(lambda: self._publish(messages))  # committed already: the caller publishes it
+            else:
+                self._after_commit(connection, lambda: self._publish(messages))
         return versions
 
     def _move(self, oid: str, due: int, connection: Connection | Session | None) -> TimeoutRecord:
