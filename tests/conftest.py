@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -16,6 +19,9 @@ from scheduler.config import ENV_BROKER_URL, ENV_DATABASE_URL
 from scheduler.demo import install_cancel_log
 from scheduler.schema import init_db
 from tests.stacks import DATABASES, STACKS
+from tests.support import wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -44,6 +50,23 @@ class Stack:
 
     def env(self, **extra: str) -> dict[str, str]:
         return {**os.environ, ENV_DATABASE_URL: self.database_url, ENV_BROKER_URL: self.broker_url, **extra}
+
+    def start_worker(self, *args: str, capture: bool = False, **env: str) -> subprocess.Popen[str]:
+        """A worker process, returned once it is ready (signal handlers installed, loop started), so
+        that a SIGTERM sent from now on means "finish the batch and exit", never a kill at start-up."""
+        fd, name = tempfile.mkstemp(prefix="worker-", suffix=".log")
+        argv = [sys.executable, "-m", "scheduler", "-v", "worker", *args]
+        out = subprocess.PIPE if capture else subprocess.DEVNULL
+        process = subprocess.Popen(argv, env=self.env(**env), stdout=out, stderr=fd, text=True, cwd=ROOT)
+        os.close(fd)
+        path = Path(name)
+        try:
+            wait_until(lambda: " ready: " in path.read_text() or process.poll() is not None, timeout=60)
+        finally:
+            log = path.read_text()
+            path.unlink()
+        assert process.poll() is None or "--burst" in args, log
+        return process
 
     def drain(self, timeouts: OrderTimeouts | None = None, **worker: Any) -> WorkerTotals:
         """Run an in-process worker in burst mode: everything due now gets handled."""

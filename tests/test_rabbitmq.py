@@ -8,7 +8,6 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -56,11 +55,6 @@ def rabbit(tmp_path: Path) -> Iterator[Stack]:
 def finished(stack: Stack, *ids: str) -> bool:
     client = stack.timeouts()
     return all((record := client.get(oid)) is not None and record.state is not TimeoutState.PENDING for oid in ids)
-
-
-def start_worker(stack: Stack, *args: str, **env: str) -> subprocess.Popen[str]:
-    argv = [sys.executable, "-m", "scheduler", "worker", *args]
-    return subprocess.Popen(argv, env=stack.env(**env), stdout=subprocess.DEVNULL, text=True)
 
 
 def stop_worker(worker: subprocess.Popen[str]) -> int:
@@ -164,8 +158,7 @@ def test_a_worker_killed_holding_unacked_deliveries_loses_nothing_and_cancels_no
     add_orders(rabbit.engine, ids)
     rabbit.timeouts().schedule_many(ids, delay=SOON)
     marker = tmp_path / "mid-batch"
-    victim = start_worker(
-        rabbit,
+    victim = rabbit.start_worker(
         "--batch-size",
         "50",
         ORDER_TIMEOUTS_ORDER_STORE="tests.slow_store:after_cancel",
@@ -180,7 +173,7 @@ def test_a_worker_killed_holding_unacked_deliveries_loses_nothing_and_cancels_no
     assert cancel_counts(rabbit.engine) == {}
 
     # Its connection died with it: the broker hands the unacked deliveries to the next consumer.
-    survivor = start_worker(rabbit, "--batch-size", "50")
+    survivor = rabbit.start_worker("--batch-size", "50")
     try:
         wait_until(lambda: finished(rabbit, *ids), timeout=30)
     finally:
@@ -193,7 +186,7 @@ def test_the_worker_reconnects_after_the_broker_restarts(rabbit: Stack) -> None:
     add_orders(rabbit.engine, [*ids, "after-restart"])
     client = rabbit.timeouts()
     client.schedule_many([(oid, timedelta(milliseconds=300 + 100 * i)) for i, oid in enumerate(ids)])
-    worker = start_worker(rabbit, "--batch-size", "10")
+    worker = rabbit.start_worker("--batch-size", "10")
     try:
         wait_until(lambda: finished(rabbit, ids[0]), timeout=30)
         # The broker is shared by every test running now: keep the outage short, always restart it.

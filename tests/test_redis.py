@@ -12,7 +12,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -273,11 +272,6 @@ def test_a_blocked_worker_wakes_for_a_nearer_timer_published_meanwhile(
 # -- dead workers, poison and malformed entries ------------------------------------------------
 
 
-def start_worker(stack: Stack, *args: str, **env: str) -> subprocess.Popen[str]:
-    argv = [sys.executable, "-m", "scheduler", "worker", *args]
-    return subprocess.Popen(argv, env=stack.env(**env), stdout=subprocess.DEVNULL, text=True, cwd=ROOT)
-
-
 def pending_count(stack: Stack) -> int:
     with reading(stack.engine) as conn:
         return count_pending(conn)
@@ -291,8 +285,7 @@ def test_entries_of_a_killed_worker_are_taken_over_after_the_idle_timeout(rstack
     add_orders(rstack.engine, ids)
     client.schedule_many(ids, due_at=datetime.now(UTC))
     marker = tmp_path / "mid-batch"
-    victim = start_worker(
-        rstack,
+    victim = rstack.start_worker(
         "--batch-size",
         "50",
         ORDER_TIMEOUTS_BROKER_URL=url,
@@ -312,7 +305,7 @@ def test_entries_of_a_killed_worker_are_taken_over_after_the_idle_timeout(rstack
     held = client.transport.figures()["pending_by_consumer"]
     assert sorted(held.values()) == [50]
 
-    survivor = start_worker(rstack, "--batch-size", "50", ORDER_TIMEOUTS_BROKER_URL=url)
+    survivor = rstack.start_worker("--batch-size", "50", ORDER_TIMEOUTS_BROKER_URL=url)
     try:
         wait_until(lambda: pending_count(rstack) == 0, timeout=30)
     finally:

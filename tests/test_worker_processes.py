@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import random
 import signal
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -24,23 +20,6 @@ from tests.conftest import Stack
 from tests.support import add_orders, cancel_counts, order_status, pay, wait_until
 
 pytestmark = pytest.mark.slow
-
-
-def start_worker(stack: Stack, *args: str, capture: bool = False, **env: str) -> subprocess.Popen[str]:
-    """A worker process, returned once it is ready (its signal handlers installed, its loop started)."""
-    fd, name = tempfile.mkstemp(prefix="worker-", suffix=".log")
-    argv = [sys.executable, "-m", "scheduler", "-v", "worker", *args]
-    out = subprocess.PIPE if capture else subprocess.DEVNULL
-    process = subprocess.Popen(argv, env=stack.env(**env), stdout=out, stderr=fd, text=True)
-    os.close(fd)
-    path = Path(name)
-    try:
-        wait_until(lambda: " ready: " in path.read_text() or process.poll() is not None, timeout=60)
-    finally:
-        text_ = path.read_text()
-        path.unlink()
-    assert process.poll() is None or args[-1] == "--burst", text_
-    return process
 
 
 def records(stack: Stack) -> dict[str, TimeoutRecord]:
@@ -60,8 +39,7 @@ def test_sigkill_in_the_middle_of_a_batch_loses_nothing_and_cancels_nothing_twic
     add_orders(db_stack.engine, ids)
     db_stack.timeouts().schedule_many(ids, due_at=datetime.now(UTC))
     marker = tmp_path / "mid-batch"
-    victim = start_worker(
-        db_stack,
+    victim = db_stack.start_worker(
         "--batch-size",
         "50",
         ORDER_TIMEOUTS_ORDER_STORE="tests.slow_store:after_cancel",
@@ -78,7 +56,7 @@ def test_sigkill_in_the_middle_of_a_batch_loses_nothing_and_cancels_nothing_twic
     assert cancel_counts(db_stack.engine) == {}
     assert pending_count(db_stack) == 200
 
-    survivor = start_worker(db_stack, "--batch-size", "50", "--burst")
+    survivor = db_stack.start_worker("--batch-size", "50", "--burst")
     assert survivor.wait(timeout=60) == 0
     assert cancel_counts(db_stack.engine) == dict.fromkeys(ids, 1)
     assert all(r.state is TimeoutState.DONE and r.outcome is Outcome.CANCELLED for r in records(db_stack).values())
@@ -89,8 +67,7 @@ def test_sigterm_finishes_the_current_batch_then_exits_cleanly(db_stack: Stack, 
     add_orders(db_stack.engine, ids)
     db_stack.timeouts().schedule_many(ids, due_at=datetime.now(UTC))
     marker = tmp_path / "mid-batch"
-    worker = start_worker(
-        db_stack,
+    worker = db_stack.start_worker(
         "--batch-size",
         "10",
         ORDER_TIMEOUTS_ORDER_STORE="tests.slow_store:after_cancel",
@@ -134,7 +111,7 @@ def test_payments_racing_the_timeout_never_cancel_a_paid_order(db_stack: Stack, 
     ids = [f"race-{round_}-{i:03d}" for i in range(150)]
     add_orders(db_stack.engine, ids)
     client = db_stack.timeouts()
-    group = [start_worker(db_stack, "--batch-size", "25") for _ in range(2)]
+    group = [db_stack.start_worker("--batch-size", "25") for _ in range(2)]
     # Due once both workers are running: the race is between payment and a live consumer group.
     due = datetime.now(UTC) + timedelta(milliseconds=800)
     client.schedule_many(ids, due_at=due)
