@@ -38,7 +38,8 @@ from scheduler.config import ENV_BROKER_URL, Settings, redact
 from scheduler.errors import ConfigurationError, MalformedMessage
 from scheduler.names import RQ_META_DELIVERIES
 from scheduler.transports.base import Batch, Delivery, TimerMessage
-from scheduler.transports.rq import FAILED_REDELIVERY_MS, RQTransport, job_body, job_message
+from scheduler.transports.rq import FAILED_REDELIVERY_MS, RQTransport, job_message
+from scheduler.transports.rq_jobs import job_body
 
 log = logging.getLogger("order_timeouts.rq_job")
 

@@ -31,6 +31,7 @@ from scheduler.names import RQ_JOB_FUNCTION
 from scheduler.schema import init_db
 from scheduler.transports.base import Settlement, TimerMessage
 from scheduler.transports.rq import RQTransport
+from scheduler.transports.rq_jobs import CRASH_RETRIES, JobTemplate
 from scheduler.transports.rq_options import parse_url
 from tests.conftest import Stack, open_stack
 from tests.rq_support import rq_broker_url
@@ -135,12 +136,66 @@ def test_the_job_is_json_in_redis_never_pickle(rq: Stack, client: redis.Redis) -
     assert record is not None
     job = client.hgetall(Job.key_for(transport(rq).job_id("o-1")))
     assert job[b"status"] == b"scheduled"
-    assert json.loads(zlib.decompress(job[b"data"])) == [
+    assert json.loads(job[b"data"]) == [
         RQ_JOB_FUNCTION,
         None,
         [{"order_id": "o-1", "due_ms": record.due_ms, "version": 1}],
         {},
     ]
+
+
+def rq_saved_job(stack: Stack, client: redis.Redis, message: TimerMessage) -> dict[bytes, bytes]:
+    """The hash RQ's own `Job.create(...).save()` writes for the timer's job (then removed again)."""
+    job = JobTemplate(transport(stack).options, client).job(message)
+    job.save()
+    saved = client.hgetall(job.key)
+    client.delete(job.key)
+    return saved
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["rq_arm.lua", "rq-fallback"])
+def test_armed_jobs_are_the_jobs_rq_itself_writes(
+    rq: Stack, client: redis.Redis, monkeypatch: pytest.MonkeyPatch, exact: bool
+) -> None:
+    if not exact:
+        # An RQ release that encodes jobs differently: the template notices and saves RQ's own Jobs.
+        monkeypatch.setattr(JobTemplate, "encode", staticmethod(lambda message: (b"[]", "")))
+    messages = [TimerMessage(f"o-{i}", 1_900_000_000_123 + i, 1 + i % 3) for i in range(3)] + [
+        TimerMessage("order #7/ü", 1_900_000_000_500, 2)
+    ]
+    transport(rq).publish(messages)
+    assert transport(rq)._template is not None and transport(rq)._template.exact is exact
+
+    rq_queue = queue(rq, client)
+    assert client.sismember("rq:queues", rq_queue.key), "`rq info` lists the queue"
+    assert scheduled(rq, client) == {transport(rq).job_id(m.order_id): m.due_ms / 1000 for m in messages}
+    for message in messages:
+        job_id = transport(rq).job_id(message.order_id)
+        job = Job.fetch(job_id, connection=client, serializer=JSONSerializer)
+        assert job.func_name == RQ_JOB_FUNCTION
+        assert job.args == [{"order_id": message.order_id, "due_ms": message.due_ms, "version": message.version}]
+        assert job.retries_left == CRASH_RETRIES
+        assert abs(job.created_at.replace(tzinfo=UTC) - datetime.now(UTC)) < timedelta(minutes=1)
+
+        armed = client.hgetall(Job.key_for(job_id))
+        expected = rq_saved_job(rq, client, message)  # overwrites the job: the last look at it
+        assert armed.keys() == expected.keys()
+        # RQ compresses data; the lua path writes it plain, which RQ reads as it is
+        assert armed[b"data"] == (zlib.decompress(expected[b"data"]) if exact else expected[b"data"])
+        assert {k: v for k, v in armed.items() if k not in (b"created_at", b"data")} == {
+            k: v for k, v in expected.items() if k not in (b"created_at", b"data")
+        }
+
+
+def test_arming_a_failed_job_again_clears_its_failure(rq: Stack, client: redis.Redis) -> None:
+    message = TimerMessage("o-1", 1_900_000_000_000, 1)
+    job_id = transport(rq).job_id("o-1")
+    client.hset(Job.key_for(job_id), mapping={"exc_info": b"boom", "status": "failed"})
+    client.zadd(queue(rq, client).failed_job_registry.key, {job_id: 1})
+    transport(rq).publish([message])
+    assert b"exc_info" not in client.hgetall(Job.key_for(job_id))
+    assert client.zscore(queue(rq, client).failed_job_registry.key, job_id) is None
+    assert scheduled(rq, client) == {job_id: message.due_ms / 1000}
 
 
 def test_cancel_deletes_the_job_scheduled_or_queued(rq: Stack, client: redis.Redis) -> None:

@@ -81,7 +81,7 @@ from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker
 from rq.exceptions import DeserializationError, NoSuchJobError
 from rq.executions import Execution
-from rq.job import Job, JobStatus, Retry
+from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.results import Result
 from rq.scheduler import RQScheduler
@@ -94,6 +94,7 @@ from scheduler.errors import MalformedMessage, TransportUnavailable
 from scheduler.names import RQ_JOB_FUNCTION, RQ_META_DELIVERIES, rq_job_id
 from scheduler.transports.base import Batch, Delivery, Settlement, TimerMessage
 from scheduler.transports.redis_options import MAX_BLOCK_MS, RedisOptions, connect
+from scheduler.transports.rq_jobs import ARM_SCRIPT, JobTemplate, seconds
 from scheduler.transports.rq_options import parse_url
 
 log = logging.getLogger("order_timeouts.transports.rq")
@@ -101,18 +102,11 @@ log = logging.getLogger("order_timeouts.transports.rq")
 MOVE_SCRIPT = files("scheduler.transports").joinpath("rq_move.lua").read_text()
 TAKE_SCRIPT = files("scheduler.transports").joinpath("rq_take.lua").read_text()
 
-#: RQ re-queues a job this often after its worker died on it; above the handler's poison limit
-#: (Settings.max_deliveries), so that the handler, which records why, is the one that gives up
-CRASH_RETRIES = 100
-#: jobs per pipeline when publishing a large batch
-PUBLISH_CHUNK = 2000
+#: jobs per call of rq_arm.lua: Redis runs a script without serving anyone else, so keep each call
+#: short (1,000 jobs take about 5 ms of Redis time)
+ARM_CHUNK = 1000
 #: a delivery whose batch transaction failed comes back after this pause
 FAILED_REDELIVERY_MS = 1000
-
-
-def job_body(message: TimerMessage) -> dict[str, Any]:
-    """The job's one argument: the timer message as a JSON object."""
-    return {"order_id": message.order_id, "due_ms": message.due_ms, "version": message.version}
 
 
 def job_message(job: Job, prefix: str | None = None) -> TimerMessage:
@@ -134,11 +128,6 @@ def job_message(job: Job, prefix: str | None = None) -> TimerMessage:
     return message
 
 
-def seconds(ms: int) -> float:
-    """A registry time as an RQ registry score: epoch seconds, to the millisecond."""
-    return ms / 1000
-
-
 @dataclass(frozen=True)
 class _Taken:
     """The receipt of a delivery: the job and the Execution registered for it in the StartedJobRegistry."""
@@ -158,6 +147,8 @@ class RQTransport:
         self._queue: Queue | None = None
         self._move: Any = None
         self._take: Any = None
+        self._arm_script: Any = None
+        self._template: JobTemplate | None = None
         self._maintainer: SimpleWorker | None = None
         self._next_maintenance = 0.0
         self._name = f"order-timeouts:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
@@ -174,14 +165,9 @@ class RQTransport:
         """Write each timer as an RQ scheduled job, one pipeline per chunk; confirmed when it returns."""
         latest = {m.order_id: m for m in messages}  # one job per order: the last message wins
         with self._edge("publish"):
-            queue = self._rq_queue()
             items = list(latest.values())
-            for start in range(0, len(items), PUBLISH_CHUNK):
-                pipe = self._redis().pipeline(transaction=False)
-                pipe.sadd(Queue.redis_queues_keys, queue.key)  # `rq info` lists the queue
-                for message in items[start : start + PUBLISH_CHUNK]:
-                    self._arm(pipe, message)
-                pipe.execute()
+            for start in range(0, len(items), ARM_CHUNK):
+                self._arm(self._redis(), items[start : start + ARM_CHUNK])
 
     def revoke(self, order_ids: Sequence[str]) -> None:
         """Delete the jobs (`Job.delete`: hash, registries, queue entry)."""
@@ -205,28 +191,11 @@ class RQTransport:
             pipe.zrem(queue.failed_job_registry.key, *ids)
             pipe.execute()
 
-    def _arm(self, pipe: Any, message: TimerMessage, *, at_ms: int | None = None) -> None:
-        """Write the job afresh (no state of an earlier life survives) and put it in the scheduled registry."""
-        queue = self._rq_queue()
-        job = Job.create(
-            RQ_JOB_FUNCTION,
-            args=[job_body(message)],
-            connection=self._redis(),
-            id=self.job_id(message.order_id),
-            origin=queue.name,
-            status=JobStatus.SCHEDULED,
-            description=f"payment timeout of order {message.order_id}",
-            timeout=self.options.job_timeout,
-            result_ttl=0,
-            failure_ttl=self.options.failure_ttl,
-            retry=Retry(max=CRASH_RETRIES),
-            serializer=JSONSerializer,
-        )
-        # DEL first: a replayed job's hash still has its exc_info, its meta and the failure TTL.
-        pipe.delete(job.key)
-        job.save(pipeline=pipe)
-        pipe.zrem(queue.failed_job_registry.key, job.id)
-        pipe.zadd(queue.scheduled_job_registry.key, {job.id: seconds(message.due_ms if at_ms is None else at_ms)})
+    def _arm(self, client: Any, messages: Sequence[TimerMessage]) -> None:
+        """Write the jobs afresh (no state of an earlier life survives) and schedule them at their due times."""
+        if self._template is None:
+            self._template = JobTemplate(self.options, self._redis())
+        self._template.arm(self._arm_script, client, self._rq_queue(), messages)
 
     # -- consumer side (the project's Worker; rq workers run consumers/rq_job.py instead) ----------
 
@@ -327,7 +296,7 @@ class RQTransport:
             for delivery, message in settlement.retry:
                 taken = delivery.receipt
                 taken.execution.delete(job=taken.job, pipeline=pipe)
-                self._arm(pipe, message)
+                self._arm(pipe, [message])
             for delivery, reason in settlement.dead:
                 taken = delivery.receipt
                 taken.execution.delete(job=taken.job, pipeline=pipe)
@@ -409,13 +378,14 @@ class RQTransport:
             if client is not None:
                 with contextlib.suppress(RedisError):
                     client.close()
-        self._client = self._queue = self._maintainer = None
+        self._client = self._queue = self._maintainer = self._template = None
 
     def _redis(self) -> Any:
         if self._client is None:
             self._client = connect(self._url, RedisOptions())
             self._move = self._client.register_script(MOVE_SCRIPT)
             self._take = self._client.register_script(TAKE_SCRIPT)
+            self._arm_script = self._client.register_script(ARM_SCRIPT)
         return self._client
 
     def _rq_queue(self) -> Queue:
