@@ -30,7 +30,13 @@ from scheduler.names import (
     rabbitmq_expired_exchange,
 )
 from scheduler.transports.base import Settlement, TimerMessage
-from scheduler.transports.rabbitmq import ARRIVE_EARLIEST_MS, ARRIVE_LATEST_MS, HOLD_MS, RabbitMQTransport
+from scheduler.transports.rabbitmq import (
+    ARRIVE_EARLIEST_MS,
+    ARRIVE_LATEST_MS,
+    ENVELOPE_MAX,
+    HOLD_MS,
+    RabbitMQTransport,
+)
 from scheduler.transports.rabbitmq_topology import (
     LEVELS,
     MAX_TICKS,
@@ -260,18 +266,58 @@ def test_malformed_messages_are_dead_lettered_with_their_reason_and_the_worker_c
     client.transport.figures()  # connected: the topology is declared
     with channel(rabbit.broker_url) as ch:
         ch.confirm_delivery()
-        for body in (b"not json at all", b'{"order_id": 7, "due_ms": 0, "version": 1}'):
+        for body in MALFORMED:
             ch.basic_publish(RABBITMQ_TIMERS_EXCHANGE, routing_key(0), body, mandatory=True)
     client.schedule("good", delay=SOON)
 
     rabbit.drain_until(lambda: finished(rabbit, "good"))
     assert cancel_counts(rabbit.engine) == {"good": 1}
     figures = client.transport.figures()
-    assert (figures["dead_letters"], figures["ready"]) == (2, 0)
-    letters = sorted(dead_letters(rabbit.broker_url))
-    assert [body for body, _ in letters] == [b"not json at all", b'{"order_id": 7, "due_ms": 0, "version": 1}']
-    reasons = [headers[RABBITMQ_REASON_HEADER] for _, headers in letters]
-    assert "not JSON" in reasons[0] and "order_id" in reasons[1]
+    assert (figures["dead_letters"], figures["ready"]) == (len(MALFORMED), 0)
+    reasons = {body: headers[RABBITMQ_REASON_HEADER] for body, headers in dead_letters(rabbit.broker_url)}
+    assert reasons.keys() == set(MALFORMED)
+    for body, reason in zip(MALFORMED, ("not JSON", "order_id", "non-empty JSON array", "order_id"), strict=True):
+        assert reason in reasons[body]
+
+
+MALFORMED = (
+    b"not json at all",
+    b'{"order_id": 7, "due_ms": 0, "version": 1}',
+    b"[]",
+    b'[{"order_id": "fine", "due_ms": 0, "version": 1}, {"order_id": "", "due_ms": 0, "version": 1}]',
+)
+
+
+def test_timers_published_together_share_a_message_acked_once_every_timer_in_it_is_settled(rabbit: Stack) -> None:
+    transport = rabbit.timeouts().transport
+    now = rabbit.timeouts().clock.now_ms()
+    transport.publish([TimerMessage(f"t-{i}", now, 1) for i in range(ENVELOPE_MAX + 5)])
+    assert transport.figures()["ready"] == 2, "one full message and one of 5"
+
+    first = transport.receive(ENVELOPE_MAX - 2, 10).deliveries
+    transport.settle(Settlement(done=first))
+    assert transport.figures()["ready"] == 0, "both delivered: the first is not acked with 2 timers unsettled"
+    transport.close()  # as if the worker died: the broker requeues both messages, whole
+    again = transport.receive(1000, 10).deliveries
+    assert sorted(d.message.order_id for d in again) == sorted(f"t-{i}" for i in range(ENVELOPE_MAX + 5))
+    assert {d.deliveries for d in again} == {2}
+
+    # Settled over two batches: acked once the last timer is, and then nothing comes back.
+    transport.settle(Settlement(done=again[:50]))
+    transport.settle(Settlement(done=again[50:]))
+    transport.close()
+    assert not transport.receive(1000, 1.0).deliveries
+
+
+def test_a_failed_timer_sends_its_whole_message_back(rabbit: Stack) -> None:
+    transport = rabbit.timeouts().transport
+    now = rabbit.timeouts().clock.now_ms()
+    transport.publish([TimerMessage(oid, now, 1) for oid in ("a", "b", "c")])
+    first = transport.receive(10, 10).deliveries
+    assert [d.message.order_id for d in first] == ["a", "b", "c"]
+    transport.settle(Settlement(done=first[:2], failed=first[2:]))
+    again = transport.receive(10, 10).deliveries
+    assert [(d.message.order_id, d.deliveries) for d in again] == [("a", 2), ("b", 2), ("c", 2)]
 
 
 def test_a_returned_delivery_comes_back_counted_and_can_be_dead_lettered(rabbit: Stack) -> None:

@@ -36,6 +36,11 @@ class TimerMessage:
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise MalformedMessage(f"body is not JSON: {exc}") from None
+        return cls.from_json(data)
+
+    @classmethod
+    def from_json(cls, data: object) -> TimerMessage:
+        """The message from its decoded JSON; MalformedMessage names what is wrong."""
         if not isinstance(data, dict):
             raise MalformedMessage("body is not a JSON object")
         order_id, due_ms, version = data.get("order_id"), data.get("due_ms"), data.get("version")

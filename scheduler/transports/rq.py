@@ -65,7 +65,6 @@ Other query options go to redis-py unchanged (`socket_timeout`, `ssl_ca_certs`, 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -119,10 +118,7 @@ def job_message(job: Job, prefix: str | None = None) -> TimerMessage:
         raise MalformedMessage(f"job runs {func_name!r}, not {RQ_JOB_FUNCTION}")
     if kwargs or len(args) != 1 or not isinstance(args[0], dict):
         raise MalformedMessage("job arguments are not one timer message")
-    fields = args[0]
-    order_id, due_ms, version = fields.get("order_id"), fields.get("due_ms"), fields.get("version")
-    # TimerMessage.decode holds the rules; it takes the body as JSON text.
-    message = TimerMessage.decode(json.dumps({"order_id": order_id, "due_ms": due_ms, "version": version}))
+    message = TimerMessage.from_json(args[0])
     if prefix is not None and job.id != rq_job_id(prefix, message.order_id):
         raise MalformedMessage(f"job id {job.id!r} is not the job id of order {message.order_id!r}")
     return message
