@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 
@@ -12,7 +13,7 @@ from sqlalchemy import create_engine, inspect, text
 from scheduler import TimeoutState
 from scheduler.cli import main
 from tests.conftest import Stack
-from tests.support import add_orders, cancel_counts
+from tests.support import add_orders, cancel_counts, free_port
 
 
 class Cli:
@@ -107,6 +108,22 @@ def test_fire_then_worker_burst_cancels(cli: Cli, db_stack: Stack) -> None:
     assert cancel_counts(db_stack.engine) == {"F-1": 1}
 
 
+def test_worker_processes_take_the_logging_options_and_a_metrics_port_each(db_stack: Stack) -> None:
+    add_orders(db_stack.engine, ["P-1", "P-2"])
+    db_stack.timeouts().schedule_many(["P-1", "P-2"], due_at=datetime.now(UTC))
+    port = free_port()
+    argv = [sys.executable, "-m", "scheduler", "-v", "--log-format", "json", "worker", "--processes", "2", "--burst"]
+    done = subprocess.run(
+        [*argv, "--metrics-port", str(port)], env=db_stack.env(), capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    logged = [json.loads(line) for line in done.stderr.splitlines() if line.strip()]
+    ready = [entry["message"] for entry in logged if " ready: " in entry["message"]]
+    assert len(ready) == 2, "each process logs, as JSON, at the verbose level"
+    assert sorted(entry["order_id"] for entry in logged if entry.get("outcome") == "cancelled") == ["P-1", "P-2"]
+    assert cancel_counts(db_stack.engine) == {"P-1": 1, "P-2": 1}
+
+
 def test_dead_list_and_replay(cli: Cli, db_stack: Stack) -> None:
     client = db_stack.timeouts(max_attempts=1)
     client.schedule("no-such-order", due_at=datetime.now(UTC))
@@ -141,6 +158,7 @@ def test_dead_list_and_replay(cli: Cli, db_stack: Stack) -> None:
         ["pending", "--due-within", "forever"],
         ["pending", "--due-after", "2030-01-02T00:00:00Z", "--due-before", "2030-01-01T00:00:00Z"],
         ["worker", "--batch-size", "0"],
+        ["worker", "--processes", "3", "--metrics-port", "65534"],
         ["dead", "replay"],
         ["no-such-command"],
     ],

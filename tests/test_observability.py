@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -16,13 +15,7 @@ from prometheus_client import CollectorRegistry
 from consumers.worker import Worker
 from scheduler.observability import RegistryCollector, WorkerMetrics, configure_logging, scrub
 from tests.conftest import Stack
-from tests.support import add_orders, pay, wait_until
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.support import add_orders, free_port, pay, wait_until
 
 
 def test_worker_metrics_count_outcomes_and_registry_gauges(db_stack: Stack) -> None:

@@ -10,7 +10,6 @@ import contextlib
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -38,7 +37,7 @@ from scheduler.transports.redis_options import RedisOptions, parse_url
 from tests.conftest import Stack, open_stack
 from tests.redis_support import broker_url, delete_prefix, redis_prefix, redis_stack
 from tests.services import REDIS_URL, require, unique
-from tests.support import add_orders, cancel_counts, pay, postgres_schema, wait_until
+from tests.support import add_orders, cancel_counts, free_port, pay, postgres_schema, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_SEED = "redis://127.0.0.1:7000/0"
@@ -396,12 +395,6 @@ def test_a_worker_dead_letters_malformed_entries_and_carries_on(rstack: Stack, r
 
 
 # -- an unreachable Redis, figures, options ---------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_an_unreachable_redis_raises_transport_unavailable_and_scheduling_still_commits(rstack: Stack) -> None:

@@ -422,3 +422,17 @@ def test_the_url_options_are_checked() -> None:
     for bad in ("prefix=a:b", "queue=", "job_timeout=0", "failure_ttl=x"):
         with pytest.raises(ConfigurationError):
             parse_url(f"rq+redis://host/0?{bad}")
+
+
+def test_deployments_with_their_own_prefix_get_their_own_queue() -> None:
+    # Sharing one would hand one deployment's jobs to the other's workers, which dead-letter them.
+    queues = {
+        query: parse_url(f"rq+redis://host/0?{query}")[1].queue
+        for query in ("", "prefix=order-timeout", "prefix=shop-b", "prefix=shop-b&queue=mine")
+    }
+    assert queues == {
+        "": "order_timeouts",
+        "prefix=order-timeout": "order_timeouts",
+        "prefix=shop-b": "order_timeouts_shop-b",
+        "prefix=shop-b&queue=mine": "mine",
+    }

@@ -34,6 +34,8 @@ class LogFormat(StrEnum):
 @dataclass
 class Context:
     settings: Settings
+    #: the global logging options as given, for the worker processes a command starts
+    logging_argv: tuple[str, ...] = ()
     _timeouts: OrderTimeouts | None = None
 
     def timeouts(self) -> OrderTimeouts:
@@ -69,7 +71,7 @@ def _options(
         database_url=database_url or settings.database_url,
         broker_url=broker_url or settings.broker_url,
     )
-    ctx.obj = Context(settings)
+    ctx.obj = Context(settings, ("--log-format", log_format.value, *(["--verbose"] if verbose else [])))
     ctx.call_on_close(lambda: ctx.obj._timeouts and ctx.obj._timeouts.close())
 
 

@@ -12,7 +12,7 @@ import typer
 
 from scheduler.cli import Context, app
 from scheduler.cli.render import console, parse_duration, parse_instant, print_json, record_json
-from scheduler.config import ENV_BROKER_URL, ENV_DATABASE_URL, Settings, redact
+from scheduler.config import ENV_BROKER_URL, ENV_DATABASE_URL, redact
 from scheduler.database import make_engine
 from scheduler.errors import InvalidTimeout
 from scheduler.schema import init_db
@@ -111,13 +111,19 @@ def worker(
     ctx: typer.Context,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=10_000, help="Timeouts per transaction.")] = 500,
     burst: Annotated[bool, typer.Option("--burst", help="Exit when nothing is due.")] = False,
-    processes: Annotated[int, typer.Option("--processes", min=1, max=64, help="Run this many worker processes.")] = 1,
+    processes: Annotated[
+        int,
+        typer.Option(
+            "--processes", min=1, max=64, help="Run this many worker processes (metrics on consecutive ports)."
+        ),
+    ] = 1,
     metrics_port: MetricsPortOption = None,
 ) -> None:
     """Run a member of the consumer group. SIGTERM/SIGINT finish the current batch and exit."""
-    settings = ctx.ensure_object(Context).settings
     if processes > 1:
-        raise typer.Exit(_run_processes(processes, batch_size, burst, settings))
+        if metrics_port is not None and metrics_port + processes - 1 > 65535:
+            raise typer.BadParameter(f"ports {metrics_port}..{metrics_port + processes - 1} go past 65535")
+        raise typer.Exit(_run_processes(processes, batch_size, burst, metrics_port, ctx.ensure_object(Context)))
     from consumers.worker import Worker
 
     timeouts = ctx.ensure_object(Context).timeouts()
@@ -138,12 +144,15 @@ def worker(
     )
 
 
-def _run_processes(count: int, batch_size: int, burst: bool, settings: Settings) -> int:
-    argv = [sys.executable, "-m", "scheduler", "worker", "--batch-size", str(batch_size)]
+def _run_processes(count: int, batch_size: int, burst: bool, metrics_port: int | None, context: Context) -> int:
+    """`count` worker processes with this one's options; child i serves its metrics on metrics_port + i."""
+    argv = [sys.executable, "-m", "scheduler", *context.logging_argv, "worker", "--batch-size", str(batch_size)]
     if burst:
         argv.append("--burst")
+    settings = context.settings
     env = {**os.environ, ENV_DATABASE_URL: settings.database_url, ENV_BROKER_URL: settings.broker_url}
-    children = [subprocess.Popen(argv, env=env) for _ in range(count)]
+    ports = [[] if metrics_port is None else ["--metrics-port", str(metrics_port + i)] for i in range(count)]
+    children = [subprocess.Popen([*argv, *port], env=env) for port in ports]
 
     def _forward(signum: int, _frame: object) -> None:
         for child in children:

@@ -50,9 +50,11 @@ to whole seconds (up to 1 s early) and writes the registry outside the caller's 
 
 URL: `rq+redis://[[user]:password@]host[:port][/db][?option=value&...]`, `rq+rediss://` for TLS. Options:
 
-- `queue` (default `order_timeouts`): the RQ queue; give the rq workers the same name.
 - `prefix` (default `order-timeout`): first part of the job ids (letters, digits, `_`, `-`). RQ job
   ids are global to the Redis database: one prefix per deployment.
+- `queue`: the RQ queue; give the rq workers the same name. Default `order_timeouts`, or
+  `order_timeouts_<prefix>` with another prefix, so that deployments sharing a Redis never share
+  a queue (a worker dead-letters a job whose id does not carry its prefix).
 - `job_timeout` (default 60): RQ's timeout of one job, in seconds; a batch of our Worker must also
   settle within it. A job is abandoned (re-queued) after job_timeout + 60 s in the StartedJobRegistry.
 - `failure_ttl` (default 604800): seconds a failed (dead-lettered) job stays in the FailedJobRegistry.

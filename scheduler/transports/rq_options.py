@@ -59,4 +59,8 @@ def parse_url(broker_url: str) -> tuple[str, RQOptions]:
             ours[key] = bounded_int("rq", key, value, _LIMITS[key])
         else:
             passed.append((key, value))
+    if "prefix" in ours and "queue" not in ours and ours["prefix"] != RQ_DEFAULT_JOB_PREFIX:
+        # A deployment of its own: a shared queue would hand its jobs to another deployment's
+        # workers, which dead-letter them as not theirs (the job id has the wrong prefix).
+        ours["queue"] = f"{RQ_DEFAULT_QUEUE}_{ours['prefix']}"
     return urlunsplit(parts._replace(query=urlencode(passed))), RQOptions(**ours)
