@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import urllib.request
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -103,3 +105,15 @@ def test_check_reports_each_component_and_fails_without_leaking_secrets(db_stack
     report = json.loads(bad.stdout)
     assert [c["ok"] for c in report["checks"]] == [True, False]
     assert "topsecret" not in bad.stdout + bad.stderr
+
+
+def test_check_of_a_sqlite_file_that_does_not_exist_says_so_and_creates_nothing(tmp_path: Path) -> None:
+    missing = tmp_path / "not-yet.sqlite3"
+    env = {**os.environ, "ORDER_TIMEOUTS_DATABASE_URL": f"sqlite:///{missing}", "ORDER_TIMEOUTS_BROKER_URL": "sql"}
+    argv = [sys.executable, "-m", "scheduler", "check", "--json"]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 1
+    checks = json.loads(done.stdout)["checks"]
+    assert [c["ok"] for c in checks] == [False, False]
+    assert "init-db" in checks[0]["problem"]
+    assert list(tmp_path.iterdir()) == [], "no database file was created"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -12,7 +13,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from scheduler.cli import Context, app
 from scheduler.cli.operate import JsonOption
 from scheduler.cli.render import console, print_json
-from scheduler.config import redact
+from scheduler.config import database_url, redact
 from scheduler.database import reading
 from scheduler.errors import OrderTimeoutsError
 from scheduler.names import REGISTRY_TABLE
@@ -30,20 +31,28 @@ def check(
 
     started = time.perf_counter()
     timeouts = ctx.ensure_object(Context).timeouts()
+    missing = _missing_sqlite_file(settings.database_url)
     try:
-        with reading(timeouts.engine) as conn:
-            ready = inspect(conn).has_table(REGISTRY_TABLE)
-        problem = None if ready else "registry tables missing: run `order-timeouts init-db`"
+        if missing is not None:
+            # Connecting would create an empty file: a health check must not change anything.
+            database_problem: str | None = f"no SQLite file at {missing}: run `order-timeouts init-db`"
+        else:
+            with reading(timeouts.engine) as conn:
+                ready = inspect(conn).has_table(REGISTRY_TABLE)
+            database_problem = None if ready else "registry tables missing: run `order-timeouts init-db`"
     except SQLAlchemyError as exc:
-        problem = f"unreachable: {type(exc).__name__}"
-    results.append(_result("database", redact(settings.database_url), problem, started))
+        database_problem = f"unreachable: {type(exc).__name__}"
+    results.append(_result("database", redact(settings.database_url), database_problem, started))
 
     started = time.perf_counter()
-    try:
-        timeouts.transport.figures()
-        problem = None
-    except OrderTimeoutsError as exc:
-        problem = str(exc)
+    problem: str | None = None
+    if timeouts.transport.registry_is_queue and database_problem is not None:
+        problem = "the sql transport is the database: see above"
+    else:
+        try:
+            timeouts.transport.figures()
+        except OrderTimeoutsError as exc:
+            problem = str(exc)
     results.append(_result("broker", redact(settings.broker_url), problem, started))
 
     healthy = all(r["ok"] for r in results)
@@ -57,6 +66,15 @@ def check(
             )
     if not healthy:
         raise typer.Exit(1)
+
+
+def _missing_sqlite_file(url: str) -> Path | None:
+    """The path of a SQLite database file that does not exist (None for other databases)."""
+    parsed = database_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    path = Path(parsed.database)
+    return None if path.exists() else path
 
 
 def _result(component: str, target: str, problem: str | None, started: float) -> dict[str, object]:
