@@ -131,7 +131,7 @@ def run_rq(sizes: Sizes, services: Services, progress: Progress) -> SystemResult
     try:
         with _orders_database(services) as (engine, orders_url):
             progress(f"RQ: enqueue_in of {sizes.bulk:,}, pipelined")
-            before = int(client.info("memory")["used_memory"])
+            before = int(client.info("memory")["used_memory"])  # (connected, as the product's clients are)
             started = time.perf_counter()
             _rq_enqueue(queue, [(f"bulk-{i:07d}", now_ms() + _ms(BULK_DELAY)) for i in range(sizes.bulk)], results_key)
             result.figures["bulk_rate"] = rate(sizes.bulk, time.perf_counter() - started)
