@@ -279,10 +279,9 @@ class RQTransport:
             # anew: deleting its hash would strand that entry, so it only loses our execution.
             rearmed: set[str] = set()
             if done:
-                check = client.pipeline(transaction=False)
-                for taken in done:
-                    check.zscore(queue.scheduled_job_registry.key, taken.job.id)
-                rearmed = {t.job.id for t, score in zip(done, check.execute(), strict=True) if score is not None}
+                # ZMSCORE: Redis 6.2, like the LMOVE that RQ's own dequeue needs
+                scores = client.zmscore(queue.scheduled_job_registry.key, [t.job.id for t in done])
+                rearmed = {t.job.id for t, score in zip(done, scores, strict=True) if score is not None}
             pipe = client.pipeline(transaction=False)
             for taken in done:
                 taken.execution.delete(job=taken.job, pipeline=pipe)
