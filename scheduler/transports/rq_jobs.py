@@ -65,8 +65,8 @@ class JobTemplate:
         probe = self.job(message)
         mapping = probe.to_dict()
         self._shared = {name: value for name, value in mapping.items() if name not in PER_JOB_FIELDS}
-        #: False when this RQ reads our jobs differently: arm() then saves RQ's own Job per timer
         ours = self._shared | dict(zip(PER_JOB_FIELDS, self.encode(message), strict=True))
+        #: False when this RQ reads our jobs differently: arm() then saves RQ's own Job per timer
         self.exact = self._reads_back(probe, ours)
         if not self.exact:
             log.warning("this RQ version reads jobs differently: arming timers one RQ Job at a time (slower)")
