@@ -101,9 +101,12 @@ class Handler:
                 poison = self._poison(batch.deliveries, claims)
                 outcomes, retries, dead = self._decide(conn, [c for c in claims if c.order_id not in poison], now)
                 dead.update(poison)
-                registry.finish(conn, outcomes, now=now)
+                # Finished when the outcome is written, just before the commit: fired_ms says when
+                # the batch claimed it, and the difference is the batch's own time.
+                finished = self._clock.now_ms()
+                registry.finish(conn, outcomes, now=finished)
                 registry.retry_later(conn, retries, now=now, published=self._registry_is_queue)
-                registry.bury(conn, dead, now=now)
+                registry.bury(conn, dead, now=finished)
         except SQLAlchemyError:
             log.exception("batch transaction failed; %d deliveries go back to the broker", len(batch.deliveries))
             return Settlement(failed=list(batch.deliveries), rolled_back=True), report

@@ -7,7 +7,7 @@
                      number of far-off timeouts pending (rates against the empty system)
 
 Lateness comes from the registry: finished_ms - due_ms of each timeout (finished_ms is the time the
-batch that handled it started its transaction). "All finished" is the bench's own clock when the
+batch that handled it wrote its outcome, just before its commit). "All finished" is the bench's own clock when the
 registry showed nothing pending up to the due time.
 """
 
