@@ -14,12 +14,11 @@ Nothing is retried inside a link, so nothing is ever assumed sent.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,40 +55,6 @@ class Inbound:
         # Quorum queues count deliveries returned without an ack (nack, lost consumer).
         count = self.headers.get("x-delivery-count", 0)
         return count if isinstance(count, int) else 0
-
-
-class _CorkedConnection(SelectConnection):  # type: ignore[misc]  # pika is untyped here
-    """A SelectConnection whose output can be held while the I/O thread produces a burst of frames.
-
-    pika hands each frame to its transport on its own (method, header and body: three per
-    message) and the transport sends each with a send() of its own, which was a fifth of the
-    publisher's time. `_adapter_emit_data` is the hook pika's adapters implement to take the
-    connection's output; while `corked()`, it collects the bytes, in order, and sends them as one.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._held: list[bytes] | None = None
-        super().__init__(*args, **kwargs)
-
-    def _adapter_emit_data(self, data: bytes) -> None:
-        if self._held is not None:
-            self._held.append(data)
-        else:
-            super()._adapter_emit_data(data)
-
-    @contextlib.contextmanager
-    def corked(self) -> Iterator[None]:
-        """Hold the output of the block and write it at once (only on the I/O thread)."""
-        if self._held is not None:  # already corked further up
-            yield
-            return
-        self._held = []
-        try:
-            yield
-        finally:
-            held, self._held = self._held, None
-            if held:
-                super()._adapter_emit_data(b"".join(held))
 
 
 @dataclass(eq=False)
@@ -238,7 +203,7 @@ class Link:
 
     def _run(self) -> None:
         try:
-            self._conn = _CorkedConnection(
+            self._conn = SelectConnection(
                 self._params,
                 on_open_callback=self._on_open,
                 on_open_error_callback=lambda _conn, exc: self._stop(f"cannot connect to RabbitMQ: {exc!r}"),
@@ -323,16 +288,15 @@ class Link:
         self._pump()
 
     def _pump(self) -> None:
-        with self._conn.corked():
-            while self._outbox and len(self._unconfirmed) < WINDOW:
-                job = self._outbox[0]
-                exchange, key, body, properties = job.items[job.sent]
-                job.sent += 1
-                if job.sent == len(job.items):
-                    self._outbox.popleft()
-                self._pub.basic_publish(exchange, key, body, properties, mandatory=True)
-                self._seq += 1
-                self._unconfirmed[self._seq] = job
+        while self._outbox and len(self._unconfirmed) < WINDOW:
+            job = self._outbox[0]
+            exchange, key, body, properties = job.items[job.sent]
+            job.sent += 1
+            if job.sent == len(job.items):
+                self._outbox.popleft()
+            self._pub.basic_publish(exchange, key, body, properties, mandatory=True)
+            self._seq += 1
+            self._unconfirmed[self._seq] = job
 
     def _on_return(self, _channel: Any, method: Any, _properties: Any, _body: bytes) -> None:
         # A Basic.Return comes before the confirm of the same message and names no delivery tag:
@@ -383,11 +347,10 @@ class Link:
             self._cond.notify_all()
 
     def _settle(self, acks: list[int], nacks: list[int]) -> None:
-        with self._conn.corked():
-            for tag in acks:
-                self._sub.basic_ack(tag)
-            for tag in nacks:
-                self._sub.basic_nack(tag, requeue=True)
+        for tag in acks:
+            self._sub.basic_ack(tag)
+        for tag in nacks:
+            self._sub.basic_nack(tag, requeue=True)
 
     def _inspect(self, queues: list[str], result: dict[str, tuple[int, int]], finished: threading.Event) -> None:
         """Passive declares on a channel of their own: a missing queue (404) closes only that channel."""
