@@ -215,7 +215,10 @@ class RabbitMQTransport:
                 link.settle(ack, nack)
 
     def figures(self) -> dict[str, Any]:
-        """Messages per queue (delay queues that hold any, ready, dead letters) and ready-queue consumers."""
+        """Messages per queue (delay queues that hold any, ready, dead letters) and ready-queue consumers.
+
+        Counts are messages, as the broker knows them: timers published together share one (up to
+        ENVELOPE_MAX), so the registry, not these figures, counts pending timeouts."""
         labels = figure_queues()
         depths = self._connected().queue_depths(list(labels.values()), CONFIRM_TIMEOUT_S)
         figures: dict[str, Any] = {}
