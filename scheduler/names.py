@@ -49,6 +49,8 @@ RABBITMQ_DEAD_EXCHANGE = "order_timeouts.dead"
 RABBITMQ_DEAD_QUEUE = "order_timeouts.dead"
 #: header of a dead letter that says why it was dead-lettered
 RABBITMQ_REASON_HEADER = "order-timeouts-reason"
+#: header: deliveries a timer had before it was published again on its own (a dead letter, a split message)
+RABBITMQ_DELIVERIES_HEADER = "order-timeouts-deliveries"
 
 
 def rabbitmq_delay_queue(level: int) -> str:

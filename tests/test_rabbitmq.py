@@ -29,7 +29,7 @@ from scheduler.names import (
     rabbitmq_delay_queue,
     rabbitmq_expired_exchange,
 )
-from scheduler.transports.base import Settlement, TimerMessage
+from scheduler.transports.base import Delivery, Settlement, TimerMessage
 from scheduler.transports.rabbitmq import (
     ARRIVE_EARLIEST_MS,
     ARRIVE_LATEST_MS,
@@ -288,53 +288,52 @@ MALFORMED = (
 )
 
 
+def take(transport: Any, count: int) -> list[Delivery]:
+    """Receive until `count` deliveries have come (they may come over several batches)."""
+    taken: list[Delivery] = []
+    deadline = time.monotonic() + 20
+    while len(taken) < count and time.monotonic() < deadline:
+        taken += transport.receive(1000, 1.0).deliveries
+    return taken
+
+
 def test_timers_published_together_share_a_message_acked_once_every_timer_in_it_is_settled(rabbit: Stack) -> None:
     transport = rabbit.timeouts().transport
     now = rabbit.timeouts().clock.now_ms()
-    transport.publish([TimerMessage(f"t-{i}", now, 1) for i in range(ENVELOPE_MAX + 5)])
+    ids = [f"t-{i}" for i in range(ENVELOPE_MAX + 5)]
+    transport.publish([TimerMessage(oid, now, 1) for oid in ids])
     assert transport.figures()["ready"] == 2, "one full message and one of 5"
 
     first = transport.receive(ENVELOPE_MAX - 2, 10).deliveries
     transport.settle(Settlement(done=first))
     assert transport.figures()["ready"] == 0, "both delivered: the first is not acked with 2 timers unsettled"
     transport.close()  # as if the worker died: the broker requeues both messages, whole
-    again = transport.receive(1000, 10).deliveries
-    assert sorted(d.message.order_id for d in again) == sorted(f"t-{i}" for i in range(ENVELOPE_MAX + 5))
+    again = take(transport, len(ids))
+    assert sorted(d.message.order_id for d in again) == sorted(ids)
     assert {d.deliveries for d in again} == {2}
 
-    # Settled over two batches: acked once the last timer is, and then nothing comes back.
+    # They came back split, one timer per message: settled over two batches, nothing comes back.
     transport.settle(Settlement(done=again[:50]))
     transport.settle(Settlement(done=again[50:]))
     transport.close()
     assert not transport.receive(1000, 1.0).deliveries
 
 
-def test_a_failed_timer_sends_its_whole_message_back(rabbit: Stack) -> None:
+def test_a_shared_message_that_comes_back_is_split_so_that_a_poison_timer_is_counted_alone(rabbit: Stack) -> None:
     transport = rabbit.timeouts().transport
     now = rabbit.timeouts().clock.now_ms()
-    transport.publish([TimerMessage(oid, now, 1) for oid in ("a", "b", "c")])
-    first = transport.receive(10, 10).deliveries
-    assert [d.message.order_id for d in first] == ["a", "b", "c"]
-    transport.settle(Settlement(done=first[:2], failed=first[2:]))
-    again = transport.receive(10, 10).deliveries
-    assert [(d.message.order_id, d.deliveries) for d in again] == [("a", 2), ("b", 2), ("c", 2)]
+    transport.publish([TimerMessage(oid, now, 1) for oid in ("a", "b", "poison")])
+    first = take(transport, 3)
+    assert [(d.message.order_id, d.deliveries) for d in first] == [("a", 1), ("b", 1), ("poison", 1)]
+    transport.settle(Settlement(done=first[:2], failed=first[2:]))  # the whole message goes back
 
-
-def test_a_returned_delivery_comes_back_counted_and_can_be_dead_lettered(rabbit: Stack) -> None:
-    transport = rabbit.timeouts().transport
-    transport.publish([TimerMessage("poison", 0, 1)])
-    first = transport.receive(10, 10).deliveries
-    assert [(d.message.order_id, d.deliveries) for d in first] == [("poison", 1)]
-
-    transport.settle(Settlement(failed=first))  # the batch transaction failed: deliver it again
-    again = transport.receive(10, 10).deliveries
-    assert [(d.message.order_id, d.deliveries) for d in again] == [("poison", 2)]
-
-    transport.settle(Settlement(dead=[(again[0], "kills every worker")]))
-    assert not transport.receive(10, 0.5).deliveries, "acked after dead-lettering"
-    [(body, headers)] = dead_letters(rabbit.broker_url)
-    assert TimerMessage.decode(body) == TimerMessage("poison", 0, 1)
-    assert headers[RABBITMQ_REASON_HEADER] == "kills every worker"
+    second = sorted(take(transport, 3), key=lambda d: d.message.order_id)
+    assert [(d.message.order_id, d.deliveries) for d in second] == [("a", 2), ("b", 2), ("poison", 2)]
+    transport.settle(Settlement(done=second[:2]))
+    transport.close()  # the worker dies on the poison timer: only it comes back, still counted
+    third = take(transport, 1)
+    assert [(d.message.order_id, d.deliveries) for d in third] == [("poison", 3)]
+    assert not transport.receive(10, 0.5).deliveries
 
 
 def test_an_early_timer_is_held_until_due_and_a_far_too_early_one_re_armed(rabbit: Stack) -> None:

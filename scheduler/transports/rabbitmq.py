@@ -33,6 +33,9 @@ Guarantees:
   100k timers due together costs it 1,000 messages, not 100k. The message is acked once every
   timer in it is settled (possibly over several batches) and nacked, back to the queue whole, if
   any of them failed; the handler's conditional claim acks the others as stale when it comes back.
+  A shared message that comes back (its worker died, or its batch failed) is split: each timer is
+  published again on its own, with the deliveries it had so far in a header, so that a timer that
+  kills workers is counted, and dead-lettered, alone and not with the others it travelled with.
 - A body that is not a timer message goes to the dead-letter queue with the reason in the
   `order-timeouts-reason` header and is acked inside `receive`; the worker carries on.
 - When the broker goes away, `receive`/`publish` raise TransportUnavailable and the next call
@@ -64,7 +67,12 @@ from sqlalchemy import Connection
 from scheduler.clock import Clock
 from scheduler.config import redact
 from scheduler.errors import ConfigurationError, MalformedMessage
-from scheduler.names import RABBITMQ_DEAD_EXCHANGE, RABBITMQ_REASON_HEADER, RABBITMQ_TIMERS_EXCHANGE
+from scheduler.names import (
+    RABBITMQ_DEAD_EXCHANGE,
+    RABBITMQ_DELIVERIES_HEADER,
+    RABBITMQ_REASON_HEADER,
+    RABBITMQ_TIMERS_EXCHANGE,
+)
 from scheduler.transports.base import Batch, Delivery, Settlement, TimerMessage
 from scheduler.transports.rabbitmq_link import Inbound, Link, Outgoing
 from scheduler.transports.rabbitmq_topology import declarations, fewest_hops, figure_queues, routing_key
@@ -158,6 +166,12 @@ class _Held:
     envelope: _Envelope = field(compare=False)
     message: TimerMessage = field(compare=False)
     deliveries: int = field(compare=False)
+
+
+def _earlier_deliveries(headers: dict[str, Any]) -> int:
+    """Deliveries before the message was published again on its own (0 when it never was)."""
+    count = headers.get(RABBITMQ_DELIVERIES_HEADER, 0)
+    return count if isinstance(count, int) and not isinstance(count, bool) and count >= 0 else 0
 
 
 class RabbitMQTransport:
@@ -273,9 +287,17 @@ class RabbitMQTransport:
     def _delay_ticks(remaining_ms: int) -> int:
         return fewest_hops(remaining_ms - ARRIVE_EARLIEST_MS, remaining_ms - ARRIVE_LATEST_MS)
 
+    def _alone(self, message: TimerMessage, deliveries: int) -> Outgoing:
+        """The timer as a message of its own that remembers how often it was delivered before."""
+        properties = pika.BasicProperties(
+            content_type="application/json", delivery_mode=2, headers={RABBITMQ_DELIVERIES_HEADER: deliveries}
+        )
+        ticks = self._delay_ticks(message.due_ms - self._clock.now_ms())
+        return (RABBITMQ_TIMERS_EXCHANGE, routing_key(ticks), message.encode(), properties)
+
     @staticmethod
     def _dead_letter(body: bytes, reason: str, deliveries: int) -> Outgoing:
-        headers = {RABBITMQ_REASON_HEADER: reason, "order-timeouts-deliveries": deliveries}
+        headers = {RABBITMQ_REASON_HEADER: reason, RABBITMQ_DELIVERIES_HEADER: deliveries}
         properties = pika.BasicProperties(content_type="application/json", delivery_mode=2, headers=headers)
         return (RABBITMQ_DEAD_EXCHANGE, "", body, properties)
 
@@ -306,6 +328,11 @@ class RabbitMQTransport:
                 republish.append(self._dead_letter(item.body, f"malformed message: {exc}", item.redeliveries + 1))
                 handled.append(item.tag)
                 continue
+            deliveries = item.redeliveries + _earlier_deliveries(item.headers) + 1
+            if len(timers) > 1 and item.redeliveries > 0:
+                republish += [self._alone(message, deliveries - 1) for message in timers]
+                handled.append(item.tag)
+                continue
             early = [m for m in timers if m.due_ms - now > HOLD_MS]
             republish += self._timers(early)
             hold = [m for m in timers if m.due_ms - now <= HOLD_MS]
@@ -314,7 +341,7 @@ class RabbitMQTransport:
                 continue
             envelope = _Envelope(link, item.tag, outstanding=len(hold))
             for message in hold:
-                held = _Held(message.due_ms, next(self._arrivals), envelope, message, item.redeliveries + 1)
+                held = _Held(message.due_ms, next(self._arrivals), envelope, message, deliveries)
                 heapq.heappush(self._held, held)
         if republish:
             # Confirmed before the ack: a crash in between duplicates the message, never loses it.
