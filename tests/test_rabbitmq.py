@@ -336,6 +336,23 @@ def test_a_shared_message_that_comes_back_is_split_so_that_a_poison_timer_is_cou
     assert not transport.receive(10, 0.5).deliveries
 
 
+def test_a_returned_delivery_comes_back_counted_and_can_be_dead_lettered(rabbit: Stack) -> None:
+    transport = rabbit.timeouts().transport
+    transport.publish([TimerMessage("poison", 0, 1)])
+    first = transport.receive(10, 10).deliveries
+    assert [(d.message.order_id, d.deliveries) for d in first] == [("poison", 1)]
+
+    transport.settle(Settlement(failed=first))  # the batch transaction failed: deliver it again
+    again = transport.receive(10, 10).deliveries
+    assert [(d.message.order_id, d.deliveries) for d in again] == [("poison", 2)]
+
+    transport.settle(Settlement(dead=[(again[0], "kills every worker")]))
+    assert not transport.receive(10, 0.5).deliveries, "acked after dead-lettering"
+    [(body, headers)] = dead_letters(rabbit.broker_url)
+    assert TimerMessage.decode(body) == TimerMessage("poison", 0, 1)
+    assert headers[RABBITMQ_REASON_HEADER] == "kills every worker"
+
+
 def test_an_early_timer_is_held_until_due_and_a_far_too_early_one_re_armed(rabbit: Stack) -> None:
     # Timers are routed to arrive EARLY_MS ahead and wait in the consumer; one that comes far earlier
     # (a delay beyond the cascade's reach, a publisher whose clock runs ahead) goes back to the cascade.
