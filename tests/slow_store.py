@@ -34,3 +34,8 @@ class PausingStore(SqlOrderStore):
 
 def after_cancel(settings: Settings) -> PausingStore:
     return PausingStore(settings, Path(os.environ["ORDER_TIMEOUTS_TEST_MARKER"]))
+
+
+def pausing_after_cancel(marker: Path) -> dict[str, str]:
+    """The environment of a worker whose first batch stops after its cancel, announced at `marker`."""
+    return {"ORDER_TIMEOUTS_ORDER_STORE": "tests.slow_store:after_cancel", "ORDER_TIMEOUTS_TEST_MARKER": str(marker)}

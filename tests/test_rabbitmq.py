@@ -48,6 +48,7 @@ from scheduler.transports.rabbitmq_topology import (
 )
 from tests.conftest import Stack, open_stack
 from tests.rabbitmq_support import channel, rabbitmq_stack, rabbitmq_vhost, rabbitmqctl, wait_for_broker
+from tests.slow_store import pausing_after_cancel
 from tests.support import add_orders, cancel_counts, wait_until
 
 SOON = timedelta(milliseconds=300)
@@ -167,8 +168,7 @@ def test_a_worker_killed_holding_unacked_deliveries_loses_nothing_and_cancels_no
     victim = rabbit.start_worker(
         "--batch-size",
         "50",
-        ORDER_TIMEOUTS_ORDER_STORE="tests.slow_store:after_cancel",
-        ORDER_TIMEOUTS_TEST_MARKER=str(marker),
+        **pausing_after_cancel(marker),
     )
     try:
         wait_until(marker.exists, timeout=30)

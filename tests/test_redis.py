@@ -37,6 +37,7 @@ from scheduler.transports.redis_options import RedisOptions, parse_url
 from tests.conftest import Stack, open_stack
 from tests.redis_support import broker_url, delete_prefix, redis_prefix, redis_stack
 from tests.services import REDIS_URL, require, unique
+from tests.slow_store import pausing_after_cancel
 from tests.support import add_orders, cancel_counts, free_port, pay, postgres_schema, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -288,8 +289,7 @@ def test_entries_of_a_killed_worker_are_taken_over_after_the_idle_timeout(rstack
         "--batch-size",
         "50",
         ORDER_TIMEOUTS_BROKER_URL=url,
-        ORDER_TIMEOUTS_ORDER_STORE="tests.slow_store:after_cancel",
-        ORDER_TIMEOUTS_TEST_MARKER=str(marker),
+        **pausing_after_cancel(marker),
     )
     try:
         wait_until(marker.exists, timeout=30)

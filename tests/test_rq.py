@@ -36,6 +36,7 @@ from scheduler.transports.rq_options import parse_url
 from tests.conftest import Stack, open_stack
 from tests.rq_support import rq_broker_url
 from tests.services import REDIS_URL
+from tests.slow_store import pausing_after_cancel
 from tests.stacks import STACKS
 from tests.support import add_orders, cancel_counts, order_status, pay, postgres_schema, wait_until
 
@@ -288,7 +289,7 @@ def test_an_rq_worker_killed_mid_job_cancels_nothing_and_rqs_cleanup_brings_the_
     marker = tmp_path / "cancelled-not-committed"
     namespace = transport(rq).options.queue
     command = [RQ_CLI, "worker", "--with-scheduler", "--burst", "-S", "json", "-c", "consumers.rq_settings"]
-    env = rq.env(ORDER_TIMEOUTS_ORDER_STORE="tests.slow_store:after_cancel", ORDER_TIMEOUTS_TEST_MARKER=str(marker))
+    env = rq.env(**pausing_after_cancel(marker))
     worker = subprocess.Popen([*command, "-n", f"{namespace}-doomed"], env=env)
     try:
         wait_until(marker.exists, timeout=30)

@@ -17,6 +17,7 @@ from scheduler.database import reading
 from scheduler.registry import all_records, count_pending
 from scheduler.transports.sql import SqlTransport
 from tests.conftest import Stack
+from tests.slow_store import pausing_after_cancel
 from tests.support import add_orders, cancel_counts, order_status, pay, wait_until
 
 pytestmark = pytest.mark.slow
@@ -42,8 +43,7 @@ def test_sigkill_in_the_middle_of_a_batch_loses_nothing_and_cancels_nothing_twic
     victim = db_stack.start_worker(
         "--batch-size",
         "50",
-        ORDER_TIMEOUTS_ORDER_STORE="tests.slow_store:after_cancel",
-        ORDER_TIMEOUTS_TEST_MARKER=str(marker),
+        **pausing_after_cancel(marker),
     )
     try:
         wait_until(marker.exists, timeout=30)
@@ -70,8 +70,7 @@ def test_sigterm_finishes_the_current_batch_then_exits_cleanly(db_stack: Stack, 
     worker = db_stack.start_worker(
         "--batch-size",
         "10",
-        ORDER_TIMEOUTS_ORDER_STORE="tests.slow_store:after_cancel",
-        ORDER_TIMEOUTS_TEST_MARKER=str(marker),
+        **pausing_after_cancel(marker),
         ORDER_TIMEOUTS_TEST_PAUSE_S="1",
         capture=True,
     )
