@@ -16,10 +16,12 @@ import zlib
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 from rq import Queue
+from rq.executions import Execution
 from rq.job import Job
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
@@ -29,8 +31,10 @@ from scheduler.config import ENV_MAX_ATTEMPTS
 from scheduler.errors import ConfigurationError
 from scheduler.names import RQ_JOB_FUNCTION
 from scheduler.schema import init_db
+from scheduler.transports import rq_executions
 from scheduler.transports.base import Settlement, TimerMessage
 from scheduler.transports.rq import RQTransport
+from scheduler.transports.rq_executions import Placeholders
 from scheduler.transports.rq_jobs import CRASH_RETRIES, JobTemplate
 from scheduler.transports.rq_options import parse_url
 from tests.conftest import Stack, open_stack
@@ -186,6 +190,71 @@ def test_armed_jobs_are_the_jobs_rq_itself_writes(
         assert {k: v for k, v in armed.items() if k not in (b"created_at", b"data")} == {
             k: v for k, v in expected.items() if k not in (b"created_at", b"data")
         }
+
+
+def rq_leaves(client: redis.Redis, stack: Stack, order_id: str, execution_id: str) -> dict[str, Any]:
+    """Every key that names the order's job, and every entry of the queue's registries and lists
+    that does, with the ids as <job>, <order> and <execution>, and times relative to now."""
+    rq_queue = queue(stack, client)
+    normal = Placeholders(transport(stack).options.lease_s)
+    job_id = transport(stack).job_id(order_id)
+    names = {job_id.encode(): b"<job>", order_id.encode(): b"<order>", execution_id.encode(): b"<execution>"}
+    found: dict[str, Any] = {}
+    for key in client.scan_iter(match=f"*{job_id}*", count=1000):
+        kind = client.type(key).decode()
+        value = {"hash": client.hgetall, "zset": lambda k: client.zrange(k, 0, -1, withscores=True)}[kind](key)
+        found[normal(key, names).decode()] = (kind, normal(value, names), normal(client.ttl(key), names))
+    shared = [rq_queue.key, rq_queue.intermediate_queue_key]
+    shared += [r.key for r in (StartedJobRegistry(queue=rq_queue), rq_queue.scheduled_job_registry)]
+    shared += [rq_queue.failed_job_registry.key]
+    for key in shared:
+        kind = client.type(key).decode()
+        entries = client.lrange(key, 0, -1) if kind == "list" else client.zrange(key, 0, -1, withscores=True)
+        found[key] = [normal(entry, names) for entry in entries if job_id.encode() in str(entry).encode()]
+    return found
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["rq_start.lua", "rq-fallback"])
+def test_jobs_our_worker_runs_leave_what_rqs_own_worker_leaves(
+    rq: Stack, client: redis.Redis, monkeypatch: pytest.MonkeyPatch, exact: bool
+) -> None:
+    if not exact:
+        # An RQ release that keeps executions differently: the check notices, and RQ's own calls run.
+        diverging = rq_executions.START_SCRIPT.replace("'status', 'started'", "'status', 'busy'")
+        monkeypatch.setattr(rq_executions, "START_SCRIPT", diverging)
+    now_ms = int(time.time() * 1000)
+    ours, theirs = TimerMessage("ours", now_ms - 1000, 1), TimerMessage("theirs", now_ms - 1000, 1)
+    transport(rq).publish([ours, theirs])
+    batch = transport(rq).receive(1, 0.0)
+    assert [d.message for d in batch.deliveries] == [ours]
+    assert transport(rq)._executions is not None and transport(rq)._executions.exact is exact
+    taken = batch.deliveries[0].receipt
+
+    # What RQ's worker does with the next job: dequeue, Execution.create, prepare_for_execution.
+    rq_queue, name = queue(rq, client), transport(rq)._name
+    assert client.lmove(rq_queue.key, rq_queue.intermediate_queue_key) == transport(rq).job_id("theirs").encode()
+    job = Job.fetch(transport(rq).job_id("theirs"), connection=client, serializer=JSONSerializer)
+    job.meta["deliveries"] = 1  # consumers/rq_job.py counts the run, as our Worker does
+    pipe = client.pipeline()
+    execution = Execution.create(job, transport(rq).options.lease_s, pipe, worker_name=name)
+    job.prepare_for_execution(name, pipe)
+    pipe.hset(job.key, "meta", JSONSerializer.dumps(job.meta))
+    pipe.lrem(rq_queue.intermediate_queue_key, 1, job.id)
+    pipe.execute()
+
+    started = rq_leaves(client, rq, "ours", taken.execution_id)
+    assert started == rq_leaves(client, rq, "theirs", execution.id)
+    assert any(key.startswith("rq:execution:") for key in started), "the comparison saw the execution"
+
+    # Done: RQ's success with result_ttl 0 deletes the job and ends its execution.
+    transport(rq).settle(Settlement(done=batch.deliveries))
+    pipe = client.pipeline()
+    job.delete(pipeline=pipe, remove_from_queue=False)
+    execution.delete(job, pipe)
+    pipe.execute()
+    ended = rq_leaves(client, rq, "ours", taken.execution_id)
+    assert ended == rq_leaves(client, rq, "theirs", execution.id)
+    assert not client.exists(Job.key_for(taken.job_id)), "nothing of a job done is kept"
 
 
 def test_arming_a_failed_job_again_clears_its_failure(rq: Stack, client: redis.Redis) -> None:

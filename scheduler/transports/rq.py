@@ -26,10 +26,12 @@ horse that imports it itself spends about 0.4 s on that, per job).
 The project's own `order-timeouts worker` serves the same queue in batches, with RQ's own
 bookkeeping: it moves due jobs onto the queue (rq_move.lua, atomic, and only while no RQ scheduler
 holds the queue's scheduler lock, so that the two never push one job twice), takes job ids off the
-queue with LMOVE into RQ's intermediate list (rq_take.lua), registers an RQ `Execution` in the
-StartedJobRegistry for each, and settles like RQ's worker: the job is deleted (done, result_ttl 0),
-re-scheduled (retry), or failed into the FailedJobRegistry with a failure Result (dead). An id that
-LMOVE gave to one consumer is in no other consumer's hands, rq worker or ours.
+queue with LMOVE into RQ's intermediate list and reads them (rq_take.lua), starts an RQ execution
+of each in the StartedJobRegistry (rq_start.lua, see rq_executions.py), and settles like RQ's
+worker: the execution ends (rq_end.lua) and the job is deleted (done, result_ttl 0), re-scheduled
+(retry), or failed into the FailedJobRegistry with a failure Result (dead). A round trip per step
+and batch, not per job. An id that LMOVE gave to one consumer is in no other consumer's hands, rq
+worker or ours.
 
 Crashes. Every job carries `Retry(max=CRASH_RETRIES)`, so RQ's own recovery re-queues it:
 - an rq worker's horse that dies (OOM, SIGKILL) fails the job in the worker, which re-queues it;
@@ -67,11 +69,13 @@ Other query options go to redis-py unchanged (`socket_timeout`, `ssl_ca_certs`, 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import socket
 import time
 import uuid
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
@@ -81,7 +85,6 @@ import redis
 from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker
 from rq.exceptions import DeserializationError, NoSuchJobError
-from rq.executions import Execution, ExecutionRegistry
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.results import Result
@@ -95,6 +98,7 @@ from scheduler.errors import MalformedMessage, TransportUnavailable
 from scheduler.names import RQ_JOB_FUNCTION, RQ_META_DELIVERIES, rq_job_id
 from scheduler.transports.base import Batch, Delivery, Settlement, TimerMessage
 from scheduler.transports.redis_options import MAX_BLOCK_MS, RedisOptions, connect
+from scheduler.transports.rq_executions import Executions
 from scheduler.transports.rq_jobs import ARM_SCRIPT, JobTemplate, seconds
 from scheduler.transports.rq_options import parse_url
 
@@ -116,22 +120,46 @@ def job_message(job: Job, prefix: str | None = None) -> TimerMessage:
         func_name, args, kwargs = job.func_name, job.args, job.kwargs
     except (DeserializationError, ValueError, TypeError) as exc:
         raise MalformedMessage(f"job data is not JSON: {exc.__cause__ or exc}") from None
+    return call_message(job.id, func_name, args, kwargs, prefix)
+
+
+def call_message(job_id: str, func_name: Any, args: Any, kwargs: Any, prefix: str | None) -> TimerMessage:
+    """The timer message of a job's call; MalformedMessage when it is not a call of our job function."""
     if func_name != RQ_JOB_FUNCTION:
         raise MalformedMessage(f"job runs {func_name!r}, not {RQ_JOB_FUNCTION}")
-    if kwargs or len(args) != 1 or not isinstance(args[0], dict):
+    if kwargs or not isinstance(args, list | tuple) or len(args) != 1 or not isinstance(args[0], dict):
         raise MalformedMessage("job arguments are not one timer message")
     message = TimerMessage.from_json(args[0])
-    if prefix is not None and job.id != rq_job_id(prefix, message.order_id):
-        raise MalformedMessage(f"job id {job.id!r} is not the job id of order {message.order_id!r}")
+    if prefix is not None and job_id != rq_job_id(prefix, message.order_id):
+        raise MalformedMessage(f"job id {job_id!r} is not the job id of order {message.order_id!r}")
     return message
+
+
+def taken_message(job_id: str, data: bytes, meta: bytes | None, prefix: str) -> tuple[TimerMessage, dict[str, Any]]:
+    """The timer message and the meta of a job from its hash's `data` and `meta`, read as
+    `Job.restore` reads them (data may be a zlib stream); MalformedMessage when it is not ours."""
+    try:
+        data = zlib.decompress(data)
+    except zlib.error:
+        pass  # written plain (rq_arm.lua)
+    try:
+        call = json.loads(data)
+        job_meta = json.loads(meta) if meta else {}
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise MalformedMessage(f"job data is not JSON: {exc}") from None
+    if not isinstance(call, list) or len(call) != 4 or not isinstance(job_meta, dict):
+        raise MalformedMessage("job data is not an RQ call")
+    func_name, _instance, args, kwargs = call
+    return call_message(job_id, func_name, args, kwargs, prefix), job_meta
 
 
 @dataclass(frozen=True)
 class _Taken:
-    """The receipt of a delivery: the job and the Execution registered for it in the StartedJobRegistry."""
+    """The receipt of a delivery: the job, the execution started for it, and the job's meta."""
 
-    job: Job
-    execution: Execution
+    job_id: str
+    execution_id: str
+    meta: dict[str, Any]
 
 
 class RQTransport:
@@ -147,6 +175,7 @@ class RQTransport:
         self._take: Any = None
         self._arm_script: Any = None
         self._template: JobTemplate | None = None
+        self._executions: Executions | None = None
         self._maintainer: SimpleWorker | None = None
         self._next_maintenance = 0.0
         self._name = f"order-timeouts:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
@@ -231,111 +260,90 @@ class RQTransport:
     def _take_jobs(self, limit: int, block_s: float | None = None) -> list[Delivery]:
         queue = self._rq_queue()
         client = self._redis()
-        ids: list[bytes] = []
+        first: list[bytes] = []
         if block_s is not None:
-            first = client.blmove(queue.key, queue.intermediate_queue_key, block_s, "LEFT", "RIGHT")
-            if first is None:
+            taken = client.blmove(queue.key, queue.intermediate_queue_key, block_s, "LEFT", "RIGHT")
+            if taken is None:
                 return []
-            ids.append(first)
-        if limit > len(ids):
-            ids += self._take(keys=[queue.key, queue.intermediate_queue_key], args=[limit - len(ids)])
-        if not ids:
+            first.append(taken)
+        keys = [queue.key, queue.intermediate_queue_key]
+        replies = self._take(keys=keys, args=[limit - len(first), Job.redis_job_namespace_prefix, *first])
+        if not replies:
             return []
-        job_ids = [i.decode() for i in ids]
-        jobs = self._fetch(job_ids)
-        started = self._started_registry()
-        pipe = client.pipeline(transaction=False)
-        deliveries: list[Delivery] = []
-        for job_id in job_ids:
-            job = jobs.get(job_id)
-            if job is None:
-                pass  # revoked after it was queued: nothing to deliver
-            elif isinstance(job, str):
-                self._bury(pipe, job_id, None, job)
-            else:
-                try:
-                    message = job_message(job, self.options.prefix)
-                except MalformedMessage as exc:
-                    self._bury(pipe, job_id, job, str(exc))
-                else:
-                    count = int(job.meta.get(RQ_META_DELIVERIES, 0)) + 1
-                    job.meta[RQ_META_DELIVERIES] = count
-                    # What RQ's worker does before it runs a job: an Execution in the StartedJobRegistry
-                    # (with a lease, for the abandoned-job cleanup), status started.
-                    execution = self._start_execution(job, started, pipe)
-                    job.prepare_for_execution(self._name, pipeline=pipe)
-                    pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
-                    deliveries.append(Delivery(message, receipt=_Taken(job, execution), deliveries=count))
-            pipe.lrem(queue.intermediate_queue_key, 1, job_id)
-        pipe.execute()
-        return deliveries
+        messages: dict[str, tuple[TimerMessage, dict[str, Any]]] = {}
+        unstarted: list[str] = []
+        malformed: dict[str, str] = {}
+        for index in range(0, len(replies), 4):
+            raw_id, exists, data, meta = replies[index : index + 4]
+            job_id: str = raw_id.decode()
+            if not exists:
+                unstarted.append(job_id)  # revoked after it was queued: nothing to deliver
+                continue
+            try:
+                if data is None:
+                    raise MalformedMessage("job hash has no data")
+                messages[job_id] = taken_message(job_id, data, meta, self.options.prefix)
+            except MalformedMessage as exc:
+                malformed[job_id] = str(exc)
+                unstarted.append(job_id)
+        if malformed:
+            # Failed before they leave the intermediate list: a crash in between leaves them to RQ's cleanup.
+            jobs = self._fetch(list(malformed))
+            pipe = client.pipeline(transaction=False)
+            for job_id, reason in malformed.items():
+                job = jobs.get(job_id)
+                self._bury(pipe, job_id, job if isinstance(job, Job) else None, reason)
+            pipe.execute()
+        counts = {job_id: int(meta.get(RQ_META_DELIVERIES, 0)) + 1 for job_id, (_, meta) in messages.items()}
+        for job_id, (_, meta) in messages.items():
+            meta[RQ_META_DELIVERIES] = counts[job_id]
+        started = self._executions_of(queue).start(
+            [(job_id, json.dumps(meta).encode()) for job_id, (_, meta) in messages.items()], unstarted
+        )
+        return [
+            Delivery(message, receipt=_Taken(job_id, started[job_id], meta), deliveries=counts[job_id])
+            for job_id, (message, meta) in messages.items()
+            if job_id in started
+        ]
 
     def settle(self, settlement: Settlement) -> None:
         now_ms = self._clock.now_ms()
         with self._edge("settle"):
             queue = self._rq_queue()
             client = self._redis()
-            done = [d.receipt for d in settlement.done if isinstance(d.receipt, _Taken)]
-            # A job published again while we held it (reschedule, replay, the relay) is scheduled
-            # anew: deleting its hash would strand that entry, so it only loses our execution.
-            rearmed: set[str] = set()
-            if done:
-                # ZMSCORE: Redis 6.2, like the LMOVE that RQ's own dequeue needs
-                scores = client.zmscore(queue.scheduled_job_registry.key, [t.job.id for t in done])
-                rearmed = {t.job.id for t, score in zip(done, scores, strict=True) if score is not None}
-            started = self._started_registry()
+            dead = self._fetch([d.receipt.job_id for d, _ in settlement.dead]) if settlement.dead else {}
+            ended = [(d.receipt, True) for d in settlement.done]
+            ended += [(d.receipt, False) for d, _ in settlement.retry]
+            ended += [(d.receipt, False) for d, _ in settlement.dead]
+            ended += [(d.receipt, False) for d in settlement.failed]
             pipe = client.pipeline(transaction=False)
-            for taken in done:
-                self._end_execution(taken, started, pipe)
-                if taken.job.id in rearmed:
-                    pipe.hset(taken.job.key, "status", JobStatus.SCHEDULED.value)
-                else:
-                    # RQ's success with result_ttl 0: nothing of the job is kept.
-                    pipe.delete(taken.job.key, taken.job.execution_registry.key)
-            for delivery, message in settlement.retry:
-                taken = delivery.receipt
-                self._end_execution(taken, started, pipe)
+            # RQ's end of each execution; a job done is deleted (RQ's success with result_ttl 0),
+            # unless it was published again while we held it (reschedule, replay, the relay): it
+            # stays scheduled for that.
+            self._executions_of(queue).end(pipe, [(t.job_id, t.execution_id, done) for t, done in ended])
+            for _, message in settlement.retry:
                 self._arm(pipe, [message])
             for delivery, reason in settlement.dead:
-                taken = delivery.receipt
-                self._end_execution(taken, started, pipe)
-                self._bury(pipe, taken.job.id, taken.job, reason)
+                job = dead.get(delivery.receipt.job_id)
+                self._bury(pipe, delivery.receipt.job_id, job if isinstance(job, Job) else None, reason)
             for delivery in settlement.failed:
                 # The batch transaction failed (database trouble), which says nothing against the
                 # job: re-arm it shortly, as a fresh delivery. NX keeps a later due time that a
                 # reschedule has published in the meantime.
                 taken = delivery.receipt
-                self._end_execution(taken, started, pipe)
-                taken.job.meta.pop(RQ_META_DELIVERIES, None)
+                meta = {k: v for k, v in taken.meta.items() if k != RQ_META_DELIVERIES}
                 pipe.hset(
-                    taken.job.key,
-                    mapping={"status": JobStatus.SCHEDULED.value, "meta": taken.job.serializer.dumps(taken.job.meta)},
+                    Job.key_for(taken.job_id),
+                    mapping={"status": JobStatus.SCHEDULED.value, "meta": json.dumps(meta)},
                 )
                 score = seconds(now_ms + FAILED_REDELIVERY_MS)
-                pipe.zadd(queue.scheduled_job_registry.key, {taken.job.id: score}, nx=True)
+                pipe.zadd(queue.scheduled_job_registry.key, {taken.job_id: score}, nx=True)
             pipe.execute()
 
-    def _started_registry(self) -> StartedJobRegistry:
-        return StartedJobRegistry(queue=self._rq_queue())
-
-    def _start_execution(self, job: Job, started: StartedJobRegistry, pipe: Any) -> Execution:
-        """RQ's `Execution.create`, step for step, with the batch's one StartedJobRegistry instead of
-        one per job: building an RQ registry checks its serializer against a runtime Protocol, which
-        cost a tenth of a burst's drain time (tests/test_rq.py checks RQ's cleanup finds these)."""
-        lease = self.options.lease_s
-        execution = Execution(uuid.uuid4().hex, job.id, connection=job.connection, worker_name=self._name)
-        execution.save(ttl=lease, pipeline=pipe)
-        ExecutionRegistry(job_id=job.id, connection=pipe).add(execution=execution, ttl=lease, pipeline=pipe)
-        started.add_execution(execution, pipeline=pipe, ttl=lease, xx=False)
-        return execution
-
-    @staticmethod
-    def _end_execution(taken: _Taken, started: StartedJobRegistry, pipe: Any) -> None:
-        """RQ's `Execution.delete`, with the batch's one StartedJobRegistry."""
-        execution = taken.execution
-        pipe.delete(execution.key)
-        started.remove_execution(execution=execution, pipeline=pipe)
-        ExecutionRegistry(job_id=execution.job_id, connection=pipe).remove(execution=execution, pipeline=pipe)
+    def _executions_of(self, queue: Queue) -> Executions:
+        if self._executions is None:
+            self._executions = Executions(self._redis(), queue, self._name, self.options.lease_s)
+        return self._executions
 
     def _bury(self, pipe: Any, job_id: str, job: Job | None, reason: str) -> None:
         """Fail a job into RQ's FailedJobRegistry with the reason, as RQ's worker fails a job."""
@@ -399,7 +407,7 @@ class RQTransport:
             if client is not None:
                 with contextlib.suppress(RedisError):
                     client.close()
-        self._client = self._queue = self._maintainer = self._template = None
+        self._client = self._queue = self._maintainer = self._template = self._executions = None
 
     def _redis(self) -> Any:
         if self._client is None:
