@@ -1,6 +1,7 @@
 """The order store: the one place that knows how to read payment status and cancel an order.
 
-The default is SQL over an `orders` table (names configurable). A team with its own order service
+The default is SQL over an `orders` table (names configurable). An order service with an HTTP API
+is asked through it (ORDER_TIMEOUTS_ORDER_STORE=https://…, consumers/orders_http.py). Anything else
 implements `OrderStore` (two methods) and points ORDER_TIMEOUTS_ORDER_STORE at a factory.
 """
 
@@ -124,10 +125,15 @@ class SqlOrderStore:
 
 
 def load_order_store(settings: Settings) -> OrderStore:
-    """The store named by ORDER_TIMEOUTS_ORDER_STORE ("module:factory", called with the settings),
-    or the SQL store on the registry's database."""
+    """The store named by ORDER_TIMEOUTS_ORDER_STORE: the order service's HTTP API (http(s)://…,
+    consumers/orders_http.py), "module:factory" (called with the settings), or by default the SQL
+    store on the registry's database."""
     if not settings.order_store:
         return SqlOrderStore(settings.orders)
+    if settings.order_store.startswith(("http://", "https://")):
+        from consumers import orders_http  # httpx is loaded only by those who use it
+
+        return orders_http.from_env(settings.order_store)
     module_name, _, attribute = settings.order_store.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attribute)

@@ -1,4 +1,4 @@
-"""`order-timeouts check`: can this process reach its database and broker? (container health checks)"""
+"""`order-timeouts check`: can this process reach its database, broker and order service? (health checks)"""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def check(
     as_json: JsonOption = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing; the exit code says it.")] = False,
 ) -> None:
-    """Check the database (and registry schema) and the broker; exit 1 when one is not usable."""
+    """Check the database (and registry schema), the broker and an HTTP order store; exit 1 when one is not usable."""
     settings = ctx.ensure_object(Context).settings
     results: list[dict[str, object]] = []
 
@@ -54,6 +54,21 @@ def check(
         except OrderTimeoutsError as exc:
             problem = str(exc)
     results.append(_result("broker", redact(settings.broker_url), problem, started))
+
+    if settings.order_store.startswith(("http://", "https://")):
+        from consumers import orders_http  # httpx is loaded only by those who use it
+
+        started = time.perf_counter()
+        try:
+            store = orders_http.from_env(settings.order_store)
+            try:
+                store.probe()
+                problem = None
+            finally:
+                store.close()
+        except OrderTimeoutsError as exc:
+            problem = str(exc)
+        results.append(_result("orders", redact(settings.order_store), problem, started))
 
     healthy = all(r["ok"] for r in results)
     if as_json:

@@ -1,0 +1,197 @@
+"""The HTTP order store: workers ask a real order service over loopback HTTP (tests/order_service.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from consumers.orders import PaymentStatus, load_order_store
+from consumers.orders_http import ENV_ORDER_STORE_TOKEN, HttpOrderStore, idempotency_key
+from scheduler import Outcome, Settings, TimeoutState
+from scheduler.config import ENV_ORDER_STORE
+from scheduler.database import reading
+from scheduler.errors import ConfigurationError, OrderStoreUnavailable
+from scheduler.registry import TimeoutRecord, all_records
+from tests.conftest import ROOT, Stack, open_stack
+from tests.order_service import OrderService, order_service
+from tests.stacks import DATABASES
+from tests.support import add_orders, cancel_counts, free_port, order_status, pay, wait_until
+
+
+@pytest.fixture(params=sorted(DATABASES))
+def sql(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
+    yield from open_stack(request.param, DATABASES, tmp_path)
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[OrderService]:
+    with order_service(tmp_path) as running:
+        yield running
+
+
+def records(stack: Stack) -> dict[str, TimeoutRecord]:
+    with reading(stack.engine) as conn:
+        return {r.order_id: r for r in all_records(conn)}
+
+
+def test_a_worker_asks_the_order_service_once_per_batch_and_cancels_the_unpaid_orders_through_it(
+    sql: Stack, service: OrderService
+) -> None:
+    add_orders(service.engine, ["u-1", "u-2", "p-1"])
+    pay(service.engine, "p-1")
+    client = sql.timeouts(order_store=service.url)
+    client.schedule_many(["u-1", "u-2", "p-1"], due_at=datetime.now(UTC))
+
+    totals = sql.drain(client)
+
+    assert (totals.cancelled, totals.paid) == (2, 1)
+    assert order_status(service.engine) == {"u-1": "CANCELLED", "u-2": "CANCELLED", "p-1": "PAID"}
+    assert cancel_counts(service.engine) == {"u-1": 1, "u-2": 1}
+    assert {k: r.outcome for k, r in records(sql).items()} == {
+        "u-1": Outcome.CANCELLED, "u-2": Outcome.CANCELLED, "p-1": Outcome.PAID
+    }  # fmt: skip
+    status, cancel = service.of("payment-status"), service.of("cancel")
+    assert [sorted(r.body["order_ids"]) for r in status] == [["p-1", "u-1", "u-2"]], "one status request per batch"
+    assert [sorted(r.body["order_ids"]) for r in cancel] == [["u-1", "u-2"]], "one cancel request, unpaid orders only"
+    assert cancel[0].headers["Idempotency-Key"] == idempotency_key(["u-2", "u-1"])
+    assert datetime.fromisoformat(cancel[0].body["cancelled_at"]).tzinfo is not None
+    assert cancel[0].body["reason"] == "payment timeout"
+
+
+def test_a_payment_that_wins_the_race_at_the_service_is_recorded_as_paid(sql: Stack, service: OrderService) -> None:
+    add_orders(service.engine, ["racer"])
+    client = sql.timeouts(order_store=service.url)
+    client.schedule("racer", due_at=datetime.now(UTC))
+    service.before_cancel = lambda ids: [pay(service.engine, order_id) for order_id in ids]  # type: ignore[func-returns-value]
+
+    sql.drain(client)
+
+    assert order_status(service.engine) == {"racer": "PAID"}
+    assert cancel_counts(service.engine) == {}
+    assert records(sql)["racer"].outcome is Outcome.PAID
+
+
+@pytest.mark.parametrize(
+    ("failing", "reason"),
+    [
+        ((503, "upstream overloaded"), "HTTP 503: upstream overloaded"),
+        ((401, '{"error": "bad token"}'), 'HTTP 401: {"error": "bad token"}'),
+        ((200, "<html>a proxy's page</html>"), "the answer has no 'orders' dict"),
+    ],
+    ids=["5xx", "4xx", "not-json"],
+)
+def test_an_order_service_that_cannot_answer_cancels_nothing_and_the_timeout_is_retried(
+    sql: Stack, service: OrderService, failing: tuple[int, str], reason: str
+) -> None:
+    add_orders(service.engine, ["o-1"])
+    client = sql.timeouts(order_store=service.url)
+    client.schedule("o-1", due_at=datetime.now(UTC))
+    service.failing = failing
+
+    totals = sql.drain(client)
+
+    assert totals.retried == 1 and totals.cancelled == 0
+    record = records(sql)["o-1"]
+    assert record.state is TimeoutState.PENDING and record.attempts == 1
+    assert record.error is not None and reason in record.error
+    assert order_status(service.engine) == {"o-1": "PENDING"}
+
+    service.failing = None
+    client.reschedule("o-1", due_at=datetime.now(UTC))  # the backoff, skipped
+    sql.drain(client)
+    assert records(sql)["o-1"].outcome is Outcome.CANCELLED
+    assert cancel_counts(service.engine) == {"o-1": 1}
+
+
+def test_statuses_the_service_does_not_know_are_unknown_never_a_cancel(tmp_path: Path) -> None:
+    with order_service(tmp_path) as service:
+        store = HttpOrderStore(service.url)
+        add_orders(service.engine, ["known"])
+        assert store.payment_status(None, ["known", "missing"]) == {  # type: ignore[arg-type]
+            "known": PaymentStatus.UNPAID,
+            "missing": PaymentStatus.UNKNOWN,
+        }
+        service.answer = lambda path, body: (200, {"orders": {"known": "on-hold", "missing": None}})  # type: ignore[method-assign]
+        assert set(store.payment_status(None, ["known", "missing"]).values()) == {PaymentStatus.UNKNOWN}  # type: ignore[arg-type]
+        # a cancel answer naming orders it was not asked about counts only those it was
+        service.answer = lambda path, body: (200, {"cancelled": ["known", "someone-else"]})  # type: ignore[method-assign]
+        assert store.cancel_unpaid(None, ["known"], datetime.now(UTC)) == {"known"}  # type: ignore[arg-type]
+        store.close()
+
+
+def test_a_refused_connection_is_unavailable_not_a_crash() -> None:
+    store = HttpOrderStore(f"http://127.0.0.1:{free_port()}/api")
+    with pytest.raises(OrderStoreUnavailable, match="order service payment-status: ConnectError"):
+        store.payment_status(None, ["o-1"])  # type: ignore[arg-type]
+    store.close()
+
+
+def test_the_token_and_url_credentials_are_sent_and_never_shown(sql: Stack, service: OrderService) -> None:
+    with_password = service.url.replace("http://", "http://shop:s3cret@")
+    store = load_order_store(Settings(order_store=with_password))
+    assert isinstance(store, HttpOrderStore) and "s3cret" not in store.url
+    store.payment_status(None, ["o-1"])  # type: ignore[arg-type]
+    assert service.requests[-1].headers["Authorization"].startswith("Basic ")
+
+    token_store = HttpOrderStore(service.url, token="tok-123")
+    token_store.payment_status(None, ["o-1"])  # type: ignore[arg-type]
+    assert service.requests[-1].headers["Authorization"] == "Bearer tok-123"
+
+    for broken in ("ftp://orders/api", "http://", "https:///path"):
+        with pytest.raises(ConfigurationError, match="give http://host/"):
+            HttpOrderStore(broken.replace("orders", "shop:s3cret@orders"))
+
+
+def test_check_reports_the_order_service_and_never_its_secrets(sql: Stack, service: OrderService) -> None:
+    def check(store_url: str) -> subprocess.CompletedProcess[str]:
+        env = sql.env(**{ENV_ORDER_STORE: store_url, ENV_ORDER_STORE_TOKEN: "tok-secret"})
+        argv = [sys.executable, "-m", "scheduler", "check", "--json"]
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, cwd=ROOT, check=False)
+
+    up = check(service.url.replace("http://", "http://shop:s3cret@"))
+    assert up.returncode == 0, up.stdout + up.stderr
+    orders = json.loads(up.stdout)["checks"][-1]
+    assert orders["component"] == "orders" and orders["ok"] is True
+    assert orders["target"] == service.url.replace("http://", "http://shop:***@")
+    assert service.requests[-1].headers["Authorization"].startswith("Basic ")
+
+    down = check(f"http://shop:s3cret@127.0.0.1:{free_port()}/api")
+    assert down.returncode == 1
+    orders = json.loads(down.stdout)["checks"][-1]
+    assert orders["ok"] is False and "ConnectError" in orders["problem"]
+    for output in (up.stdout, up.stderr, down.stdout, down.stderr):
+        assert "s3cret" not in output and "tok-secret" not in output
+
+
+@pytest.mark.slow
+def test_a_worker_killed_after_the_service_cancelled_loses_nothing_and_cancels_nothing_twice(
+    sql: Stack, service: OrderService
+) -> None:
+    ids = [f"k-{i:02d}" for i in range(20)]
+    add_orders(service.engine, ids)
+    sql.timeouts().schedule_many(ids, due_at=datetime.now(UTC))
+    service.hold_s = 30.0  # the service has committed its cancels; the worker waits for the answer
+    victim = sql.start_worker("--batch-size", "50", **{ENV_ORDER_STORE: service.url})
+    try:
+        assert service.cancelled.wait(timeout=30)
+        assert cancel_counts(service.engine) == dict.fromkeys(ids, 1)
+    finally:
+        victim.kill()
+        victim.wait()
+    # The registry never committed the batch: every timeout is still pending.
+    assert {r.state for r in records(sql).values()} == {TimeoutState.PENDING}
+
+    service.hold_s = 0.0
+    survivor = sql.start_worker("--batch-size", "50", "--burst", **{ENV_ORDER_STORE: service.url})
+    assert survivor.wait(timeout=60) == 0
+    wait_until(lambda: all(r.state is TimeoutState.DONE for r in records(sql).values()))
+    assert cancel_counts(service.engine) == dict.fromkeys(ids, 1), "each order cancelled once"
+    # The survivor finds them cancelled at the service: no second cancel is even asked for.
+    assert {r.outcome for r in records(sql).values()} == {Outcome.ALREADY_CANCELLED}
+    assert len(service.of("cancel")) == 1
