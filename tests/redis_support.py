@@ -7,7 +7,7 @@ nothing else (never FLUSHDB on a shared server).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,17 +30,22 @@ def delete_prefix(client: Any, prefix: str) -> None:
 
 
 @contextlib.contextmanager
-def redis_prefix() -> Iterator[str]:
+def redis_namespace(delete: Callable[[Any, str], None]) -> Iterator[str]:
+    """A fresh name on the shared Redis; afterwards `delete(client, name)` removes what carries it."""
     require("Redis", 6379)
-    prefix = unique("ot")
+    name = unique("ot")
     try:
-        yield prefix
+        yield name
     finally:
         client = redis.Redis.from_url(REDIS_URL)
         try:
-            delete_prefix(client, prefix)
+            delete(client, name)
         finally:
             client.close()
+
+
+def redis_prefix() -> contextlib.AbstractContextManager[str]:
+    return redis_namespace(delete_prefix)
 
 
 @contextlib.contextmanager

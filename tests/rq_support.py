@@ -15,7 +15,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import redis
 
-from tests.services import REDIS_URL, require, unique
+from tests.redis_support import redis_namespace
+from tests.services import REDIS_URL
 from tests.support import postgres_schema
 
 
@@ -36,18 +37,8 @@ def delete_namespace(client: Any, namespace: str) -> None:
         client.srem("rq:workers", *gone)
 
 
-@contextlib.contextmanager
-def rq_namespace() -> Iterator[str]:
-    require("Redis", 6379)
-    namespace = unique("ot")
-    try:
-        yield namespace
-    finally:
-        client = redis.Redis.from_url(REDIS_URL)
-        try:
-            delete_namespace(client, namespace)
-        finally:
-            client.close()
+def rq_namespace() -> contextlib.AbstractContextManager[str]:
+    return redis_namespace(delete_namespace)
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import redis
+from redis.exceptions import RedisError
 from rq import Queue
 from rq.executions import Execution
 from rq.job import Job
@@ -27,6 +28,7 @@ from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegis
 from rq.serializers import JSONSerializer
 
 from scheduler import Outcome, ScheduleResult, TimeoutState, TransportUnavailable
+from scheduler.clock import SystemClock
 from scheduler.config import ENV_MAX_ATTEMPTS
 from scheduler.errors import ConfigurationError
 from scheduler.names import RQ_JOB_FUNCTION
@@ -483,6 +485,23 @@ def test_redis_unreachable_schedule_still_commits_the_row_unpublished(tmp_path: 
         finally:
             for opened in stack.opened:
                 opened.close()
+
+
+def test_a_redis_that_stalls_during_the_execution_check_is_retried_not_taken_for_another_rq(
+    rq: Stack, client: redis.Redis
+) -> None:
+    stalled = RQTransport(rq_broker_url(transport(rq).options.queue, socket_timeout="0.2"), SystemClock())
+    rq_queue = stalled._rq_queue()
+    try:
+        client.client_pause(3000, all=False)  # writes wait, past the transport's socket timeout and retries
+        with pytest.raises(RedisError):
+            stalled._executions_of(rq_queue)
+        assert stalled._executions is None, "no verdict on RQ from an unreachable Redis"
+        client.client_unpause()
+        assert stalled._executions_of(rq_queue).exact, "checked again: the scripts, not the fallback"
+    finally:
+        client.client_unpause()
+        stalled.close()
 
 
 def test_the_url_options_are_checked() -> None:

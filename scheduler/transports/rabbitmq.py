@@ -108,6 +108,12 @@ ENVELOPE_MAX = 100
 _TIMER = pika.BasicProperties(content_type="application/json", delivery_mode=2)
 
 
+def _persistent(deliveries: int, headers: dict[str, Any] | None = None) -> pika.BasicProperties:
+    """Properties of a JSON message that survives a broker restart and carries its delivery count."""
+    headers = {**(headers or {}), RABBITMQ_DELIVERIES_HEADER: deliveries}
+    return pika.BasicProperties(content_type="application/json", delivery_mode=2, headers=headers)
+
+
 def connection_parameters(broker_url: str) -> pika.URLParameters:
     try:
         params = pika.URLParameters(broker_url)
@@ -289,17 +295,13 @@ class RabbitMQTransport:
 
     def _alone(self, message: TimerMessage, deliveries: int) -> Outgoing:
         """The timer as a message of its own that remembers how often it was delivered before."""
-        properties = pika.BasicProperties(
-            content_type="application/json", delivery_mode=2, headers={RABBITMQ_DELIVERIES_HEADER: deliveries}
-        )
         ticks = self._delay_ticks(message.due_ms - self._clock.now_ms())
+        properties = _persistent(deliveries)
         return (RABBITMQ_TIMERS_EXCHANGE, routing_key(ticks), message.encode(), properties)
 
     @staticmethod
     def _dead_letter(body: bytes, reason: str, deliveries: int) -> Outgoing:
-        headers = {RABBITMQ_REASON_HEADER: reason, RABBITMQ_DELIVERIES_HEADER: deliveries}
-        properties = pika.BasicProperties(content_type="application/json", delivery_mode=2, headers=headers)
-        return (RABBITMQ_DEAD_EXCHANGE, "", body, properties)
+        return (RABBITMQ_DEAD_EXCHANGE, "", body, _persistent(deliveries, {RABBITMQ_REASON_HEADER: reason}))
 
     def _due(self) -> bool:
         return bool(self._held) and self._held[0].due_ms <= self._clock.now_ms()

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from importlib.resources import files
 from typing import Any
 
+from redis.exceptions import RedisError
 from rq import Queue
 from rq.executions import Execution, ExecutionRegistry
 from rq.job import Job, JobStatus
@@ -166,6 +167,8 @@ class Executions:
                 self.end(pipe, [(job_id, execution_id, True) for job_id, execution_id in execution.items()])
                 pipe.execute()
             return self._states_equal(*started)
+        except RedisError:
+            raise  # Redis is unreachable, which says nothing about RQ: the check runs again next time
         except Exception:  # whatever a different RQ raises here, it does not keep executions our way
             log.exception("checking the rq execution scripts against RQ's own calls failed")
             return False
