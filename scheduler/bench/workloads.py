@@ -20,6 +20,7 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Engine, func, insert, select, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from consumers.orders import orders_table
@@ -215,12 +216,17 @@ class _Drains:
 
     def analyze(self) -> None:
         """Vacuumed tables with fresh planner statistics on PostgreSQL, as autovacuum leaves them a
-        minute or so after a bulk load: the figures are for a system in its steady state, not for
-        the minute after a million rows arrived (with autovacuum busy on them). Only our schema's
-        tables (search_path)."""
+        minute or so after a bulk load, and the load's WAL checkpointed: the figures are for a
+        system in its steady state, not for the minute after a million rows arrived (autovacuum
+        busy on them, a checkpoint forced by max_wal_size writing them out during the probes).
+        Only our schema's tables (search_path); CHECKPOINT only where the role may run it."""
         if self.engine.dialect.name == "postgresql":
             with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
                 conn.execute(text(f"VACUUM (ANALYZE) {REGISTRY_TABLE}, {self.client.settings.orders.table}"))
+                try:
+                    conn.execute(text("CHECKPOINT"))
+                except DBAPIError:  # neither superuser nor pg_checkpoint: PostgreSQL's own schedule then
+                    pass
 
     def schedule_rate(self, prefix: str) -> float:
         """Median of five bulk schedules of far-off timeouts, each half a burst: one sample of a
