@@ -50,6 +50,11 @@ would be acked as stale): the scores are float seconds, which RQ's scheduler mov
 whole-second clock has passed them. `Queue.enqueue_at` is not used because it truncates the time
 to whole seconds (up to 1 s early) and writes the registry outside the caller's pipeline.
 
+Memory. A job's `data` (~110 bytes) is longer than Redis's default `hash-max-listpack-value` (64),
+so each job hash is a hash table of its own: ~2.0 KB per pending job, and with a million of them
+every script runs 1.5-1.8x slower (cache misses). `hash-max-listpack-value 256` in the Redis
+configuration makes each a single listpack: ~0.9 KB, arming a third faster, no slowdown at 1M.
+
 URL: `rq+redis://[[user]:password@]host[:port][/db][?option=value&...]`, `rq+rediss://` for TLS. Options:
 
 - `prefix` (default `order-timeout`): first part of the job ids (letters, digits, `_`, `-`). RQ job
