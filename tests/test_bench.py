@@ -34,5 +34,8 @@ def test_tiny_profile_reports_every_figure_for_the_sql_systems(tmp_path: Path) -
         assert figures["burst_verified"] is True and figures["loaded_verified"] is True
         assert figures["bulk_rate"] > 0 and figures["burst_p99_ms"] >= figures["burst_p50_ms"]
     assert any(check["figure"] == "steady_p99_ms" for check in document["targets"])
+    for when in ("cpu_before", "cpu_after"):  # how far this machine's own speed moved, for the reader
+        steadiness = document["machine"][when]
+        assert 0 < steadiness["fastest_s"] <= steadiness["slowest_s"] and steadiness["spread"] >= 1.0
     saved = list(tmp_path.glob("bench-*.json"))
     assert len(saved) == 1 and json.loads(saved[0].read_text())["profile"] == "tiny"

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from scheduler.bench.measure import SystemResult, machine_load
+from scheduler.bench.measure import SystemResult, cpu_steadiness, machine_load
 from scheduler.bench.plan import BASELINES, PROFILES, BenchPlan, Services, Sizes, available_systems
 from scheduler.bench.report import derive_target_figures
 
@@ -33,6 +33,7 @@ class BenchRun:
                 "platform": platform.platform(),
                 "python": platform.python_version(),
                 "load_before": machine_load(),
+                "cpu_before": cpu_steadiness(),
             },
         }
 
@@ -58,5 +59,6 @@ def run_bench(plan: BenchPlan, progress: Callable[[str], None]) -> BenchRun:
             progress(traceback.format_exc())
         run.results.append(result)
     run.meta["machine"]["load_after"] = machine_load()
+    run.meta["machine"]["cpu_after"] = cpu_steadiness()
     derive_target_figures(run.results)
     return run

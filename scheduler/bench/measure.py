@@ -110,6 +110,30 @@ class ProcessGroup:
         self._stderr.close()
 
 
+#: rounds of the CPU probe, and the work of each (a pure-Python loop of about 0.1 s here)
+CPU_ROUNDS = 10
+CPU_WORK = 2_000_000
+
+
+def cpu_steadiness() -> dict[str, float]:
+    """How steady this machine's CPU is right now: the same pure-Python loop timed CPU_ROUNDS times.
+
+    On a shared VM a core's speed can change by 2x within seconds (other tenants, frequency); a
+    figure measured over a fraction of a second moves with it. `spread` (slowest / fastest round)
+    says how much: near 1.0 the figures compare well; at 1.5 or more, differences of that size
+    between two runs, or between the empty and the loaded rates, are the machine's.
+    """
+    rounds = []
+    for _ in range(CPU_ROUNDS):
+        started = time.perf_counter()
+        total = 0
+        for i in range(CPU_WORK):
+            total += i
+        rounds.append(time.perf_counter() - started)
+    fastest, slowest = min(rounds), max(rounds)
+    return {"fastest_s": round(fastest, 4), "slowest_s": round(slowest, 4), "spread": round(slowest / fastest, 2)}
+
+
 def machine_load() -> dict[str, float]:
     one, five, fifteen = os.getloadavg()
     return {"load_1m": round(one, 2), "load_5m": round(five, 2), "load_15m": round(fifteen, 2)}

@@ -89,7 +89,8 @@ def bench(
     wide = Console(width=max(console.width, 44 + 24 * len(run.results)))
     wide.print(
         table(run.results, f"order-timeouts bench, {run.meta['date']}, profile {profile}, {machine['cpus']} cores, "
-              f"load {machine['load_before']['load_1m']} → {machine['load_after']['load_1m']}")
+              f"load {machine['load_before']['load_1m']} → {machine['load_after']['load_1m']}, "
+              f"CPU speed spread {machine['cpu_before']['spread']}x → {machine['cpu_after']['spread']}x")
     )  # fmt: skip
     for result in run.results:
         for note in result.notes:
