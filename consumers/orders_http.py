@@ -61,8 +61,12 @@ class HttpOrderStore:
     """Payment status and conditional cancel through the order service's HTTP API (module docstring)."""
 
     def __init__(self, base_url: str, token: str | None = None, transport: httpx.BaseTransport | None = None) -> None:
-        url = httpx.URL(base_url)
-        if url.scheme not in ("http", "https") or not url.host:
+        try:
+            url = httpx.URL(base_url)
+            valid = url.scheme in ("http", "https") and bool(url.host) and 0 < (url.port or 80) < 65536
+        except httpx.InvalidURL:
+            valid = False
+        if not valid:
             raise ConfigurationError(f"order store URL {redact(base_url)!r}: give http://host/… or https://host/…")
         self.url = redact(base_url)
         headers = {"User-Agent": "order-timeouts"}
