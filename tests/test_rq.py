@@ -68,6 +68,10 @@ def transport(stack: Stack) -> RQTransport:
     return found
 
 
+def rq_queue_name(stack: Stack) -> str:
+    return transport(stack).options.queue
+
+
 def queue(stack: Stack, client: redis.Redis) -> Queue:
     return Queue(transport(stack).options.queue, connection=client, serializer=JSONSerializer)
 
@@ -231,6 +235,9 @@ def test_jobs_our_worker_runs_leave_what_rqs_own_worker_leaves(
     assert [d.message for d in batch.deliveries] == [ours]
     assert transport(rq)._executions is not None and transport(rq)._executions.exact is exact
     taken = batch.deliveries[0].receipt
+    assert StartedJobRegistry(queue=queue(rq, client)).get_job_ids(cleanup=False) == [taken.job_id]
+    probes = f"*{rq_queue_name(rq)}-execution-probe*"
+    assert not list(client.scan_iter(match=probes)), "nothing of the check's probe jobs is left"
 
     # What RQ's worker does with the next job: dequeue, Execution.create, prepare_for_execution.
     rq_queue, name = queue(rq, client), transport(rq)._name

@@ -149,10 +149,10 @@ class Executions:
     def _same_as_rq(self) -> bool:
         """Whether the scripts leave, for a probe job, what RQ's own calls leave for another, after
         the start and after the end."""
-        probes = [f"order-timeouts-probe-{uuid.uuid4().hex}" for _ in range(2)]
+        probes = [f"{self._queue.name}-execution-probe-{uuid.uuid4().hex}" for _ in range(2)]
         intermediate = self._queue.intermediate_queue_key
+        started: list[dict[str, str]] = []
         try:
-            started: list[dict[str, str]] = []
             for exact, probe in zip((False, True), probes, strict=True):
                 self._client.hset(Job.key_for(probe), mapping={"status": "queued", "meta": "{}"})
                 self._client.expire(Job.key_for(probe), PROBE_TTL_S)  # should this process die right here
@@ -173,9 +173,17 @@ class Executions:
             log.exception("checking the rq execution scripts against RQ's own calls failed")
             return False
         finally:
-            for probe in probes:
-                self._client.delete(Job.key_for(probe), ExecutionRegistry(probe, connection=self._client).key)
-                self._client.lrem(intermediate, 0, probe)
+            # Whatever the check got to: nothing of the probes stays, in RQ's registries least of all.
+            pipe = self._client.pipeline(transaction=False)
+            for execution in started:
+                for job_id, execution_id in execution.items():
+                    leftover = Execution(execution_id, job_id, connection=self._client)
+                    pipe.delete(leftover.key)
+                    pipe.zrem(self._started.key, leftover.composite_key)
+            for probe_id in probes:
+                pipe.delete(Job.key_for(probe_id), ExecutionRegistry(probe_id, connection=self._client).key)
+                pipe.lrem(intermediate, 0, probe_id)
+            pipe.execute()
 
     def _states_equal(self, theirs: dict[str, str], ours: dict[str, str]) -> bool:
         return bool(theirs) and execution_state(self._client, self._queue, theirs, self._lease) == execution_state(
