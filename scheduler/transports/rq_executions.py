@@ -28,6 +28,7 @@ from rq import Queue
 from rq.executions import Execution, ExecutionRegistry
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
+from rq.serializers import JSONSerializer
 from rq.utils import now, utcformat, utcparse
 
 log = logging.getLogger("order_timeouts.transports.rq")
@@ -102,7 +103,8 @@ class Executions:
         keys = [self._started.key, self._queue.scheduled_job_registry.key]
         self._end_script(keys=keys, args=args, client=pipe)
 
-    # -- RQ's own calls: the fallback, and what the check compares the scripts with ----------------
+    # -- RQ's own calls (Execution.create, prepare_for_execution, Execution.delete): the fallback,
+    # and what the check compares the scripts with --------------------------------------------------
 
     def _start_as_rq(
         self, jobs: Sequence[tuple[str, bytes]], unstarted: Sequence[str], execution_ids: dict[str, str]
@@ -116,11 +118,8 @@ class Executions:
         for job_id in unstarted:
             pipe.lrem(intermediate, 1, job_id)
         for job_id, meta in alive:
-            execution = Execution(execution_ids[job_id], job_id, connection=self._client, worker_name=self._worker)
-            execution.save(ttl=self._lease, pipeline=pipe)
-            ExecutionRegistry(job_id=job_id, connection=pipe).add(execution=execution, ttl=self._lease, pipeline=pipe)
-            self._started.add_execution(execution, pipeline=pipe, ttl=self._lease, xx=False)
-            job = Job(job_id, connection=self._client)
+            job = self._job(job_id)
+            execution_ids[job_id] = Execution.create(job, self._lease, pipe, worker_name=self._worker).id
             job.prepare_for_execution(self._worker, pipeline=pipe)
             pipe.hset(job.key, "meta", meta)
         for job_id, _ in jobs:
@@ -133,16 +132,20 @@ class Executions:
         scores = self._client.zmscore(self._queue.scheduled_job_registry.key, done) if done else []
         rearmed = {job_id for job_id, score in zip(done, scores, strict=True) if score is not None}
         for job_id, execution_id, is_done in executions:
-            execution = Execution(execution_id, job_id, connection=self._client)
-            pipe.delete(execution.key)
-            self._started.remove_execution(execution=execution, pipeline=pipe)
-            ExecutionRegistry(job_id=job_id, connection=pipe).remove(execution=execution, pipeline=pipe)
+            execution = Execution(execution_id, job_id, connection=self._client, worker_name=self._worker)
+            execution.delete(self._job(job_id), pipe)
             if not is_done:
                 continue
             if job_id in rearmed:
                 pipe.hset(Job.key_for(job_id), "status", JobStatus.SCHEDULED.value)
             else:
                 pipe.delete(Job.key_for(job_id), ExecutionRegistry(job_id, connection=pipe).key)
+
+    def _job(self, job_id: str) -> Job:
+        """The job as RQ's execution calls need it: its id and its queue (no round trip)."""
+        job = Job(job_id, connection=self._client, serializer=JSONSerializer)
+        job.origin = self._queue.name
+        return job
 
     # -- the check ----------------------------------------------------------------------------------
 
