@@ -67,9 +67,9 @@ class Executions:
         started: a job whose hash has gone meanwhile (revoked) is not."""
         prefixes = (Job.redis_job_namespace_prefix, EXECUTION_PREFIX, EXECUTIONS_PREFIX)
         intermediate = self._queue.intermediate_queue_key
-        execution_ids = {job_id: uuid.uuid4().hex for job_id, _ in jobs}
         if not self.exact:
-            return self._start_as_rq(jobs, unstarted, execution_ids)
+            return self._start_as_rq(jobs, unstarted)
+        execution_ids = {job_id: uuid.uuid4().hex for job_id, _ in jobs}
         right_now = now()
         whole = calendar.timegm(right_now.utctimetuple())  # RQ's current_timestamp()
         args: list[Any] = [
@@ -106,9 +106,7 @@ class Executions:
     # -- RQ's own calls (Execution.create, prepare_for_execution, Execution.delete): the fallback,
     # and what the check compares the scripts with --------------------------------------------------
 
-    def _start_as_rq(
-        self, jobs: Sequence[tuple[str, bytes]], unstarted: Sequence[str], execution_ids: dict[str, str]
-    ) -> dict[str, str]:
+    def _start_as_rq(self, jobs: Sequence[tuple[str, bytes]], unstarted: Sequence[str]) -> dict[str, str]:
         intermediate = self._queue.intermediate_queue_key
         present = self._client.pipeline(transaction=False)
         for job_id, _ in jobs:
@@ -117,6 +115,7 @@ class Executions:
         pipe = self._client.pipeline(transaction=False)
         for job_id in unstarted:
             pipe.lrem(intermediate, 1, job_id)
+        execution_ids: dict[str, str] = {}
         for job_id, meta in alive:
             job = self._job(job_id)
             execution_ids[job_id] = Execution.create(job, self._lease, pipe, worker_name=self._worker).id
@@ -125,7 +124,7 @@ class Executions:
         for job_id, _ in jobs:
             pipe.lrem(intermediate, 1, job_id)
         pipe.execute()
-        return {job_id: execution_ids[job_id] for job_id, _ in alive}
+        return execution_ids
 
     def _end_as_rq(self, pipe: Any, executions: Sequence[tuple[str, str, bool]]) -> None:
         done = [job_id for job_id, _, is_done in executions if is_done]
