@@ -12,7 +12,9 @@ import psycopg
 from sqlalchemy import Engine, text
 
 from scheduler.config import database_url
+from scheduler.database import reading
 from scheduler.demo import cancel_log_counts
+from scheduler.registry import TimeoutRecord, all_records
 from tests.services import POSTGRES_URL, require, unique
 
 
@@ -44,6 +46,12 @@ def add_orders(engine: Engine, ids: Iterable[str], status: str = "PENDING") -> N
         conn.execute(
             text("INSERT INTO orders (id, status) VALUES (:id, :status)"), [{"id": i, "status": status} for i in ids]
         )
+
+
+def registry_records(engine: Engine) -> dict[str, TimeoutRecord]:
+    """Every registry row, by order id."""
+    with reading(engine) as conn:
+        return {r.order_id: r for r in all_records(conn)}
 
 
 def order_status(engine: Engine) -> dict[str, str]:

@@ -15,13 +15,11 @@ from consumers.orders import PaymentStatus, load_order_store
 from consumers.orders_http import ENV_ORDER_STORE_TOKEN, HttpOrderStore, idempotency_key
 from scheduler import Outcome, Settings, TimeoutState
 from scheduler.config import ENV_ORDER_STORE
-from scheduler.database import reading
 from scheduler.errors import ConfigurationError, OrderStoreUnavailable
-from scheduler.registry import TimeoutRecord, all_records
 from tests.conftest import ROOT, Stack, open_stack
 from tests.order_service import OrderService, order_service
 from tests.stacks import DATABASES
-from tests.support import add_orders, cancel_counts, free_port, order_status, pay, wait_until
+from tests.support import add_orders, cancel_counts, free_port, order_status, pay, registry_records, wait_until
 
 
 @pytest.fixture(params=sorted(DATABASES))
@@ -33,11 +31,6 @@ def sql(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
 def service(tmp_path: Path) -> Iterator[OrderService]:
     with order_service(tmp_path) as running:
         yield running
-
-
-def records(stack: Stack) -> dict[str, TimeoutRecord]:
-    with reading(stack.engine) as conn:
-        return {r.order_id: r for r in all_records(conn)}
 
 
 def test_a_worker_asks_the_order_service_once_per_batch_and_cancels_the_unpaid_orders_through_it(
@@ -53,7 +46,7 @@ def test_a_worker_asks_the_order_service_once_per_batch_and_cancels_the_unpaid_o
     assert (totals.cancelled, totals.paid) == (2, 1)
     assert order_status(service.engine) == {"u-1": "CANCELLED", "u-2": "CANCELLED", "p-1": "PAID"}
     assert cancel_counts(service.engine) == {"u-1": 1, "u-2": 1}
-    assert {k: r.outcome for k, r in records(sql).items()} == {
+    assert {k: r.outcome for k, r in registry_records(sql.engine).items()} == {
         "u-1": Outcome.CANCELLED, "u-2": Outcome.CANCELLED, "p-1": Outcome.PAID
     }  # fmt: skip
     status, cancel = service.of("payment-status"), service.of("cancel")
@@ -74,7 +67,7 @@ def test_a_payment_that_wins_the_race_at_the_service_is_recorded_as_paid(sql: St
 
     assert order_status(service.engine) == {"racer": "PAID"}
     assert cancel_counts(service.engine) == {}
-    assert records(sql)["racer"].outcome is Outcome.PAID
+    assert registry_records(sql.engine)["racer"].outcome is Outcome.PAID
 
 
 @pytest.mark.parametrize(
@@ -97,7 +90,7 @@ def test_an_order_service_that_cannot_answer_cancels_nothing_and_the_timeout_is_
     totals = sql.drain(client)
 
     assert totals.retried == 1 and totals.cancelled == 0
-    record = records(sql)["o-1"]
+    record = registry_records(sql.engine)["o-1"]
     assert record.state is TimeoutState.PENDING and record.attempts == 1
     assert record.error is not None and reason in record.error
     assert order_status(service.engine) == {"o-1": "PENDING"}
@@ -105,7 +98,7 @@ def test_an_order_service_that_cannot_answer_cancels_nothing_and_the_timeout_is_
     service.failing = None
     client.reschedule("o-1", due_at=datetime.now(UTC))  # the backoff, skipped
     sql.drain(client)
-    assert records(sql)["o-1"].outcome is Outcome.CANCELLED
+    assert registry_records(sql.engine)["o-1"].outcome is Outcome.CANCELLED
     assert cancel_counts(service.engine) == {"o-1": 1}
 
 
@@ -186,13 +179,13 @@ def test_a_worker_killed_after_the_service_cancelled_loses_nothing_and_cancels_n
         victim.kill()
         victim.wait()
     # The registry never committed the batch: every timeout is still pending.
-    assert {r.state for r in records(sql).values()} == {TimeoutState.PENDING}
+    assert {r.state for r in registry_records(sql.engine).values()} == {TimeoutState.PENDING}
 
     service.hold_s = 0.0
     survivor = sql.start_worker("--batch-size", "50", "--burst", **{ENV_ORDER_STORE: service.url})
     assert survivor.wait(timeout=60) == 0
-    wait_until(lambda: all(r.state is TimeoutState.DONE for r in records(sql).values()))
+    wait_until(lambda: all(r.state is TimeoutState.DONE for r in registry_records(sql.engine).values()))
     assert cancel_counts(service.engine) == dict.fromkeys(ids, 1), "each order cancelled once"
     # The survivor finds them cancelled at the service: no second cancel is even asked for.
-    assert {r.outcome for r in records(sql).values()} == {Outcome.ALREADY_CANCELLED}
+    assert {r.outcome for r in registry_records(sql.engine).values()} == {Outcome.ALREADY_CANCELLED}
     assert len(service.of("cancel")) == 1

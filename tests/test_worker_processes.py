@@ -12,20 +12,15 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from scheduler import Outcome, TimeoutRecord, TimeoutState
+from scheduler import Outcome, TimeoutState
 from scheduler.database import reading
-from scheduler.registry import all_records, count_pending
+from scheduler.registry import count_pending
 from scheduler.transports.sql import SqlTransport
 from tests.conftest import Stack
 from tests.slow_store import pausing_after_cancel
-from tests.support import add_orders, cancel_counts, order_status, pay, wait_until
+from tests.support import add_orders, cancel_counts, order_status, pay, registry_records, wait_until
 
 pytestmark = pytest.mark.slow
-
-
-def records(stack: Stack) -> dict[str, TimeoutRecord]:
-    with reading(stack.engine) as conn:
-        return {r.order_id: r for r in all_records(conn)}
 
 
 def pending_count(stack: Stack) -> int:
@@ -59,7 +54,10 @@ def test_sigkill_in_the_middle_of_a_batch_loses_nothing_and_cancels_nothing_twic
     survivor = db_stack.start_worker("--batch-size", "50", "--burst")
     assert survivor.wait(timeout=60) == 0
     assert cancel_counts(db_stack.engine) == dict.fromkeys(ids, 1)
-    assert all(r.state is TimeoutState.DONE and r.outcome is Outcome.CANCELLED for r in records(db_stack).values())
+    assert all(
+        r.state is TimeoutState.DONE and r.outcome is Outcome.CANCELLED
+        for r in registry_records(db_stack.engine).values()
+    )
 
 
 def test_sigterm_finishes_the_current_batch_then_exits_cleanly(db_stack: Stack, tmp_path: Path) -> None:
@@ -146,7 +144,7 @@ def test_payments_racing_the_timeout_never_cancel_a_paid_order(db_stack: Stack, 
 
     status = order_status(db_stack.engine)
     counts = cancel_counts(db_stack.engine)
-    final = records(db_stack)
+    final = registry_records(db_stack.engine)
     assert paid | refused == set(ids)
     for oid in paid:
         assert status[oid] == "PAID" and oid not in counts, f"paid order {oid} was cancelled"
