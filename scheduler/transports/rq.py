@@ -299,14 +299,13 @@ class RQTransport:
                 job = jobs.get(job_id)
                 self._bury(pipe, job_id, job if isinstance(job, Job) else None, reason)
             pipe.execute()
-        counts = {job_id: int(meta.get(RQ_META_DELIVERIES, 0)) + 1 for job_id, (_, meta) in messages.items()}
-        for job_id, (_, meta) in messages.items():
-            meta[RQ_META_DELIVERIES] = counts[job_id]
+        for _, meta in messages.values():
+            meta[RQ_META_DELIVERIES] = int(meta.get(RQ_META_DELIVERIES, 0)) + 1
         started = self._executions_of(queue).start(
             [(job_id, json.dumps(meta).encode()) for job_id, (_, meta) in messages.items()], unstarted
         )
         return [
-            Delivery(message, receipt=_Taken(job_id, started[job_id], meta), deliveries=counts[job_id])
+            Delivery(message, receipt=_Taken(job_id, started[job_id], meta), deliveries=meta[RQ_META_DELIVERIES])
             for job_id, (message, meta) in messages.items()
             if job_id in started
         ]

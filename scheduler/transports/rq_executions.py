@@ -65,10 +65,10 @@ class Executions:
         """Start an execution of each job (id, its meta as JSON) and take all of them and the
         `unstarted` ids off the intermediate list. Returns job id → execution id of the jobs
         started: a job whose hash has gone meanwhile (revoked) is not."""
-        prefixes = (Job.redis_job_namespace_prefix, EXECUTION_PREFIX, EXECUTIONS_PREFIX)
-        intermediate = self._queue.intermediate_queue_key
         if not self.exact:
             return self._start_as_rq(jobs, unstarted)
+        prefixes = (Job.redis_job_namespace_prefix, EXECUTION_PREFIX, EXECUTIONS_PREFIX)
+        intermediate = self._queue.intermediate_queue_key
         execution_ids = {job_id: uuid.uuid4().hex for job_id, _ in jobs}
         right_now = now()
         whole = calendar.timegm(right_now.utctimetuple())  # RQ's current_timestamp()
