@@ -1,4 +1,5 @@
-"""The bench's smallest profile on the `sql` systems: every figure is there and the JSON parses.
+"""The bench's smallest profile on the `sql` systems: every figure is there and the JSON parses;
+and how it settles a loaded Redis before measuring it.
 
 Timings are not asserted: this machine's load decides them. The figures' meaning is checked where
 it cannot depend on timing (the drains cancelled exactly the unpaid orders).
@@ -9,11 +10,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import redis
 from typer.testing import CliRunner
 
 from scheduler.bench.report import PRODUCT_FIGURES
+from scheduler.bench.sandbox import finish_rehashing, redis_keys
 from scheduler.cli import app
-from tests.services import POSTGRES_URL, require
+from tests.redis_support import redis_prefix
+from tests.services import POSTGRES_URL, REDIS_URL, require
 
 
 def test_tiny_profile_reports_every_figure_for_the_sql_systems(tmp_path: Path) -> None:
@@ -39,3 +43,24 @@ def test_tiny_profile_reports_every_figure_for_the_sql_systems(tmp_path: Path) -
         assert 0 < steadiness["fastest_s"] <= steadiness["slowest_s"] and steadiness["spread"] >= 1.0
     saved = list(tmp_path.glob("bench-*.json"))
     assert len(saved) == 1 and json.loads(saved[0].read_text())["profile"] == "tiny"
+
+
+def test_a_loaded_redis_is_measured_with_its_sorted_sets_rehashed_and_nothing_written() -> None:
+    """A sorted set that has just doubled its hash table moves it a bucket per operation on the set,
+    and every insert costs twice as much until the move is over. The bench finishes that move
+    before it measures a loaded system (as a running system's next operations would)."""
+    slots = 2**14
+    with redis_prefix() as prefix:
+        client = redis.Redis.from_url(REDIS_URL)
+        key = f"{{{prefix}}}:scheduled"
+        members = {f"job-{i:05d}": float(i) for i in range(slots + 1)}
+        client.zadd(key, dict(list(members.items())[:slots]))
+        client.zadd(key, {"job-16384": float(slots)})  # one past 2^14: the table doubles and starts to move
+        moving = client.memory_usage(key, samples=0)
+
+        finish_rehashing(REDIS_URL, redis_keys(prefix))
+
+        # MEMORY USAGE counts the slots of both tables while the move lasts: the old 2^14 pointers are gone.
+        assert moving - client.memory_usage(key, samples=0) == slots * 8
+        assert dict(client.zrange(key, 0, -1, withscores=True)) == {m.encode(): s for m, s in members.items()}
+        client.close()

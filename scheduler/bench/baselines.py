@@ -28,7 +28,7 @@ from sqlalchemy import Engine, insert
 from consumers.orders import orders_table
 from scheduler.bench.measure import Lateness, ProcessGroup, SystemResult, now_ms, percentile, rate, wait_for
 from scheduler.bench.plan import Services, Sizes
-from scheduler.bench.sandbox import delete_matching, delete_rq_keys, postgres_schema, redis_client, unique
+from scheduler.bench.sandbox import delete_matching, delete_rq_keys, postgres_schema, redis_client, rq_keys, unique
 from scheduler.bench.workloads import BULK_DELAY, POLL_S, Progress, add_orders, lead_ms
 from scheduler.clock import from_ms
 from scheduler.config import Settings
@@ -139,14 +139,14 @@ def run_rq(sizes: Sizes, services: Services, progress: Progress) -> SystemResult
             used = int(client.info("memory")["used_memory"]) - before
             result.figures["redis_bytes_per_timeout"] = used / sizes.bulk
             # Clear the far-off jobs before the workers start: the burst must not share their registry.
-            delete_matching(client, f"rq:*{name}*")
+            delete_matching(client, *rq_keys(name))
 
             result.figures |= _single_latency(
                 engine,
                 sizes.latency,
                 lambda oid: queue.enqueue_in(BULK_DELAY, rq_timeout_job, oid, 0, results_key, job_id=f"{name}-{oid}"),
             )
-            delete_matching(client, f"rq:*{name}*")
+            delete_matching(client, *rq_keys(name))
 
             def argv(index: int) -> list[str]:
                 return [

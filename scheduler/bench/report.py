@@ -25,6 +25,10 @@ def _ms(value: float) -> str:
     return f"{value / 1000:,.2f} s" if value >= 10_000 else f"{value:,.1f} ms"
 
 
+def _times(value: float) -> str:
+    return f"{value:.2f}x"
+
+
 @dataclass(frozen=True)
 class Figure:
     key: str
@@ -46,8 +50,9 @@ FIGURES: tuple[Figure, ...] = (
     Figure("steady_p50_ms", "steady lateness p50", _ms, "lower"),
     Figure("steady_p99_ms", "steady lateness p99", _ms, "lower"),
     Figure("redis_bytes_per_timeout", "Redis bytes per pending timeout", lambda v: f"{v:,.0f} B", "lower"),
-    Figure("loaded_schedule_ratio", "schedule rate, loaded / empty", lambda v: f"{v:.2f}x", None),
-    Figure("loaded_fire_ratio", "fire rate, loaded / empty", lambda v: f"{v:.2f}x", None),
+    Figure("loaded_schedule_ratio", "schedule rate, loaded / empty", _times, None),
+    Figure("loaded_schedule_ratio_at_fill", "schedule rate, loaded / empty, right after the fill", _times, None),
+    Figure("loaded_fire_ratio", "fire rate, loaded / empty", _times, None),
 )
 #: figures every product system reports (Redis bytes only where Redis holds the timers)
 PRODUCT_FIGURES = tuple(f.key for f in FIGURES if f.key != "redis_bytes_per_timeout")

@@ -10,7 +10,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,9 @@ import psycopg
 import redis
 
 from scheduler.bench.plan import Services
+
+#: keys or sorted-set members looked up per command by finish_rehashing
+REHASH_BATCH = 5000
 
 
 def unique(prefix: str) -> str:
@@ -69,6 +72,17 @@ def delete_matching(client: Any, *patterns: str) -> None:
             client.delete(*batch)
 
 
+def redis_keys(prefix: str) -> tuple[str, ...]:
+    """The key patterns of the product's redis transport under `prefix` (hash-tagged keys)."""
+    return (f"{{{prefix}:*", f"{{{prefix}}}:*")
+
+
+def rq_keys(name: str) -> tuple[str, ...]:
+    """The key pattern of an RQ queue and job-id prefix named `name`: job hashes, results, the queue
+    and its registries all carry the name (two global sets list them too, see delete_rq_keys)."""
+    return (f"rq:*{name}*",)
+
+
 @contextlib.contextmanager
 def redis_prefix(redis_url: str) -> Iterator[str]:
     """A key prefix of our own for the product's redis transport; its keys are deleted afterwards."""
@@ -78,7 +92,7 @@ def redis_prefix(redis_url: str) -> Iterator[str]:
     finally:
         client = redis_client(redis_url)
         try:
-            delete_matching(client, f"{{{prefix}:*", f"{{{prefix}}}:*")
+            delete_matching(client, *redis_keys(prefix))
         finally:
             client.close()
 
@@ -96,12 +110,42 @@ def rq_namespace(redis_url: str) -> Iterator[str]:
 def delete_rq_keys(redis_url: str, name: str) -> None:
     client = redis_client(redis_url)
     try:
-        # Job hashes, results, the queue and its registries all carry the name; two global sets list them.
-        delete_matching(client, f"rq:*{name}*")
+        delete_matching(client, *rq_keys(name))
         client.srem("rq:queues", f"rq:queue:{name}")
         for member in client.smembers("rq:workers"):
             if name in member.decode():
                 client.srem("rq:workers", member)
+    finally:
+        client.close()
+
+
+def finish_rehashing(redis_url: str, patterns: Sequence[str]) -> None:
+    """Leave the keys a bulk load wrote as a running system's next million operations would leave
+    them: with their hash tables rehashed.
+
+    Redis doubles a full hash table and then moves its entries over a bucket at a time, one bucket
+    per operation on that table. The keyspace also moves in the background (1 ms every 100 ms), a
+    sorted set's table only as the set is used. The bench's million far-off timers take the
+    scheduled set just past 2^20 members, and for its next million operations every insert looks
+    in both tables and moves a bucket: arming costs twice as much in Redis (rq: 7 -> 14 us per job,
+    measured) until the move is over. One lookup of every key and of every member of every sorted
+    set finishes it; nothing is written."""
+    client = redis_client(redis_url)
+    try:
+        for pattern in patterns:
+            keys: list[bytes] = []
+            for key in client.scan_iter(match=pattern, count=REHASH_BATCH):
+                keys.append(key)
+                if len(keys) >= REHASH_BATCH:
+                    client.exists(*keys)
+                    keys = []
+            if keys:
+                client.exists(*keys)
+            for key in client.scan_iter(match=pattern, count=REHASH_BATCH, _type="zset"):
+                for start in range(0, client.zcard(key), REHASH_BATCH):
+                    members = client.zrange(key, start, start + REHASH_BATCH - 1)
+                    if members:
+                        client.zmscore(key, members)
     finally:
         client.close()
 
@@ -147,6 +191,9 @@ class Deployment:
     system: str
     database_url: str
     broker_url: str
+    #: where its timers are in Redis, if they are: the server and its keys' patterns
+    redis_url: str | None = None
+    redis_keys: tuple[str, ...] = ()
 
 
 @contextlib.contextmanager
@@ -157,21 +204,25 @@ def deployment(system: str, services: Services) -> Iterator[Deployment]:
             yield Deployment(system, stack.enter_context(sqlite_file()), "sql")
             return
         database_url = stack.enter_context(postgres_schema(services.postgres_url))
+        redis_url: str | None = None
+        keys: tuple[str, ...] = ()
         if system == "sql-postgresql":
             broker_url = "sql"
         elif system == "redis":
             prefix = stack.enter_context(redis_prefix(services.redis_url))
             broker_url = _with_query(services.redis_url, prefix=prefix)
+            redis_url, keys = services.redis_url, redis_keys(prefix)
         elif system == "rq":
             # RQ's keys are global (`rq:job:<id>`, `rq:scheduled:<queue>`): a queue and job-id prefix
             # of our own keep other deployments' jobs out of ours, and let us delete ours afterwards.
             prefix = stack.enter_context(rq_namespace(services.redis_url))
             broker_url = "rq+" + _with_query(services.redis_url, prefix=prefix, queue=prefix)
+            redis_url, keys = services.redis_url, rq_keys(prefix)
         elif system == "rabbitmq":
             broker_url = stack.enter_context(rabbitmq_vhost(services.rabbitmq_url))
         else:
             raise ValueError(f"unknown system {system!r}")
-        yield Deployment(system, database_url, broker_url)
+        yield Deployment(system, database_url, broker_url, redis_url, keys)
 
 
 def _with_query(url: str, **options: str) -> str:

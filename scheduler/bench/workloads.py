@@ -27,7 +27,7 @@ from consumers.orders import orders_table
 from scheduler.api import OrderTimeouts
 from scheduler.bench.measure import Lateness, ProcessGroup, SystemResult, now_ms, percentile, rate, wait_for
 from scheduler.bench.plan import Services, Sizes
-from scheduler.bench.sandbox import Deployment, deployment, redis_client
+from scheduler.bench.sandbox import Deployment, deployment, finish_rehashing, redis_client
 from scheduler.clock import from_ms
 from scheduler.config import ENV_BROKER_URL, ENV_DATABASE_URL, Settings
 from scheduler.database import reading
@@ -228,6 +228,14 @@ class _Drains:
                 except DBAPIError:  # neither superuser nor pg_checkpoint: PostgreSQL's own schedule then
                     pass
 
+    def settle(self) -> None:
+        """A loaded system as it is a while after its million timeouts arrived, not in the minute
+        after: PostgreSQL vacuumed and checkpointed (analyze), Redis's hash tables rehashed
+        (finish_rehashing). The rates right after the fill are measured too, before this."""
+        self.analyze()
+        if self.target.redis_url is not None:
+            finish_rehashing(self.target.redis_url, self.target.redis_keys)
+
     def schedule_rate(self, prefix: str) -> float:
         """The best of five bulk schedules of far-off timeouts, each half a burst. Each takes a
         fraction of a second, at the mercy of whatever else the machine does in that moment (a
@@ -298,18 +306,21 @@ def _drains(target: Deployment, sizes: Sizes, result: SystemResult, progress: Pr
         if sizes.pending:
             progress(f"{target.system}: {sizes.pending:,} far-off timeouts pending, then the burst again")
             steps.fill(sizes.pending)
-            steps.analyze()
+            at_fill_rate = steps.schedule_rate("at-fill")
+            steps.settle()
             loaded_rate = steps.schedule_rate("loaded")
             loaded = steps.burst("loaded", workers, empty.get("schedule_rate"))
             figures |= {
                 "empty_schedule_rate": empty_rate,
                 "loaded_schedule_rate": loaded_rate,
+                "loaded_schedule_rate_at_fill": at_fill_rate,
                 "empty_fire_rate": empty.get("drain_rate"),
                 "loaded_fire_rate": loaded.get("drain_rate"),
                 "loaded_verified": loaded.get("verified"),
                 "loaded_pending": sizes.pending,
             }
             figures["loaded_schedule_ratio"] = _ratio(loaded_rate, empty_rate)
+            figures["loaded_schedule_ratio_at_fill"] = _ratio(at_fill_rate, empty_rate)
             figures["loaded_fire_ratio"] = _ratio(loaded.get("drain_rate"), empty.get("drain_rate"))
     finally:
         workers.stop()
