@@ -249,25 +249,38 @@ class OrderTimeouts:
         )
 
     def _write_overlapped(self, chunks: Sequence[Sequence[tuple[str, int]]], replace: bool) -> dict[str, int]:
-        """Write chunk k+1 while the broker confirms chunk k (one publisher thread, one chunk ahead).
+        """Three stages, a thread each and at most one chunk in each: this thread writes chunk k+2
+        while the publisher hands chunk k+1 to the broker and the marker records chunk k as published.
 
         Each chunk is still published only after its own commit and marked published only after
         the broker confirmed it; a publish that fails leaves its rows to the relay, as in `_write`.
-        Waiting for the previous publish before handing over the next keeps memory flat.
+        Waiting for each stage before handing it the next chunk keeps memory flat.
         """
         written: dict[str, int] = {}
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="order-timeouts-publish") as publisher:
-            publishing: Future[None] | None = None
-            for chunk in chunks:
-                actions: list[Callable[[], None]] = []
-                written.update(self._write(chunk, None, replace, defer=actions.append))
+        with (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="order-timeouts-publish") as publisher,
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="order-timeouts-mark") as marker,
+        ):
+            publishing: tuple[Future[bool], list[TimerMessage]] | None = None
+            marking: Future[None] | None = None
+
+            def hand_over(next_chunk: list[TimerMessage] | None) -> None:
+                nonlocal publishing, marking
                 if publishing is not None:
-                    publishing.result()  # an unexpected error stops the bulk here, as it would unthreaded
-                    publishing = None
-                if actions:
-                    publishing = publisher.submit(actions[0])
-            if publishing is not None:
-                publishing.result()
+                    sent, messages = publishing
+                    confirmed = sent.result()  # an unexpected error stops the bulk here, as it would unthreaded
+                    if marking is not None:
+                        marking.result()
+                    marking = marker.submit(self.mark_published, messages) if confirmed else None
+                publishing = (publisher.submit(self._send, next_chunk), next_chunk) if next_chunk else None
+
+            for chunk in chunks:
+                committed: list[list[TimerMessage]] = []
+                written.update(self._write(chunk, None, replace, defer=committed.append))
+                hand_over(committed[0] if committed else None)
+            hand_over(None)
+            if marking is not None:
+                marking.result()
         return written
 
     def _write(
@@ -275,7 +288,7 @@ class OrderTimeouts:
         items: Sequence[tuple[str, int]],
         connection: Connection | Session | None,
         replace: bool,
-        defer: Callable[[Callable[[], None]], None] | None = None,
+        defer: Callable[[list[TimerMessage]], None] | None = None,
     ) -> dict[str, int]:
         if not items:
             return {}
@@ -289,7 +302,7 @@ class OrderTimeouts:
             due = dict(items)
             messages = [TimerMessage(oid, due[oid], version) for oid, version in versions.items()]
             if defer is not None and connection is None:
-                defer(lambda: self._publish(messages))  # committed already: the caller publishes it
+                defer(messages)  # committed already: the caller publishes them
             else:
                 self._after_commit(connection, lambda: self._publish(messages))
         return versions
@@ -335,11 +348,18 @@ class OrderTimeouts:
             actions.append(action)
 
     def _publish(self, messages: Sequence[TimerMessage]) -> None:
+        if self._send(messages):
+            self.mark_published(messages)
+
+    def _send(self, messages: Sequence[TimerMessage]) -> bool:
+        """Hand the messages to the broker; False when it is unavailable (logged): their rows stay
+        unpublished, and the relay publishes them when the broker is back."""
         try:
-            self._publish_or_raise(messages)
+            self.transport.publish(messages)
         except TransportUnavailable as exc:
-            # The rows stay unpublished: the relay publishes them when the broker is back.
             log.warning("broker unavailable, %d timeouts left for the relay: %s", len(messages), exc)
+            return False
+        return True
 
     def _publish_or_raise(self, messages: Sequence[TimerMessage]) -> int:
         if messages:

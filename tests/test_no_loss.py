@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -14,10 +15,12 @@ import pika
 import pytest
 import redis
 
-from scheduler import TimeoutState
+from scheduler import TimeoutState, api
 from scheduler.database import reading
+from scheduler.errors import TransportUnavailable
 from scheduler.maintenance import Maintenance, MaintenancePlan
 from scheduler.registry import all_records, count_pending
+from scheduler.transports.base import TimerMessage
 from tests import rq_support
 from tests.conftest import Stack, open_stack
 from tests.stacks import STACKS
@@ -86,6 +89,35 @@ def test_schedule_succeeds_while_the_broker_is_down_and_fires_after_it_returns(b
     assert runs[0].job == "relay" and runs[0].rows == 20 and runs[0].error is None
     assert all(r.published_ms is not None for r in records(stack).values())  # type: ignore[attr-defined]
     stack.drain_until(lambda: len(cancel_counts(stack.engine)) == 20)
+    assert cancel_counts(stack.engine) == dict.fromkeys(ids, 1)
+
+
+def test_a_bulk_of_many_chunks_fires_each_once_when_the_broker_refuses_one_chunk(
+    broker_stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """schedule_many writes, publishes and marks chunk after chunk, three chunks in flight: a chunk
+    the broker refuses stays unpublished for the relay, and the chunks after it go on."""
+    stack = broker_stack
+    monkeypatch.setattr(api, "SCHEDULE_CHUNK", 40)
+    ids = [f"chunk-{i:03d}" for i in range(150)]  # four chunks, the last one short
+    add_orders(stack.engine, ids)
+    client = stack.timeouts()
+    publish, sent = client.transport.publish, []
+
+    def refusing_the_second(messages: Sequence[TimerMessage]) -> None:
+        sent.append([m.order_id for m in messages])
+        if len(sent) == 2:
+            raise TransportUnavailable("the broker is away for a moment")
+        publish(messages)
+
+    monkeypatch.setattr(client.transport, "publish", refusing_the_second)
+    assert client.schedule_many(ids, delay=timedelta(milliseconds=300)).created == 150
+
+    assert sent == [ids[0:40], ids[40:80], ids[80:120], ids[120:150]]
+    unpublished = {oid for oid, r in records(stack).items() if r.published_ms is None}  # type: ignore[attr-defined]
+    assert unpublished == set(ids[40:80])
+    assert client.publish_unpublished() == 40
+    stack.drain_until(lambda: len(cancel_counts(stack.engine)) == 150)
     assert cancel_counts(stack.engine) == dict.fromkeys(ids, 1)
 
 
