@@ -213,9 +213,16 @@ def rq_leaves(client: redis.Redis, stack: Stack, order_id: str, execution_id: st
     shared = [rq_queue.key, rq_queue.intermediate_queue_key]
     shared += [r.key for r in (StartedJobRegistry(queue=rq_queue), rq_queue.scheduled_job_registry)]
     shared += [rq_queue.failed_job_registry.key]
+    # RQ 3 also lists a worker's executions in a set of the worker's.
+    layout = Execution(execution_id, job_id, connection=client, worker_name=transport(stack)._name)
+    shared += [layout.worker_executions_key] if hasattr(layout, "worker_executions_key") else []
     for key in shared:
-        kind = client.type(key).decode()
-        entries = client.lrange(key, 0, -1) if kind == "list" else client.zrange(key, 0, -1, withscores=True)
+        entries = {
+            "list": lambda k: client.lrange(k, 0, -1),
+            "set": lambda k: sorted(client.smembers(k)),
+            "zset": lambda k: client.zrange(k, 0, -1, withscores=True),
+            "none": lambda k: [],
+        }[client.type(key).decode()](key)
         found[key] = [normal(entry, names) for entry in entries if job_id.encode() in str(entry).encode()]
     return found
 

@@ -8,16 +8,20 @@
 -- ARGV[1]  prefix of job hash keys (rq:job:)
 -- ARGV[2]  prefix of execution hash keys (rq:execution:)
 -- ARGV[3]  prefix of a job's ExecutionRegistry keys (rq:executions:)
+-- ARGV[4]  the worker's set of executions (rq:worker:<name>:executions, RQ 3), '' where RQ has none
 -- then per job, 3 values: job id, execution id, '1' when the job is done, else '0'
 -- returns  the number of jobs deleted
 
 local deleted = 0
-for i = 4, #ARGV, 3 do
+for i = 5, #ARGV, 3 do
   local id, execution = ARGV[i], ARGV[i + 1]
   local executions = ARGV[3] .. id
   redis.call('DEL', ARGV[2] .. id .. ':' .. execution)
   redis.call('ZREM', KEYS[1], id .. ':' .. execution)
   redis.call('ZREM', executions, execution)
+  if ARGV[4] ~= '' then
+    redis.call('SREM', ARGV[4], id .. ':' .. execution)
+  end
   if ARGV[i + 2] == '1' then
     if redis.call('ZSCORE', KEYS[2], id) then
       redis.call('HSET', ARGV[1] .. id, 'status', 'scheduled')

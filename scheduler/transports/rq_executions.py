@@ -12,6 +12,12 @@ checks that when it is built, as the JobTemplate checks the jobs it arms: it run
 through RQ's own calls and another through the scripts, and compares what each leaves in Redis
 after the start and after the end. An RQ release that keeps executions differently fails the
 check, and `Executions` then makes RQ's own calls per job: slower, always what RQ reads.
+
+RQ 3 keeps two things more, and the scripts write them where this RQ has them: the job's id in the
+execution hash (`job_id`), and each worker's set of its executions (`rq:worker:<name>:executions`).
+RQ 3's abandoned-job cleanup, like RQ 2's, goes by the StartedJobRegistry's scores alone, so the
+executions of a worker that is not an `rq worker` (ours) are re-queued when their lease runs out,
+never before.
 """
 
 from __future__ import annotations
@@ -54,6 +60,11 @@ class Executions:
         self._worker = worker_name
         self._lease = lease_s
         self._started = StartedJobRegistry(queue=queue)
+        layout = Execution("<e>", "<j>", connection=client, worker_name=worker_name)
+        #: the worker's set of executions, '' where this RQ keeps none (before RQ 3)
+        self._worker_executions: str = getattr(layout, "worker_executions_key", "")
+        #: whether this RQ's execution hash names its job (RQ 3)
+        self._names_job = "job_id" in layout.serialize()
         self._start_script = client.register_script(START_SCRIPT)
         self._end_script = client.register_script(END_SCRIPT)
         #: False when this RQ keeps executions differently: start() and end() then make RQ's own calls
@@ -81,6 +92,8 @@ class Executions:
             self._lease + 60,
             utcformat(right_now),
             self._worker,
+            self._worker_executions,
+            "1" if self._names_job else "0",
             len(unstarted),
             *unstarted,
         ]
@@ -97,7 +110,7 @@ class Executions:
         if not self.exact:
             self._end_as_rq(pipe, executions)
             return
-        args: list[Any] = [Job.redis_job_namespace_prefix, EXECUTION_PREFIX, EXECUTIONS_PREFIX]
+        args: list[Any] = [Job.redis_job_namespace_prefix, EXECUTION_PREFIX, EXECUTIONS_PREFIX, self._worker_executions]
         for job_id, execution_id, done in executions:
             args += (job_id, execution_id, "1" if done else "0")
         keys = [self._started.key, self._queue.scheduled_job_registry.key]
@@ -182,21 +195,28 @@ class Executions:
                     leftover = Execution(execution_id, job_id, connection=self._client)
                     pipe.delete(leftover.key)
                     pipe.zrem(self._started.key, leftover.composite_key)
+                    if self._worker_executions:
+                        pipe.srem(self._worker_executions, leftover.composite_key)
             for probe_id in probes:
                 pipe.delete(Job.key_for(probe_id), ExecutionRegistry(probe_id, connection=self._client).key)
                 pipe.lrem(intermediate, 0, probe_id)
             pipe.execute()
 
     def _states_equal(self, theirs: dict[str, str], ours: dict[str, str]) -> bool:
-        return bool(theirs) and execution_state(self._client, self._queue, theirs, self._lease) == execution_state(
-            self._client, self._queue, ours, self._lease
-        )
+        def state(started: dict[str, str]) -> list[Any]:
+            return execution_state(self._client, self._queue, started, self._lease, self._worker_executions)
+
+        return bool(theirs) and state(theirs) == state(ours)
 
 
-def execution_state(client: Any, queue: Queue, started: dict[str, str], lease_s: int) -> list[Any]:
+def execution_state(
+    client: Any, queue: Queue, started: dict[str, str], lease_s: int, worker_executions: str = ""
+) -> list[Any]:
     """What Redis holds of these jobs and their executions (job id → execution id), with the ids
-    replaced by placeholders and times by what they are relative to now, so that two jobs compare."""
+    replaced by placeholders and times by what they are relative to now, so that two jobs compare.
+    With `worker_executions` (RQ 3), also whether that worker's set lists each execution, and its TTL."""
     pipe = client.pipeline(transaction=False)
+    per_job = 9 if worker_executions else 7
     for job_id, execution_id in started.items():
         execution = Execution(execution_id, job_id, connection=client)
         registry = ExecutionRegistry(job_id, connection=client)
@@ -207,12 +227,15 @@ def execution_state(client: Any, queue: Queue, started: dict[str, str], lease_s:
         pipe.ttl(registry.key)
         pipe.zscore(StartedJobRegistry(queue=queue).key, execution.composite_key)
         pipe.lpos(queue.intermediate_queue_key, job_id)
+        if worker_executions:
+            pipe.sismember(worker_executions, execution.composite_key)
+            pipe.ttl(worker_executions)
     replies = pipe.execute()
     normal = Placeholders(lease_s)
     states: list[Any] = []
     for index, (job_id, execution_id) in enumerate(started.items()):
         names = {job_id.encode(): b"<job>", execution_id.encode(): b"<execution>"}
-        states.append([normal(reply, names) for reply in replies[index * 7 : index * 7 + 7]])
+        states.append([normal(reply, names) for reply in replies[index * per_job : (index + 1) * per_job]])
     return states
 
 

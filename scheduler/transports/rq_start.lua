@@ -15,14 +15,16 @@
 -- ARGV[8]  the ExecutionRegistry's TTL (lease + 60)
 -- ARGV[9]  now in RQ's timestamp format (the job's started_at and last_heartbeat)
 -- ARGV[10] the worker's name
--- ARGV[11] n: the number of ids to take off the intermediate list only (not ours to run)
--- ARGV[12 .. 11 + n]  those ids
+-- ARGV[11] the worker's set of executions (rq:worker:<name>:executions, RQ 3), '' where RQ has none
+-- ARGV[12] '1' when the execution hash names its job (a job_id field, RQ 3), else '0'
+-- ARGV[13] n: the number of ids to take off the intermediate list only (not ours to run)
+-- ARGV[14 .. 13 + n]  those ids
 -- then per job to start, 3 values: job id, execution id, the job's meta (JSON)
 -- returns  the ids of the jobs started
 
 local started = {}
-local first = 12 + tonumber(ARGV[11])
-for i = 12, first - 1 do
+local first = 14 + tonumber(ARGV[13])
+for i = 14, first - 1 do
   redis.call('LREM', KEYS[2], 1, ARGV[i])
 end
 for i = first, #ARGV, 3 do
@@ -31,11 +33,18 @@ for i = first, #ARGV, 3 do
   if redis.call('EXISTS', job) == 1 then
     local key = ARGV[2] .. id .. ':' .. execution
     redis.call('HSET', key, 'id', execution, 'created_at', ARGV[4], 'last_heartbeat', ARGV[4], 'worker_name', ARGV[10])
+    if ARGV[12] == '1' then
+      redis.call('HSET', key, 'job_id', id)
+    end
     redis.call('EXPIRE', key, ARGV[5])
     local executions = ARGV[3] .. id
     redis.call('ZADD', executions, ARGV[7], execution)
     redis.call('EXPIRE', executions, ARGV[8])
     redis.call('ZADD', KEYS[1], ARGV[6], id .. ':' .. execution)
+    if ARGV[11] ~= '' then
+      redis.call('SADD', ARGV[11], id .. ':' .. execution)
+      redis.call('EXPIRE', ARGV[11], ARGV[8])
+    end
     redis.call('HSET', job, 'last_heartbeat', ARGV[9], 'status', 'started', 'started_at', ARGV[9],
       'worker_name', ARGV[10], 'meta', ARGV[i + 2])
     started[#started + 1] = id
