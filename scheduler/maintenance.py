@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from types import FrameType
 
-from apscheduler.schedulers.blocking import BlockingScheduler
+from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.exc import SQLAlchemyError
 
 from scheduler import registry
@@ -37,6 +40,8 @@ MAINTENANCE_BATCH = 2000
 MAX_ROWS_PER_RUN = 100_000
 #: longest backoff between relay attempts while the broker is down
 MAX_BACKOFF_S = 30.0
+#: how often `serve` looks whether it was asked to stop
+STOP_POLL_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,7 @@ class Maintenance:
         self._holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"[:128]
         self._backoff_until: dict[str, float] = {}
         self._backoff_s: dict[str, float] = {}
+        self._stop = threading.Event()
 
     def relay(self) -> JobRun:
         return self._run("relay", self.plan.relay_interval, self._timeouts.publish_unpublished)
@@ -73,23 +79,39 @@ class Maintenance:
     def run_once(self) -> list[JobRun]:
         return [self.relay(), self.reconcile()]
 
-    def serve(self) -> None:
-        """Run both jobs until SIGTERM/SIGINT (APScheduler's BlockingScheduler handles neither itself)."""
-        import signal
+    def install_signal_handlers(self) -> None:
+        """From now on SIGTERM/SIGINT stop `serve`: the job runs in progress finish, the leases go.
+        `maintain` installs them before it serves metrics, so that a process seen up is one that
+        stops cleanly."""
 
-        scheduler = BlockingScheduler(job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": 30})
-        scheduler.add_job(self.relay, "interval", seconds=self.plan.relay_interval.total_seconds(), id="relay")
-        scheduler.add_job(self.reconcile, "interval", seconds=self.plan.sweep_interval.total_seconds(), id="reconciler")
-
-        def _stop(signum: int, _frame: object) -> None:
+        def _request_stop(signum: int, _frame: FrameType | None) -> None:
             log.info("signal %s: stopping maintenance", signal.Signals(signum).name)
-            scheduler.shutdown(wait=False)
+            self.stop()
 
-        signal.signal(signal.SIGTERM, _stop)
-        signal.signal(signal.SIGINT, _stop)
-        self.run_once()  # start with a pass instead of waiting one interval
+        signal.signal(signal.SIGTERM, _request_stop)
+        signal.signal(signal.SIGINT, _request_stop)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def serve(self) -> None:
+        """Run both jobs, the first time at once, until `stop()` (a signal, once installed)."""
+        scheduler = BackgroundScheduler(job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": 30})
+        first = datetime.now(UTC)  # a pass at start instead of after one interval
+        for job, step, interval in (
+            ("relay", self.relay, self.plan.relay_interval),
+            ("reconciler", self.reconcile, self.plan.sweep_interval),
+        ):
+            scheduler.add_job(step, "interval", seconds=interval.total_seconds(), id=job, next_run_time=first)
         scheduler.start()
-        self._release_all()
+        try:
+            # Polled, not Event.wait(): a signal handler that sets an Event the main thread is waiting
+            # on can deadlock on the Event's own lock.
+            while not self._stop.is_set():
+                time.sleep(STOP_POLL_S)
+        finally:
+            scheduler.shutdown(wait=True)  # the runs in progress finish first
+            self._release_all()
 
     def _run(self, job: str, interval: timedelta, step: Callable[[int], int]) -> JobRun:
         run = JobRun(job)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ from scheduler.transports.base import TimerMessage
 from tests import rq_support
 from tests.conftest import Stack, open_stack
 from tests.stacks import STACKS
-from tests.support import add_orders, cancel_counts, wait_until
+from tests.support import add_orders, cancel_counts, free_port, wait_until
 
 BROKERS = sorted(name for name in STACKS if not name.startswith("sql"))
 ROOT = Path(__file__).resolve().parent.parent
@@ -180,6 +181,30 @@ def test_two_maintain_processes_publish_everything_once_the_broker_is_back(broke
     with reading(stack.engine) as conn:
         assert count_pending(conn) == 0
     assert all(r.state is TimeoutState.DONE for r in records(stack).values())  # type: ignore[attr-defined]
+
+
+def test_maintain_stops_cleanly_on_sigterm_as_soon_as_its_metrics_are_up(db_stack: Stack) -> None:
+    """A supervisor that sees the metrics port up and stops the process at once gets a clean stop,
+    its first pass perhaps still running: exit 0, and the leases free for the next maintainer."""
+    port = free_port()
+    argv = [sys.executable, "-m", "scheduler", "maintain", "--metrics-port", str(port)]
+    process = subprocess.Popen(argv, env=db_stack.env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: listening(port), timeout=20, interval=0.01)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0, stderr
+    jobs = Maintenance(db_stack.timeouts())
+    assert not jobs.relay().skipped and not jobs.reconcile().skipped, "the stopped process let its leases go"
+
+
+def listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
 
 
 @pytest.mark.slow

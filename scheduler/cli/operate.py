@@ -201,6 +201,8 @@ def maintain(
             raise InvalidTimeout(f"{name} must be positive")
     timeouts = ctx.ensure_object(Context).timeouts()
     jobs = Maintenance(timeouts, plan)
+    if not once:
+        jobs.install_signal_handlers()  # before the metrics port: a process seen up stops cleanly
     if metrics_port is not None:
         from scheduler.observability import serve_metrics
 
