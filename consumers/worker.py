@@ -77,7 +77,10 @@ class Worker:
     def install_signal_handlers(self) -> None:
         def _request_stop(signum: int, _frame: FrameType | None) -> None:
             log.info("signal %s: finishing the current batch, then stopping", signal.Signals(signum).name)
-            self.stop()
+            # From another thread: the handler runs in the main thread, which may be inside
+            # self._stop.wait() at a moment it holds the Event's lock, and Event.set() here would wait
+            # for that lock forever (it is not reentrant).
+            threading.Thread(target=self.stop, name="order-timeouts-stop").start()
 
         signal.signal(signal.SIGTERM, _request_stop)
         signal.signal(signal.SIGINT, _request_stop)
