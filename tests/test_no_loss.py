@@ -16,7 +16,7 @@ import pika
 import pytest
 import redis
 
-from scheduler import TimeoutState, api
+from scheduler import OrderTimeouts, TimeoutState, api
 from scheduler.database import reading
 from scheduler.errors import TransportUnavailable
 from scheduler.maintenance import Maintenance, MaintenancePlan
@@ -93,25 +93,31 @@ def test_schedule_succeeds_while_the_broker_is_down_and_fires_after_it_returns(b
     assert cancel_counts(stack.engine) == dict.fromkeys(ids, 1)
 
 
+def refuse_one_publish(client: OrderTimeouts, number: int, monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The broker refuses the `number`th publish of this client; returns the order ids of each publish."""
+    publish, sent = client.transport.publish, []
+
+    def refusing(messages: Sequence[TimerMessage]) -> None:
+        sent.append([m.order_id for m in messages])
+        if len(sent) == number:
+            raise TransportUnavailable("the broker is away for a moment")
+        publish(messages)
+
+    monkeypatch.setattr(client.transport, "publish", refusing)
+    return sent
+
+
 def test_a_bulk_of_many_chunks_fires_each_once_when_the_broker_refuses_one_chunk(
     broker_stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """schedule_many writes, publishes and marks chunk after chunk, three chunks in flight: a chunk
-    the broker refuses stays unpublished for the relay, and the chunks after it go on."""
+    """Timeouts due soon: schedule_many writes, publishes and marks chunk after chunk, three chunks in
+    flight. A chunk the broker refuses stays unpublished for the relay, and the chunks after it go on."""
     stack = broker_stack
     monkeypatch.setattr(api, "SCHEDULE_CHUNK", 40)
     ids = [f"chunk-{i:03d}" for i in range(150)]  # four chunks, the last one short
     add_orders(stack.engine, ids)
     client = stack.timeouts()
-    publish, sent = client.transport.publish, []
-
-    def refusing_the_second(messages: Sequence[TimerMessage]) -> None:
-        sent.append([m.order_id for m in messages])
-        if len(sent) == 2:
-            raise TransportUnavailable("the broker is away for a moment")
-        publish(messages)
-
-    monkeypatch.setattr(client.transport, "publish", refusing_the_second)
+    sent = refuse_one_publish(client, 2, monkeypatch)
     assert client.schedule_many(ids, delay=timedelta(milliseconds=300)).created == 150
 
     assert sent == [ids[0:40], ids[40:80], ids[80:120], ids[120:150]]
@@ -120,6 +126,76 @@ def test_a_bulk_of_many_chunks_fires_each_once_when_the_broker_refuses_one_chunk
     assert client.publish_unpublished() == 40
     stack.drain_until(lambda: len(cancel_counts(stack.engine)) == 150)
     assert cancel_counts(stack.engine) == dict.fromkeys(ids, 1)
+
+
+def test_a_far_bulk_goes_to_the_broker_before_its_commit_and_a_refused_chunk_the_usual_way(
+    broker_stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Timeouts due far enough ahead are inserted already marked published, handed to the broker, then
+    committed: no UPDATE per row afterwards. A chunk the broker refuses is rolled back and written
+    the usual way (committed, then published and marked, or left to the relay)."""
+    stack = broker_stack
+    monkeypatch.setattr(api, "SCHEDULE_CHUNK", 40)
+    monkeypatch.setattr(api, "PUBLISH_AHEAD_MS", 200)  # a real bulk: 30 s ahead or more
+    ids = [f"ahead-{i:03d}" for i in range(150)]
+    add_orders(stack.engine, ids)
+    client = stack.timeouts()
+    sent = refuse_one_publish(client, 2, monkeypatch)
+    mark, marked = client.mark_published, []
+
+    def recording_marks(messages: Sequence[TimerMessage]) -> None:
+        marked.append([m.order_id for m in messages])
+        mark(messages)
+
+    monkeypatch.setattr(client, "mark_published", recording_marks)
+    assert client.schedule_many(ids, delay=timedelta(seconds=2)).created == 150
+
+    assert sent == [ids[0:40], ids[40:80], ids[40:80], ids[80:120], ids[120:150]]
+    assert marked == [ids[40:80]], "only the chunk written the usual way was marked after its commit"
+    assert all(r.published_ms is not None for r in records(stack).values())  # type: ignore[attr-defined]
+    stack.drain_until(lambda: len(cancel_counts(stack.engine)) == 150)
+    assert cancel_counts(stack.engine) == dict.fromkeys(ids, 1)
+
+
+CRASH_AFTER_PUBLISH = """
+import os, signal, sys
+from datetime import timedelta
+from scheduler import OrderTimeouts, api
+
+api.SCHEDULE_CHUNK, api.PUBLISH_AHEAD_MS = 40, 200
+client = OrderTimeouts.from_env()
+publish, published = client.transport.publish, []
+
+def publish_then_die(messages):
+    publish(messages)
+    published.append(len(messages))
+    if len(published) == 2:  # the broker has confirmed the second chunk; its rows are not committed
+        os.kill(os.getpid(), signal.SIGKILL)
+
+client.transport.publish = publish_then_die
+client.schedule_many(sys.argv[1:], delay=timedelta(seconds=1))
+"""
+
+
+def test_a_crash_between_the_publish_and_the_commit_of_a_far_bulk_loses_nothing(broker_stack: Stack) -> None:
+    """The process dies after the broker confirmed a chunk whose rows never committed: its timers
+    fire into nothing, the user schedules the orders again, and each is cancelled once."""
+    stack = broker_stack
+    ids = [f"crash-{i:03d}" for i in range(150)]
+    add_orders(stack.engine, ids)
+    crashed = subprocess.run(
+        [sys.executable, "-c", CRASH_AFTER_PUBLISH, *ids], env=stack.env(), capture_output=True, timeout=60
+    )
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr.decode()[-3000:]
+    assert set(records(stack)) == set(ids[:40]), "the first chunk committed, the second died with the process"
+
+    again = stack.timeouts().schedule_many(ids, delay=timedelta(seconds=1))
+    assert (again.created, again.existing) == (110, 40)
+    stack.drain_until(lambda: len(cancel_counts(stack.engine)) == 150)
+    time.sleep(1.5)  # the dead chunk's own timers are due by now: they must change nothing
+    stack.drain()
+    assert cancel_counts(stack.engine) == dict.fromkeys(ids, 1)
+    assert all(r.state is TimeoutState.DONE for r in records(stack).values())  # type: ignore[attr-defined]
 
 
 def test_a_relay_that_finds_the_broker_down_backs_off_and_reports_it(broker_stack: Stack) -> None:
