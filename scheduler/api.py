@@ -291,11 +291,11 @@ class OrderTimeouts:
                     versions = registry.insert_many(conn, chunk, now=self.clock.now_ms(), published=True, replace=False)
                     if versions:
                         self.transport.notify_scheduled(conn, min(due for oid, due in chunk if oid in versions))
+                    if publishing is not None:
+                        written.update(publishing.result())  # an unexpected error stops the bulk here
                 except BaseException:
-                    conn.close()  # rolls the chunk back
+                    conn.close()  # rolls this chunk back
                     raise
-                if publishing is not None:
-                    written.update(publishing.result())  # an unexpected error stops the bulk here
                 publishing = publisher.submit(self._publish_then_commit, conn, chunk, versions)
             if publishing is not None:
                 written.update(publishing.result())

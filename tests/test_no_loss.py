@@ -157,6 +157,31 @@ def test_a_far_bulk_goes_to_the_broker_before_its_commit_and_a_refused_chunk_the
     assert cancel_counts(stack.engine) == dict.fromkeys(ids, 1)
 
 
+def test_an_unexpected_publish_error_stops_a_far_bulk_with_nothing_left_open(
+    broker_stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not an outage but a bug or a refusal of another kind: the error reaches the caller, the chunks
+    committed before it stay, the ones in flight are rolled back, and no connection is left open."""
+    stack = broker_stack
+    monkeypatch.setattr(api, "SCHEDULE_CHUNK", 40)
+    monkeypatch.setattr(api, "PUBLISH_AHEAD_MS", 200)
+    ids = [f"broken-{i:03d}" for i in range(150)]
+    client = stack.timeouts()
+    publish, calls = client.transport.publish, []
+
+    def failing_the_second(messages: Sequence[TimerMessage]) -> None:
+        calls.append(len(messages))
+        if len(calls) == 2:
+            raise RuntimeError("not an outage")
+        publish(messages)
+
+    monkeypatch.setattr(client.transport, "publish", failing_the_second)
+    with pytest.raises(RuntimeError, match="not an outage"):
+        client.schedule_many(ids, delay=timedelta(seconds=2))
+    assert set(records(stack)) == set(ids[:40])
+    assert client.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
 CRASH_AFTER_PUBLISH = """
 import os, signal, sys
 from datetime import timedelta
