@@ -144,7 +144,8 @@ class OrderTimeouts:
         items = list(due.items())
         written: dict[str, int] = {}
         if connection is None:
-            # Chunked transactions of our own: memory stays flat and each chunk publishes as it commits.
+            # Chunked transactions of our own: memory stays flat, and each chunk publishes as it commits
+            # (timeouts due far enough ahead just before it commits).
             chunks = [items[start : start + SCHEDULE_CHUNK] for start in range(0, len(items), SCHEDULE_CHUNK)]
             if not self.transport.registry_is_queue and self._publishes_ahead(items, replace):
                 written = self._write_published_ahead(chunks)
