@@ -467,10 +467,10 @@ def test_a_job_our_worker_holds_is_not_run_by_an_rq_worker_and_comes_back_if_our
 def test_malformed_jobs_on_the_queue_are_failed_with_the_reason(rq: Stack, client: redis.Redis) -> None:
     add_orders(rq.engine, ["good"])
     rq.timeouts().schedule("good", due_at=datetime.now(UTC))
-    jobs = queue(rq, client)
-    bad = jobs.enqueue(RQ_JOB_FUNCTION, {"order_id": 5, "due_ms": 1, "version": 1})
-    foreign = jobs.enqueue("os.getcwd")
-    wrong_id = jobs.enqueue(RQ_JOB_FUNCTION, {"order_id": "good", "due_ms": 1, "version": 1})
+    jobs, name = queue(rq, client), rq_queue_name(rq)  # ids that name the test's namespace: deleted after it
+    bad = jobs.enqueue(RQ_JOB_FUNCTION, {"order_id": 5, "due_ms": 1, "version": 1}, job_id=f"{name}-bad")
+    foreign = jobs.enqueue("os.getcwd", job_id=f"{name}-foreign")
+    wrong_id = jobs.enqueue(RQ_JOB_FUNCTION, {"order_id": "good", "due_ms": 1, "version": 1}, job_id=f"{name}-wrong")
 
     rq.drain_until(lambda: cancel_counts(rq.engine) == {"good": 1})
     assert set(FailedJobRegistry(queue=jobs).get_job_ids()) == {bad.id, foreign.id, wrong_id.id}
