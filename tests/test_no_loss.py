@@ -93,14 +93,20 @@ def test_schedule_succeeds_while_the_broker_is_down_and_fires_after_it_returns(b
     assert cancel_counts(stack.engine) == dict.fromkeys(ids, 1)
 
 
-def refuse_one_publish(client: OrderTimeouts, number: int, monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
-    """The broker refuses the `number`th publish of this client; returns the order ids of each publish."""
+def refuse_one_publish(
+    client: OrderTimeouts,
+    number: int,
+    monkeypatch: pytest.MonkeyPatch,
+    error: Exception | None = None,
+) -> list[list[str]]:
+    """The `number`th publish of this client raises `error` (by default, the broker is away);
+    returns the order ids of each publish."""
     publish, sent = client.transport.publish, []
 
     def refusing(messages: Sequence[TimerMessage]) -> None:
         sent.append([m.order_id for m in messages])
         if len(sent) == number:
-            raise TransportUnavailable("the broker is away for a moment")
+            raise error or TransportUnavailable("the broker is away for a moment")
         publish(messages)
 
     monkeypatch.setattr(client.transport, "publish", refusing)
@@ -167,15 +173,7 @@ def test_an_unexpected_publish_error_stops_a_far_bulk_with_nothing_left_open(
     monkeypatch.setattr(api, "PUBLISH_AHEAD_MS", 200)
     ids = [f"broken-{i:03d}" for i in range(150)]
     client = stack.timeouts()
-    publish, calls = client.transport.publish, []
-
-    def failing_the_second(messages: Sequence[TimerMessage]) -> None:
-        calls.append(len(messages))
-        if len(calls) == 2:
-            raise RuntimeError("not an outage")
-        publish(messages)
-
-    monkeypatch.setattr(client.transport, "publish", failing_the_second)
+    refuse_one_publish(client, 2, monkeypatch, RuntimeError("not an outage"))
     with pytest.raises(RuntimeError, match="not an outage"):
         client.schedule_many(ids, delay=timedelta(seconds=2))
     assert set(records(stack)) == set(ids[:40])
