@@ -10,11 +10,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import redis
 
+from scheduler.bench.sandbox import delete_rq_namespace
 from tests.redis_support import redis_namespace
 from tests.services import REDIS_URL
 from tests.support import postgres_schema
@@ -26,19 +26,8 @@ def rq_broker_url(namespace: str, base: str = REDIS_URL, **options: object) -> s
     return f"rq+{base}{'&' if '?' in base else '?'}{query}"
 
 
-def delete_namespace(client: Any, namespace: str) -> None:
-    """Delete every RQ key that names the namespace: rq:queue:<ns>…, rq:job:<ns>-…, rq:worker:<ns>-…"""
-    for key in client.scan_iter(match=f"rq:*{namespace}*", count=1000):
-        client.delete(key)
-    client.srem("rq:queues", f"rq:queue:{namespace}")
-    # Workers the test started (named after the namespace) and killed may still be listed.
-    gone = [member for member in client.smembers("rq:workers") if namespace.encode() in member]
-    if gone:
-        client.srem("rq:workers", *gone)
-
-
 def rq_namespace() -> contextlib.AbstractContextManager[str]:
-    return redis_namespace(delete_namespace)
+    return redis_namespace(delete_rq_namespace)
 
 
 @contextlib.contextmanager
@@ -53,6 +42,6 @@ def lose_everything(broker_url: str) -> None:
     namespace = parse_qs(urlsplit(broker_url).query)["queue"][0]
     client = redis.Redis.from_url(REDIS_URL)
     try:
-        delete_namespace(client, namespace)
+        delete_rq_namespace(client, namespace)
     finally:
         client.close()

@@ -79,7 +79,7 @@ def redis_keys(prefix: str) -> tuple[str, ...]:
 
 def rq_keys(name: str) -> tuple[str, ...]:
     """The key pattern of an RQ queue and job-id prefix named `name`: job hashes, results, the queue
-    and its registries all carry the name (two global sets list them too, see delete_rq_keys)."""
+    and its registries all carry the name (two global sets list them too, see delete_rq_namespace)."""
     return (f"rq:*{name}*",)
 
 
@@ -110,13 +110,19 @@ def rq_namespace(redis_url: str) -> Iterator[str]:
 def delete_rq_keys(redis_url: str, name: str) -> None:
     client = redis_client(redis_url)
     try:
-        delete_matching(client, *rq_keys(name))
-        client.srem("rq:queues", f"rq:queue:{name}")
-        for member in client.smembers("rq:workers"):
-            if name in member.decode():
-                client.srem("rq:workers", member)
+        delete_rq_namespace(client, name)
     finally:
         client.close()
+
+
+def delete_rq_namespace(client: Any, name: str) -> None:
+    """Every RQ key that carries the name, and its entries in RQ's two global sets (the queue; the
+    workers named after it, which may still be listed once killed)."""
+    delete_matching(client, *rq_keys(name))
+    client.srem("rq:queues", f"rq:queue:{name}")
+    gone = [member for member in client.smembers("rq:workers") if name.encode() in member]
+    if gone:
+        client.srem("rq:workers", *gone)
 
 
 def finish_rehashing(redis_url: str, patterns: Sequence[str]) -> None:
