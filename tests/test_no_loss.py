@@ -20,12 +20,12 @@ from scheduler import OrderTimeouts, TimeoutState, api
 from scheduler.database import reading
 from scheduler.errors import TransportUnavailable
 from scheduler.maintenance import Maintenance, MaintenancePlan
-from scheduler.registry import all_records, count_pending
+from scheduler.registry import count_pending
 from scheduler.transports.base import TimerMessage
 from tests import rq_support
 from tests.conftest import Stack, open_stack
 from tests.stacks import STACKS
-from tests.support import add_orders, cancel_counts, free_port, wait_until
+from tests.support import add_orders, cancel_counts, free_port, registry_records, wait_until
 
 BROKERS = sorted(name for name in STACKS if not name.startswith("sql"))
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,11 +41,6 @@ def unreachable(broker_url: str) -> str:
     for port in (":6379", ":5672"):
         broker_url = broker_url.replace(port, ":1")
     return broker_url
-
-
-def records(stack: Stack) -> dict[str, object]:
-    with reading(stack.engine) as conn:
-        return {r.order_id: r for r in all_records(conn)}
 
 
 def lose_everything(stack: Stack) -> None:
@@ -81,14 +76,14 @@ def test_schedule_succeeds_while_the_broker_is_down_and_fires_after_it_returns(b
     offline = stack.timeouts(broker_url=unreachable(stack.broker_url))
     summary = offline.schedule_many(ids, delay=timedelta(milliseconds=300))
     assert summary.created == 20, "the registry rows commit although the broker is unreachable"
-    assert all(r.published_ms is None for r in records(stack).values())  # type: ignore[attr-defined]
+    assert all(r.published_ms is None for r in registry_records(stack.engine).values())
 
     time.sleep(0.5)
     assert stack.drain().claimed == 0, "the broker never got them: nothing can fire yet"
 
     runs = Maintenance(stack.timeouts()).run_once()
     assert runs[0].job == "relay" and runs[0].rows == 20 and runs[0].error is None
-    assert all(r.published_ms is not None for r in records(stack).values())  # type: ignore[attr-defined]
+    assert all(r.published_ms is not None for r in registry_records(stack.engine).values())
     stack.drain_until(lambda: len(cancel_counts(stack.engine)) == 20)
     assert cancel_counts(stack.engine) == dict.fromkeys(ids, 1)
 
@@ -127,7 +122,7 @@ def test_a_bulk_of_many_chunks_fires_each_once_when_the_broker_refuses_one_chunk
     assert client.schedule_many(ids, delay=timedelta(milliseconds=300)).created == 150
 
     assert sent == [ids[0:40], ids[40:80], ids[80:120], ids[120:150]]
-    unpublished = {oid for oid, r in records(stack).items() if r.published_ms is None}  # type: ignore[attr-defined]
+    unpublished = {oid for oid, r in registry_records(stack.engine).items() if r.published_ms is None}
     assert unpublished == set(ids[40:80])
     assert client.publish_unpublished() == 40
     stack.drain_until(lambda: len(cancel_counts(stack.engine)) == 150)
@@ -158,7 +153,7 @@ def test_a_far_bulk_goes_to_the_broker_before_its_commit_and_a_refused_chunk_the
 
     assert sent == [ids[0:40], ids[40:80], ids[40:80], ids[80:120], ids[120:150]]
     assert marked == [ids[40:80]], "only the chunk written the usual way was marked after its commit"
-    assert all(r.published_ms is not None for r in records(stack).values())  # type: ignore[attr-defined]
+    assert all(r.published_ms is not None for r in registry_records(stack.engine).values())
     stack.drain_until(lambda: len(cancel_counts(stack.engine)) == 150)
     assert cancel_counts(stack.engine) == dict.fromkeys(ids, 1)
 
@@ -176,7 +171,7 @@ def test_an_unexpected_publish_error_stops_a_far_bulk_with_nothing_left_open(
     refuse_one_publish(client, 2, monkeypatch, RuntimeError("not an outage"))
     with pytest.raises(RuntimeError, match="not an outage"):
         client.schedule_many(ids, delay=timedelta(seconds=2))
-    assert set(records(stack)) == set(ids[:40])
+    assert set(registry_records(stack.engine)) == set(ids[:40])
     assert client.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
@@ -210,7 +205,9 @@ def test_a_crash_between_the_publish_and_the_commit_of_a_far_bulk_loses_nothing(
         [sys.executable, "-c", CRASH_AFTER_PUBLISH, *ids], env=stack.env(), capture_output=True, timeout=60
     )
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr.decode()[-3000:]
-    assert set(records(stack)) == set(ids[:40]), "the first chunk committed, the second died with the process"
+    assert set(registry_records(stack.engine)) == set(ids[:40]), (
+        "the first chunk committed, the second died with the process"
+    )
 
     again = stack.timeouts().schedule_many(ids, delay=timedelta(seconds=1))
     assert (again.created, again.existing) == (110, 40)
@@ -218,7 +215,7 @@ def test_a_crash_between_the_publish_and_the_commit_of_a_far_bulk_loses_nothing(
     time.sleep(1.5)  # the dead chunk's own timers are due by now: they must change nothing
     stack.drain()
     assert cancel_counts(stack.engine) == dict.fromkeys(ids, 1)
-    assert all(r.state is TimeoutState.DONE for r in records(stack).values())  # type: ignore[attr-defined]
+    assert all(r.state is TimeoutState.DONE for r in registry_records(stack.engine).values())
 
 
 def test_a_relay_that_finds_the_broker_down_backs_off_and_reports_it(broker_stack: Stack) -> None:
@@ -269,7 +266,7 @@ def test_two_maintain_processes_publish_everything_once_the_broker_is_back(broke
     pair = [subprocess.Popen(argv, env=stack.env(), stdout=subprocess.DEVNULL) for _ in range(2)]
     try:
         pair[0].kill()  # one of them dies at once: the other carries on after its lease expires
-        wait_until(lambda: all(r.published_ms for r in records(stack).values()), timeout=20)  # type: ignore[attr-defined]
+        wait_until(lambda: all(r.published_ms for r in registry_records(stack.engine).values()), timeout=20)
         stack.drain_until(lambda: len(cancel_counts(stack.engine)) == 200)
     finally:
         for process in pair:
@@ -279,7 +276,7 @@ def test_two_maintain_processes_publish_everything_once_the_broker_is_back(broke
     assert cancel_counts(stack.engine) == dict.fromkeys(ids, 1)
     with reading(stack.engine) as conn:
         assert count_pending(conn) == 0
-    assert all(r.state is TimeoutState.DONE for r in records(stack).values())  # type: ignore[attr-defined]
+    assert all(r.state is TimeoutState.DONE for r in registry_records(stack.engine).values())
 
 
 def test_maintain_stops_cleanly_on_sigterm_as_soon_as_its_metrics_are_up(db_stack: Stack) -> None:
