@@ -1,7 +1,7 @@
 """The job function of the `rq` transport: `rq worker` runs the same Handler and registry as our Worker.
 
     rq worker --with-scheduler -S json --url redis://… order_timeouts
-        └─ fire_timeout(message) ─▶ Handler.handle(a batch of one) ─▶ the settlement, the RQ way:
+        └─ fire_timeout(due_ms, version) ─▶ Handler.handle(a batch of one) ─▶ the settlement, the RQ way:
              done      return None: RQ deletes the job (result_ttl 0)
              retry     return rq.Retry: RQ re-schedules the job at the handler's new due time
              dead      raise TimeoutDeadLettered: RQ fails the job into its FailedJobRegistry
@@ -39,7 +39,7 @@ from scheduler.errors import ConfigurationError, MalformedMessage
 from scheduler.names import RQ_META_DELIVERIES
 from scheduler.transports.base import Batch, Delivery, TimerMessage
 from scheduler.transports.rq import FAILED_REDELIVERY_MS, RQTransport, job_message
-from scheduler.transports.rq_jobs import job_body
+from scheduler.transports.rq_jobs import job_args
 
 log = logging.getLogger("order_timeouts.rq_job")
 
@@ -51,8 +51,9 @@ class TimeoutDeadLettered(Exception):
     """The handler dead-lettered this timeout: RQ fails the job, and the registry row says why."""
 
 
-def fire_timeout(message: dict[str, Any]) -> Retry | None:
-    """Handle one due timeout. `message` is read through the job, which also checks it against the job id."""
+def fire_timeout(*_call: Any) -> Retry | None:
+    """Handle one due timeout: the job's (due_ms, version), of the order its id names, read through
+    the job (`job_message`), which also reads jobs of earlier releases, `fire_timeout(message)`."""
     job = get_current_job()
     if job is None:
         raise RuntimeError("fire_timeout is an RQ job function: an rq worker runs it")
@@ -95,13 +96,14 @@ def fire_timeout(message: dict[str, Any]) -> Retry | None:
     score = job.connection.zscore(ScheduledJobRegistry.key_template.format(job.origin), job.id)
     if score is not None:
         current = Job.fetch(job.id, connection=job.connection, serializer=job.serializer)
-        return _again(job, job_message(current), round(float(score) * 1000), context.clock)
+        message = job_message(current, context.transport.options.prefix)
+        return _again(job, message, round(float(score) * 1000), context.clock)
     return None
 
 
 def _again(job: Job, message: TimerMessage, due_ms: int, clock: Clock) -> Retry:
     """A Retry that RQ schedules at or just after `due_ms`, carrying `message` as a fresh delivery."""
-    job.args = [job_body(message)]
+    job.args = job_args(message)
     job.meta.pop(RQ_META_DELIVERIES, None)
     # RQ schedules a retry at now + interval cut to whole seconds: one second more, never early
     # (a run before the registry's due time would find nothing to claim and end the timer).

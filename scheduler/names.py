@@ -89,3 +89,21 @@ def rq_job_id(prefix: str, order_id: str) -> str:
     if order_id and set(order_id) <= RQ_JOB_ID_CHARACTERS:
         return f"{prefix}-{order_id}"
     return f"{prefix}_{base64.urlsafe_b64encode(order_id.encode()).decode().rstrip('=')}"
+
+
+def rq_order_id(prefix: str, job_id: str) -> str | None:
+    """The order whose timeout job this is (the inverse of `rq_job_id`); None for any other job id."""
+    import base64
+    import binascii
+
+    if job_id.startswith(f"{prefix}-"):
+        order_id = job_id[len(prefix) + 1 :]
+    elif job_id.startswith(f"{prefix}_"):
+        encoded = job_id[len(prefix) + 1 :]
+        try:
+            order_id = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
+        except (binascii.Error, ValueError):  # not base64, or not UTF-8 (UnicodeDecodeError)
+            return None
+    else:
+        return None
+    return order_id if order_id and rq_job_id(prefix, order_id) == job_id else None

@@ -8,7 +8,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +22,8 @@ from typing import Any
 
 import pytest
 import redis
+from hypothesis import given
+from hypothesis import strategies as st
 from redis.exceptions import RedisError
 from rq import Queue
 from rq.executions import Execution
@@ -31,7 +35,7 @@ from scheduler import Outcome, ScheduleResult, TimeoutState, TransportUnavailabl
 from scheduler.clock import SystemClock
 from scheduler.config import ENV_MAX_ATTEMPTS
 from scheduler.errors import ConfigurationError
-from scheduler.names import RQ_JOB_FUNCTION
+from scheduler.names import RQ_JOB_FUNCTION, rq_job_id, rq_order_id
 from scheduler.schema import init_db
 from scheduler.transports import rq_executions
 from scheduler.transports.base import Settlement, TimerMessage
@@ -41,12 +45,16 @@ from scheduler.transports.rq_jobs import CRASH_RETRIES, JobTemplate
 from scheduler.transports.rq_options import parse_url
 from tests.conftest import Stack, open_stack
 from tests.rq_support import rq_broker_url
-from tests.services import REDIS_URL
+from tests.services import REDIS_URL, require
 from tests.slow_store import pausing_after_cancel
 from tests.stacks import STACKS
 from tests.support import add_orders, cancel_counts, order_status, pay, postgres_schema, wait_until
 
 RQ_CLI = str(Path(sys.executable).with_name("rq"))
+#: what validation.order_id accepts
+order_ids = st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=255).filter(
+    lambda s: s == s.strip() and s.isprintable()
+)
 PAST = timedelta(seconds=2)  # RQ's scheduler moves a job once its whole-second clock has passed the due time
 
 
@@ -147,12 +155,107 @@ def test_the_job_is_json_in_redis_never_pickle(rq: Stack, client: redis.Redis) -
     assert record is not None
     job = client.hgetall(Job.key_for(transport(rq).job_id("o-1")))
     assert job[b"status"] == b"scheduled"
-    assert json.loads(job[b"data"]) == [
-        RQ_JOB_FUNCTION,
-        None,
-        [{"order_id": "o-1", "due_ms": record.due_ms, "version": 1}],
-        {},
-    ]
+    assert json.loads(job[b"data"]) == [RQ_JOB_FUNCTION, None, [record.due_ms, 1], {}]
+    assert job[b"description"] == b"payment timeout of order o-1"
+
+
+def test_a_pending_job_is_a_compact_hash_for_order_ids_up_to_39_characters(rq: Stack, client: redis.Redis) -> None:
+    """Every field then fits Redis's compact hash encoding (listpack, hash-max-listpack-value 64)."""
+    uuid_id, long_id = "3f2b6a1c-9d4e-4a57-b1c2-0123456789ab", "o" * 40
+    rq.timeouts().schedule_many([uuid_id, long_id], delay=timedelta(minutes=30))
+    compact, table = (Job.key_for(transport(rq).job_id(oid)) for oid in (uuid_id, long_id))
+    assert client.object("encoding", compact) == b"listpack"
+    assert client.object("encoding", table) == b"hashtable"  # description: 25 + 40 characters
+    compact_bytes, table_bytes = client.memory_usage(compact), client.memory_usage(table)
+    assert compact_bytes is not None and table_bytes is not None and compact_bytes * 2 < table_bytes
+
+
+def test_jobs_armed_by_an_earlier_release_still_cancel_their_orders(rq: Stack, client: redis.Redis) -> None:
+    """Before 0.5 a job's one argument was the whole timer message: such jobs may still be pending."""
+
+    def schedule_the_old_way(oid: str) -> None:
+        add_orders(rq.engine, [oid])
+        rq.timeouts().schedule(oid, due_at=datetime.now(UTC) - PAST)
+        record = rq.timeouts().get(oid)
+        assert record is not None
+        old_call = [RQ_JOB_FUNCTION, None, [{"order_id": oid, "due_ms": record.due_ms, "version": 1}], {}]
+        client.hset(Job.key_for(transport(rq).job_id(oid)), "data", json.dumps(old_call))
+
+    schedule_the_old_way("legacy-rq")
+    run_rq_worker(rq, "-c", "consumers.rq_settings")
+    assert cancel_counts(rq.engine) == {"legacy-rq": 1}, "RQ's worker ran it"
+    schedule_the_old_way("legacy-ours")
+    rq.drain_until(lambda: cancel_counts(rq.engine) == {"legacy-rq": 1, "legacy-ours": 1})
+
+
+@given(prefix=st.from_regex(r"[A-Za-z0-9_-]{1,20}", fullmatch=True), order_id=order_ids)
+def test_the_order_id_comes_back_from_its_job_id(prefix: str, order_id: str) -> None:
+    job_id = rq_job_id(prefix, order_id)
+    assert rq_order_id(prefix, job_id) == order_id
+    assert rq_order_id(prefix + "x", job_id) is None, "another deployment's job"
+
+
+@pytest.mark.parametrize("job_id", ["p", "p-", "p_", "p_!!", "p_/w", "p_b3JkZXI", "q-o-1", "p_bw"])
+def test_a_job_id_that_names_no_order_of_the_prefix_gives_none(job_id: str) -> None:
+    # "p_b3JkZXI" decodes to "order", whose job id is "p-order"; "p_bw" is "o", whose job id is "p-o"
+    assert rq_order_id("p", job_id) is None
+
+
+@given(message=st.builds(TimerMessage, order_ids, st.integers(0, 2**63 - 1), st.integers(0, 2**31 - 1)))
+def test_job_data_is_the_json_rqs_serializer_writes(message: TimerMessage) -> None:
+    data, _ = JobTemplate.encode(message)
+    call = (RQ_JOB_FUNCTION, None, [message.due_ms, message.version], {})
+    assert data == JSONSerializer.dumps(call)  # type: ignore[no-untyped-call]
+
+
+@pytest.fixture
+def redis_without_copy(tmp_path: Path) -> Iterator[str]:
+    """A private redis-server that lacks COPY, as Redis did before 6.2 (shut down after the test)."""
+    if shutil.which("redis-server") is None:
+        require("redis-server", 0)  # without redis-server: skips here, fails when CI=true
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+         "--dir", str(tmp_path), "--rename-command", "COPY", ""],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        wait_until(lambda: _answers(url), timeout=10)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def _answers(url: str) -> bool:
+    with contextlib.suppress(RedisError), redis.Redis.from_url(url) as probe:
+        return bool(probe.ping())
+    return False
+
+
+def test_a_redis_without_copy_gets_the_same_jobs_written_field_by_field(
+    rq: Stack, client: redis.Redis, redis_without_copy: str
+) -> None:
+    messages = [TimerMessage(f"o-{i}", 1_900_000_000_123 + i, 1 + i % 3) for i in range(3)]
+    transport(rq).publish(messages)
+    old = RQTransport(rq_broker_url(rq_queue_name(rq), base=redis_without_copy), SystemClock())
+    try:
+        old.publish(messages)
+        with redis.Redis.from_url(redis_without_copy) as old_client:
+            with pytest.raises(RedisError, match="unknown command"):
+                old_client.copy("a", "b")
+            assert scheduled(rq, old_client) == scheduled(rq, client)
+            for message in messages:
+                key = Job.key_for(transport(rq).job_id(message.order_id))
+                written, copied = old_client.hgetall(key), client.hgetall(key)
+                assert written.pop(b"created_at") and copied.pop(b"created_at")
+                assert written == copied
+            assert len(old_client.keys()) == len(messages) + 2, "jobs, the scheduled registry, rq:queues"
+    finally:
+        old.close()
 
 
 def rq_saved_job(stack: Stack, client: redis.Redis, message: TimerMessage) -> dict[bytes, bytes]:
@@ -179,12 +282,13 @@ def test_armed_jobs_are_the_jobs_rq_itself_writes(
 
     rq_queue = queue(rq, client)
     assert client.sismember("rq:queues", rq_queue.key), "`rq info` lists the queue"
+    assert not client.exists(f"{rq_queue.key}:arm-template"), "rq_arm.lua's scratch hash is gone"
     assert scheduled(rq, client) == {transport(rq).job_id(m.order_id): m.due_ms / 1000 for m in messages}
     for message in messages:
         job_id = transport(rq).job_id(message.order_id)
         job = Job.fetch(job_id, connection=client, serializer=JSONSerializer)
         assert job.func_name == RQ_JOB_FUNCTION
-        assert job.args == [{"order_id": message.order_id, "due_ms": message.due_ms, "version": message.version}]
+        assert job.args == [message.due_ms, message.version]
         assert job.retries_left == CRASH_RETRIES
         assert abs(job.created_at.replace(tzinfo=UTC) - datetime.now(UTC)) < timedelta(minutes=1)
 
@@ -307,7 +411,7 @@ def test_reschedule_moves_the_job(rq: Stack, client: redis.Redis) -> None:
     job_id = transport(rq).job_id("r-1")
     assert scheduled(rq, client) == {job_id: moved.due_ms / 1000}
     job = Job.fetch(job_id, connection=client, serializer=JSONSerializer)
-    assert job.args == [{"order_id": "r-1", "due_ms": moved.due_ms, "version": 2}]
+    assert job.args == [moved.due_ms, 2]
 
 
 def test_rq_workers_with_scheduler_cancel_each_unpaid_order_once(rq: Stack, client: redis.Redis) -> None:
@@ -471,13 +575,18 @@ def test_malformed_jobs_on_the_queue_are_failed_with_the_reason(rq: Stack, clien
     bad = jobs.enqueue(RQ_JOB_FUNCTION, {"order_id": 5, "due_ms": 1, "version": 1}, job_id=f"{name}-bad")
     foreign = jobs.enqueue("os.getcwd", job_id=f"{name}-foreign")
     wrong_id = jobs.enqueue(RQ_JOB_FUNCTION, {"order_id": "good", "due_ms": 1, "version": 1}, job_id=f"{name}-wrong")
+    bad_due = jobs.enqueue(RQ_JOB_FUNCTION, "soon", 1, job_id=f"{name}-due")
+    no_order = jobs.enqueue(RQ_JOB_FUNCTION, 1, 1, job_id=f"{name}_bw")  # order "o" has job id {name}-o
 
     rq.drain_until(lambda: cancel_counts(rq.engine) == {"good": 1})
-    assert set(FailedJobRegistry(queue=jobs).get_job_ids()) == {bad.id, foreign.id, wrong_id.id}
-    reasons = {job.id: job.latest_result().exc_string for job in (bad, foreign, wrong_id)}  # type: ignore[union-attr]
+    malformed = (bad, foreign, wrong_id, bad_due, no_order)
+    assert set(FailedJobRegistry(queue=jobs).get_job_ids()) == {job.id for job in malformed}
+    reasons = {job.id: job.latest_result().exc_string for job in malformed}  # type: ignore[union-attr]
     assert "order_id must be a non-empty string" in (reasons[bad.id] or "")
     assert "os.getcwd" in (reasons[foreign.id] or "")
     assert "is not the job id of order 'good'" in (reasons[wrong_id.id] or "")
+    assert "due_ms must be a non-negative integer" in (reasons[bad_due.id] or "")
+    assert "is not the job id of an order" in (reasons[no_order.id] or "")
 
 
 def test_redis_unreachable_schedule_still_commits_the_row_unpublished(tmp_path: Path) -> None:

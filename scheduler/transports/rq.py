@@ -106,7 +106,7 @@ from sqlalchemy import Connection
 
 from scheduler.clock import Clock
 from scheduler.errors import MalformedMessage, TransportUnavailable
-from scheduler.names import RQ_JOB_FUNCTION, RQ_META_DELIVERIES, rq_job_id
+from scheduler.names import RQ_JOB_FUNCTION, RQ_META_DELIVERIES, rq_job_id, rq_order_id
 from scheduler.transports.base import Batch, Delivery, Settlement, TimerMessage
 from scheduler.transports.redis_options import MAX_BLOCK_MS, RedisOptions, connect
 from scheduler.transports.rq_executions import Executions
@@ -118,14 +118,11 @@ log = logging.getLogger("order_timeouts.transports.rq")
 MOVE_SCRIPT = files("scheduler.transports").joinpath("rq_move.lua").read_text()
 TAKE_SCRIPT = files("scheduler.transports").joinpath("rq_take.lua").read_text()
 
-#: jobs per call of rq_arm.lua: Redis runs a script without serving anyone else, so keep each call
-#: short (1,000 jobs take about 5 ms of Redis time)
-ARM_CHUNK = 1000
 #: a delivery whose batch transaction failed comes back after this pause
 FAILED_REDELIVERY_MS = 1000
 
 
-def job_message(job: Job, prefix: str | None = None) -> TimerMessage:
+def job_message(job: Job, prefix: str) -> TimerMessage:
     """The timer message a job carries; MalformedMessage when it is not one of our timeout jobs."""
     try:
         func_name, args, kwargs = job.func_name, job.args, job.kwargs
@@ -134,16 +131,22 @@ def job_message(job: Job, prefix: str | None = None) -> TimerMessage:
     return call_message(job.id, func_name, args, kwargs, prefix)
 
 
-def call_message(job_id: str, func_name: Any, args: Any, kwargs: Any, prefix: str | None) -> TimerMessage:
-    """The timer message of a job's call; MalformedMessage when it is not a call of our job function."""
+def call_message(job_id: str, func_name: Any, args: Any, kwargs: Any, prefix: str) -> TimerMessage:
+    """The timer message of a job's call, `fire_timeout(due_ms, version)` of the order its id names
+    (or, armed by an earlier release, `fire_timeout(message)`); MalformedMessage when it is not one."""
     if func_name != RQ_JOB_FUNCTION:
         raise MalformedMessage(f"job runs {func_name!r}, not {RQ_JOB_FUNCTION}")
-    if kwargs or not isinstance(args, list | tuple) or len(args) != 1 or not isinstance(args[0], dict):
-        raise MalformedMessage("job arguments are not one timer message")
-    message = TimerMessage.from_json(args[0])
-    if prefix is not None and job_id != rq_job_id(prefix, message.order_id):
-        raise MalformedMessage(f"job id {job_id!r} is not the job id of order {message.order_id!r}")
-    return message
+    if kwargs or not isinstance(args, list | tuple) or len(args) not in (1, 2):
+        raise MalformedMessage("job arguments are not a timer message")
+    if len(args) == 1:
+        message = TimerMessage.from_json(args[0])
+        if job_id != rq_job_id(prefix, message.order_id):
+            raise MalformedMessage(f"job id {job_id!r} is not the job id of order {message.order_id!r}")
+        return message
+    order_id = rq_order_id(prefix, job_id)
+    if order_id is None:
+        raise MalformedMessage(f"job id {job_id!r} is not the job id of an order (prefix {prefix!r})")
+    return TimerMessage.from_json({"order_id": order_id, "due_ms": args[0], "version": args[1]})
 
 
 def taken_message(job_id: str, data: bytes, meta: bytes | None, prefix: str) -> tuple[TimerMessage, dict[str, Any]]:
@@ -200,12 +203,10 @@ class RQTransport:
         """Nothing to do inside the transaction: RQ's scheduler polls every second."""
 
     def publish(self, messages: Sequence[TimerMessage]) -> None:
-        """Write each timer as an RQ scheduled job, one pipeline per chunk; confirmed when it returns."""
+        """Write each timer as an RQ scheduled job (rq_arm.lua per chunk); confirmed when it returns."""
         latest = {m.order_id: m for m in messages}  # one job per order: the last message wins
         with self._edge("publish"):
-            items = list(latest.values())
-            for start in range(0, len(items), ARM_CHUNK):
-                self._arm(self._redis(), items[start : start + ARM_CHUNK])
+            self._arm(self._redis(), list(latest.values()))
 
     def revoke(self, order_ids: Sequence[str]) -> None:
         """Delete the jobs (`Job.delete`: hash, registries, queue entry)."""
