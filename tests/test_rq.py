@@ -170,8 +170,8 @@ def test_a_pending_job_is_a_compact_hash_for_order_ids_up_to_39_characters(rq: S
     assert compact_bytes is not None and table_bytes is not None and compact_bytes * 2 < table_bytes
 
 
-def test_jobs_armed_by_an_earlier_release_still_cancel_their_orders(rq: Stack, client: redis.Redis) -> None:
-    """Before 0.5 a job's one argument was the whole timer message: such jobs may still be pending."""
+def test_jobs_of_the_earlier_format_still_cancel_their_orders(rq: Stack, client: redis.Redis) -> None:
+    """A job of the earlier format has the whole timer message as its one argument: a Redis may still hold some."""
 
     def schedule_the_old_way(oid: str) -> None:
         add_orders(rq.engine, [oid])

@@ -79,3 +79,37 @@ def test_the_migrations_build_what_the_code_expects(engine: Engine) -> None:
     for table in metadata.sorted_tables:
         assert {c["name"] for c in live.get_columns(table.name)} == {c.name for c in table.columns}
         assert {i["name"] for i in live.get_indexes(table.name)} == {i.name for i in table.indexes}
+
+
+def index_definitions(engine: Engine) -> dict[str, str]:
+    """The database's own text of each registry index, as it was created."""
+    query = (
+        "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = :table"
+        if engine.dialect.name == "postgresql"
+        else "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = :table AND sql IS NOT NULL"
+    )
+    with engine.connect() as conn:
+        return dict(conn.execute(text(query), {"table": REGISTRY_TABLE}).all())
+
+
+def test_the_migrations_make_each_partial_index_partial_and_only_those(engine: Engine) -> None:
+    init_db(engine, None)
+    definitions = index_definitions(engine)
+    partial = {name for name, definition in definitions.items() if " WHERE " in definition.upper()}
+    assert partial == {
+        "ix_order_timeouts_pending_due",
+        "ix_order_timeouts_unpublished",
+        "ix_order_timeouts_state_finished",
+    }
+    assert "pending" in definitions["ix_order_timeouts_state_finished"], "finished rows only"
+
+
+def test_an_upgraded_registry_keeps_no_pending_row_in_the_finished_index(engine: Engine) -> None:
+    with engine.begin() as conn:
+        config = migrations()
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0002")
+    assert " WHERE " not in index_definitions(engine)["ix_order_timeouts_state_finished"].upper()
+    init_db(engine, None)
+    assert " WHERE " in index_definitions(engine)["ix_order_timeouts_state_finished"].upper()
+    assert revision(engine) == head()

@@ -7,8 +7,8 @@
                                    │                 (the same Handler and registry, one job at a time)
                                    └────────────▶ our Worker: receive ─▶ handle ─▶ settle, in batches
 
-For shops that already run RQ. A job is RQ's own: JSON serializer (never pickle), the function
-`consumers.rq_job.fire_timeout` with the timer message as its one argument, a deterministic id, so
+For shops that already run RQ. A job is RQ's own: JSON serializer (never pickle), the call
+`consumers.rq_job.fire_timeout(due_ms, version)` for the order that its deterministic id names, so
 scheduling twice, the relay and the reconciler all write the same job; revoke deletes it
 (`Job.delete`); reschedule re-arms it. The job function applies the handler's settlement the RQ
 way: done returns, retry returns `rq.Retry` (RQ re-schedules the job), dead raises, so the job
@@ -50,9 +50,11 @@ would be acked as stale): the scores are float seconds, which RQ's scheduler mov
 whole-second clock has passed them. `Queue.enqueue_at` is not used because it truncates the time
 to whole seconds (up to 1 s early) and writes the registry outside the caller's pipeline.
 
-Memory. A job's `data` (~110 bytes) is longer than Redis's default `hash-max-listpack-value` (64),
-so each job hash is a hash table of its own: ~2.0 KB per pending job. `hash-max-listpack-value 256`
-in the Redis configuration makes each a single listpack: ~0.75 KB, and arming a little faster.
+Memory. Every field of a job fits Redis's default `hash-max-listpack-value` (64 bytes) for order
+ids up to 39 characters (a UUID has 36), so Redis keeps each job as one compact listpack: ~670 bytes
+per pending job, where a job that RQ's `enqueue_at` writes for the same call is a hash table of
+1.5-2 KB. A longer order id makes `description` longer than 64 bytes and its job a hash table too;
+`hash-max-listpack-value 128` in the Redis configuration keeps those compact as well.
 
 A million pending. Redis doubles a full hash table and then moves its entries over a bucket per
 operation on it: the keyspace in the background as well, a sorted set only as it is used. Once the
@@ -133,7 +135,7 @@ def job_message(job: Job, prefix: str) -> TimerMessage:
 
 def call_message(job_id: str, func_name: Any, args: Any, kwargs: Any, prefix: str) -> TimerMessage:
     """The timer message of a job's call, `fire_timeout(due_ms, version)` of the order its id names
-    (or, armed by an earlier release, `fire_timeout(message)`); MalformedMessage when it is not one."""
+    (or, in the earlier format, `fire_timeout(message)`); MalformedMessage when it is not one."""
     if func_name != RQ_JOB_FUNCTION:
         raise MalformedMessage(f"job runs {func_name!r}, not {RQ_JOB_FUNCTION}")
     if kwargs or not isinstance(args, list | tuple) or len(args) not in (1, 2):

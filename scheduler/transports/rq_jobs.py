@@ -15,7 +15,7 @@ The call is `fire_timeout(due_ms, version)`: the order is the one the job id nam
 so that every field stays within Redis's `hash-max-listpack-value` (64 bytes) and Redis keeps the
 hash as one compact listpack: about 670 bytes per pending job against 1,900 as a hash table (and
 1,500 for a job RQ enqueues itself). An order id longer than 39 characters makes `description`
-longer than that, and its job a hash table again. Jobs of earlier releases, whose one argument is
+longer than that, and its job a hash table again. Jobs of the earlier format, whose one argument is
 the whole timer message, are read as before.
 
 `data` is the JSON of the call as RQ's JSONSerializer writes it, not compressed: RQ reads a `data`
