@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -209,23 +209,24 @@ def test_job_data_is_the_json_rqs_serializer_writes(message: TimerMessage) -> No
 
 
 @pytest.fixture
-def redis_without_copy(tmp_path: Path) -> Iterator[str]:
-    """A private redis-server that lacks COPY, as Redis did before 6.2 (shut down after the test)."""
+def private_redis(tmp_path: Path) -> Iterator[Callable[..., str]]:
+    """Starts redis-servers of the test's own on free ports, with extra options (shut down after)."""
     if shutil.which("redis-server") is None:
         require("redis-server", 0)  # without redis-server: skips here, fails when CI=true
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-         "--dir", str(tmp_path), "--rename-command", "COPY", ""],
-        stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
+    servers: list[subprocess.Popen[bytes]] = []
+
+    def start(*options: str) -> str:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        command = ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
+        servers.append(subprocess.Popen([*command, "--dir", str(tmp_path), *options], stdout=subprocess.DEVNULL))
+        url = f"redis://127.0.0.1:{port}/0"
         wait_until(lambda: _answers(url), timeout=10)
-        yield url
-    finally:
+        return url
+
+    yield start
+    for server in servers:
         server.terminate()
         server.wait(timeout=10)
 
@@ -237,14 +238,15 @@ def _answers(url: str) -> bool:
 
 
 def test_a_redis_without_copy_gets_the_same_jobs_written_field_by_field(
-    rq: Stack, client: redis.Redis, redis_without_copy: str
+    rq: Stack, client: redis.Redis, private_redis: Callable[..., str]
 ) -> None:
+    before_6_2 = private_redis("--rename-command", "COPY", "")  # COPY came with Redis 6.2
     messages = [TimerMessage(f"o-{i}", 1_900_000_000_123 + i, 1 + i % 3) for i in range(3)]
     transport(rq).publish(messages)
-    old = RQTransport(rq_broker_url(rq_queue_name(rq), base=redis_without_copy), SystemClock())
+    old = RQTransport(rq_broker_url(rq_queue_name(rq), base=before_6_2), SystemClock())
     try:
         old.publish(messages)
-        with redis.Redis.from_url(redis_without_copy) as old_client:
+        with redis.Redis.from_url(before_6_2) as old_client:
             with pytest.raises(RedisError, match="unknown command"):
                 old_client.copy("a", "b")
             assert scheduled(rq, old_client) == scheduled(rq, client)
@@ -256,6 +258,24 @@ def test_a_redis_without_copy_gets_the_same_jobs_written_field_by_field(
             assert len(old_client.keys()) == len(messages) + 2, "jobs, the scheduled registry, rq:queues"
     finally:
         old.close()
+
+
+def test_a_publish_after_redis_lost_its_scripts_or_our_connection_arms_every_job(
+    rq: Stack, private_redis: Callable[..., str]
+) -> None:
+    url = private_redis()
+    ours = RQTransport(rq_broker_url(rq_queue_name(rq), base=url), SystemClock())
+    try:
+        with redis.Redis.from_url(url) as other:
+            ours.publish([TimerMessage("first", 1_900_000_000_000, 1)])
+            other.script_flush()  # as a restart does
+            ours.publish([TimerMessage(f"flushed-{i}", 1_900_000_000_000 + i, 1) for i in range(2500)])
+            assert other.client_kill_filter(_type="normal", skipme=True) >= 1  # our pooled connection
+            ours.publish([TimerMessage(f"killed-{i}", 1_900_000_000_000 + i, 1) for i in range(2500)])
+            assert other.zcard(ScheduledJobRegistry(rq_queue_name(rq), connection=other).key) == 5001
+            assert len(other.keys(Job.key_for(f"{rq_queue_name(rq)}-*"))) == 5001
+    finally:
+        ours.close()
 
 
 def rq_saved_job(stack: Stack, client: redis.Redis, message: TimerMessage) -> dict[bytes, bytes]:

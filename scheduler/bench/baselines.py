@@ -28,7 +28,15 @@ from sqlalchemy import Engine, insert
 from consumers.orders import orders_table
 from scheduler.bench.measure import Lateness, ProcessGroup, SystemResult, now_ms, percentile, rate, wait_for
 from scheduler.bench.plan import Services, Sizes
-from scheduler.bench.sandbox import delete_matching, delete_rq_keys, postgres_schema, redis_client, rq_keys, unique
+from scheduler.bench.sandbox import (
+    delete_matching,
+    delete_rq_keys,
+    delete_rq_namespace,
+    postgres_schema,
+    redis_client,
+    rq_keys,
+    unique,
+)
 from scheduler.bench.workloads import BULK_DELAY, POLL_S, Progress, add_orders, lead_ms
 from scheduler.clock import from_ms
 from scheduler.config import Settings
@@ -132,9 +140,7 @@ def run_rq(sizes: Sizes, services: Services, progress: Progress) -> SystemResult
         with _orders_database(services) as (engine, orders_url):
             progress(f"RQ: enqueue_in of {sizes.bulk:,}, pipelined")
             before = int(client.info("memory")["used_memory"])  # (connected, as the product's clients are)
-            started = time.perf_counter()
-            _rq_enqueue(queue, [(f"bulk-{i:07d}", now_ms() + _ms(BULK_DELAY)) for i in range(sizes.bulk)], results_key)
-            result.figures["bulk_rate"] = rate(sizes.bulk, time.perf_counter() - started)
+            result.figures["bulk_rate"] = _rq_bulk(queue, sizes.bulk, results_key)
             result.figures["bulk_n"] = sizes.bulk
             used = int(client.info("memory")["used_memory"]) - before
             result.figures["redis_bytes_per_timeout"] = used / sizes.bulk
@@ -180,6 +186,26 @@ def run_rq(sizes: Sizes, services: Services, progress: Progress) -> SystemResult
         client.close()
         delete_rq_keys(services.redis_url, name)
     return result
+
+
+def rq_bulk_rate(sizes: Sizes, services: Services) -> float:
+    """One more pipelined bulk of RQ jobs in a queue of its own, for the interleaved rounds (see run_bench)."""
+    from rq import Queue
+
+    name = unique("bench")
+    client = redis_client(services.redis_url)
+    try:
+        return _rq_bulk(Queue(name, connection=client), sizes.bulk, f"{name}:finished")
+    finally:
+        delete_rq_namespace(client, name)
+        client.close()
+
+
+def _rq_bulk(queue: Any, count: int, results_key: str) -> float:
+    items = [(f"bulk-{i:07d}", now_ms() + _ms(BULK_DELAY)) for i in range(count)]
+    started = time.perf_counter()
+    _rq_enqueue(queue, items, results_key)
+    return rate(count, time.perf_counter() - started)
 
 
 def _rq_enqueue(queue: Any, items: list[tuple[str, int]], results_key: str) -> None:

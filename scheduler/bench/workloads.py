@@ -67,6 +67,24 @@ def run_product(system: str, sizes: Sizes, services: Services, progress: Progres
     return result
 
 
+def bulk_rate(system: str, sizes: Sizes, services: Services) -> float:
+    """One more bulk schedule in a fresh deployment, for the interleaved rounds (see run_bench)."""
+    with deployment(system, services) as target:
+        client = _client(target)
+        try:
+            client.transport.figures()  # connected first, as in _bulk_and_latency
+            return _timed_bulk(client, sizes.bulk)
+        finally:
+            client.close()
+
+
+def _timed_bulk(client: OrderTimeouts, count: int) -> float:
+    ids = [f"bulk-{i:07d}" for i in range(count)]
+    started = time.perf_counter()
+    client.schedule_many(ids, delay=BULK_DELAY)
+    return rate(count, time.perf_counter() - started)
+
+
 def _client(target: Deployment) -> OrderTimeouts:
     client = OrderTimeouts(settings=Settings(database_url=target.database_url, broker_url=target.broker_url))
     init_db(client.engine, client.settings.orders)
@@ -77,14 +95,11 @@ def _bulk_and_latency(target: Deployment, sizes: Sizes, services: Services, resu
     client = _client(target)
     memory = redis_client(services.redis_url) if target.system in ("redis", "rq") else None
     try:
-        ids = [f"bulk-{i:07d}" for i in range(sizes.bulk)]
         # Connected first, as a running order service is: the rabbitmq transport's first connection
         # to a fresh vhost declares its 26 quorum queues, once per deployment, not per bulk.
         client.transport.figures()
         before = int(memory.info("memory")["used_memory"]) if memory is not None else 0
-        started = time.perf_counter()
-        client.schedule_many(ids, delay=BULK_DELAY)
-        result.figures["bulk_rate"] = rate(sizes.bulk, time.perf_counter() - started)
+        result.figures["bulk_rate"] = _timed_bulk(client, sizes.bulk)
         result.figures["bulk_n"] = sizes.bulk
         if memory is not None:
             used = int(memory.info("memory")["used_memory"]) - before

@@ -209,9 +209,9 @@ def run_overlapped(client: Any, script: Any, calls: Iterable[tuple[list[str], li
         replies: list[Any] = conn.retry.call_with_retry(attempt, lambda _error: conn.disconnect())
     finally:
         pool.release(conn)
-    for (keys, args), reply in zip(built, replies, strict=True):
+    for index, ((keys, args), reply) in enumerate(zip(built, replies, strict=True)):
         if isinstance(reply, NoScriptError):
-            reply = script(keys=keys, args=args, client=client)
+            replies[index] = script(keys=keys, args=args, client=client)
         elif isinstance(reply, ResponseError):
             raise reply
     return replies
