@@ -84,7 +84,7 @@ def test_the_migrations_build_what_the_code_expects(engine: Engine) -> None:
 def index_definitions(engine: Engine) -> dict[str, str]:
     """The database's own text of each registry index, as it was created."""
     query = (
-        "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = :table"
+        "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = current_schema() AND tablename = :table"
         if engine.dialect.name == "postgresql"
         else "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = :table AND sql IS NOT NULL"
     )
