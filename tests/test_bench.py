@@ -40,6 +40,8 @@ def test_tiny_profile_reports_every_figure_for_the_sql_systems(tmp_path: Path) -
         assert figures["bulk_rate"] > 0 and figures["burst_p99_ms"] >= figures["burst_p50_ms"]
         # its own bulk and one per round taken in turns with the other systems: the best of them counts
         assert len(figures["bulk_rates"]) == BULK_ROUNDS + 1 and figures["bulk_rate"] == max(figures["bulk_rates"])
+        # the fire rates are the better of two bursts each: the first burst's is one of the empty two
+        assert figures["empty_fire_rate"] >= figures["burst_drain_rate"]
     assert any(check["figure"] == "steady_p99_ms" for check in document["targets"])
     for when in ("cpu_before", "cpu_after"):  # how far this machine's own speed moved, for the reader
         steadiness = document["machine"][when]

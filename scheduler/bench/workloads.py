@@ -4,7 +4,8 @@
                      calls inside order transactions (p50/p99)
     drains:          2 worker processes; a burst due at one instant (half the orders paid), a
                      steady stream due at N per second, then the same burst again with a large
-                     number of far-off timeouts pending (rates against the empty system)
+                     number of far-off timeouts pending (rates against the empty system; the fire
+                     rates are the better of two bursts on each side)
 
 Lateness comes from the registry: finished_ms - due_ms of each timeout (finished_ms is the time the
 batch that handled it wrote its outcome, just before its commit). "All finished" is the bench's own clock when the
@@ -316,6 +317,11 @@ def _drains(target: Deployment, sizes: Sizes, result: SystemResult, progress: Pr
             "burst_max_ms": empty.get("lateness_max_ms"),
             "burst_verified": empty.get("verified"),
         }
+        # The fire rates of the loaded/empty ratio are the better of two bursts each, as the
+        # schedule rates are the best of five probes: one burst alone is at the mercy of a moment.
+        empty_again = steps.burst("burst2", workers, figures.get("bulk_rate")) if sizes.pending else {}
+        if empty_again:
+            figures["burst_verified"] = bool(figures["burst_verified"]) and bool(empty_again.get("verified"))
         progress(f"{target.system}: steady {sizes.steady_rate}/s for {sizes.steady_seconds:g}s")
         steps.steady(workers)
         if sizes.pending:
@@ -325,21 +331,29 @@ def _drains(target: Deployment, sizes: Sizes, result: SystemResult, progress: Pr
             steps.settle()
             loaded_rate = steps.schedule_rate("loaded")
             loaded = steps.burst("loaded", workers, empty.get("schedule_rate"))
+            loaded_again = steps.burst("loaded2", workers, empty.get("schedule_rate"))
+            empty_fire = _best(empty.get("drain_rate"), empty_again.get("drain_rate"))
+            loaded_fire = _best(loaded.get("drain_rate"), loaded_again.get("drain_rate"))
             figures |= {
                 "empty_schedule_rate": empty_rate,
                 "loaded_schedule_rate": loaded_rate,
                 "loaded_schedule_rate_at_fill": at_fill_rate,
-                "empty_fire_rate": empty.get("drain_rate"),
-                "loaded_fire_rate": loaded.get("drain_rate"),
-                "loaded_verified": loaded.get("verified"),
+                "empty_fire_rate": empty_fire,
+                "loaded_fire_rate": loaded_fire,
+                "loaded_verified": bool(loaded.get("verified")) and bool(loaded_again.get("verified")),
                 "loaded_pending": sizes.pending,
             }
             figures["loaded_schedule_ratio"] = _ratio(loaded_rate, empty_rate)
             figures["loaded_schedule_ratio_at_fill"] = _ratio(at_fill_rate, empty_rate)
-            figures["loaded_fire_ratio"] = _ratio(loaded.get("drain_rate"), empty.get("drain_rate"))
+            figures["loaded_fire_ratio"] = _ratio(loaded_fire, empty_fire)
     finally:
         workers.stop()
         steps.close()
+
+
+def _best(*rates: float | None) -> float | None:
+    measured = [rate for rate in rates if rate is not None]
+    return max(measured) if measured else None
 
 
 def _ratio(loaded: float | None, empty: float | None) -> float | None:
