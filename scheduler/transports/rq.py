@@ -54,7 +54,7 @@ Memory. Every field of a job fits Redis's default `hash-max-listpack-value` (64 
 ids up to 39 characters (a UUID has 36), so Redis keeps each job as one compact listpack: ~670 bytes
 per pending job, where a job that RQ's `enqueue_at` writes for the same call is a hash table of
 1.5-2 KB. A longer order id makes `description` longer than 64 bytes and its job a hash table too;
-`hash-max-listpack-value 128` in the Redis configuration keeps those compact as well.
+`hash-max-listpack-value 128` in the Redis configuration keeps order ids up to 103 characters compact.
 
 A million pending. Redis doubles a full hash table and then moves its entries over a bucket per
 operation on it: the keyspace in the background as well, a sorted set only as it is used. Once the
