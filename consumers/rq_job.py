@@ -36,10 +36,10 @@ from scheduler.api import OrderTimeouts
 from scheduler.clock import Clock
 from scheduler.config import ENV_BROKER_URL, Settings, redact
 from scheduler.errors import ConfigurationError, MalformedMessage
-from scheduler.names import RQ_META_DELIVERIES
 from scheduler.transports.base import Batch, Delivery, TimerMessage
-from scheduler.transports.rq import FAILED_REDELIVERY_MS, RQTransport, job_message
-from scheduler.transports.rq_jobs import job_args
+from scheduler.transports.rq.adapter import FAILED_REDELIVERY_MS, RQTransport, job_message
+from scheduler.transports.rq.jobs import job_args
+from scheduler.transports.rq.keys import RQ_META_DELIVERIES
 
 log = logging.getLogger("order_timeouts.rq_job")
 

@@ -16,7 +16,7 @@ import os
 
 import consumers.rq_job  # noqa: F401  (loaded once here, inherited by every forked work horse)
 from scheduler.config import ENV_BROKER_URL
-from scheduler.transports.rq_options import parse_url
+from scheduler.transports.rq.options import parse_url
 
 _redis_url, _options = parse_url(os.environ.get(ENV_BROKER_URL) or "rq+redis://localhost:6379/0")
 

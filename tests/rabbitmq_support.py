@@ -18,7 +18,7 @@ import pika
 import pytest
 
 from scheduler.clock import SystemClock
-from scheduler.transports.rabbitmq import RabbitMQTransport
+from scheduler.transports.rabbitmq.adapter import RabbitMQTransport
 from tests.services import RABBITMQ_URL, require, unique
 from tests.support import postgres_schema
 

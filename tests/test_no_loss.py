@@ -55,7 +55,7 @@ def lose_everything(stack: Stack) -> None:
     elif stack.name == "rabbitmq":
         connection = pika.BlockingConnection(pika.URLParameters(stack.broker_url))
         channel = connection.channel()
-        from scheduler.names import RABBITMQ_READY_QUEUE, rabbitmq_delay_queue
+        from scheduler.transports.rabbitmq.keys import RABBITMQ_READY_QUEUE, rabbitmq_delay_queue
 
         for queue in [RABBITMQ_READY_QUEUE, *(rabbitmq_delay_queue(level) for level in range(64))]:
             try:

@@ -21,7 +21,15 @@ from hypothesis import strategies as st
 from scheduler import Outcome, TimeoutState
 from scheduler.clock import SystemClock
 from scheduler.errors import TransportUnavailable
-from scheduler.names import (
+from scheduler.transports.base import Delivery, Settlement, TimerMessage
+from scheduler.transports.rabbitmq.adapter import (
+    ARRIVE_EARLIEST_MS,
+    ARRIVE_LATEST_MS,
+    ENVELOPE_MAX,
+    HOLD_MS,
+    RabbitMQTransport,
+)
+from scheduler.transports.rabbitmq.keys import (
     RABBITMQ_DEAD_QUEUE,
     RABBITMQ_READY_QUEUE,
     RABBITMQ_REASON_HEADER,
@@ -29,15 +37,7 @@ from scheduler.names import (
     rabbitmq_delay_queue,
     rabbitmq_expired_exchange,
 )
-from scheduler.transports.base import Delivery, Settlement, TimerMessage
-from scheduler.transports.rabbitmq import (
-    ARRIVE_EARLIEST_MS,
-    ARRIVE_LATEST_MS,
-    ENVELOPE_MAX,
-    HOLD_MS,
-    RabbitMQTransport,
-)
-from scheduler.transports.rabbitmq_topology import (
+from scheduler.transports.rabbitmq.topology import (
     LEVELS,
     MAX_TICKS,
     TICK_MS,

@@ -29,11 +29,11 @@ from scheduler import Outcome, ScheduleResult, TimeoutState
 from scheduler.clock import SystemClock
 from scheduler.database import reading
 from scheduler.errors import ConfigurationError, MalformedMessage, TransportUnavailable
-from scheduler.names import REDIS_GROUP, redis_dead_key, redis_due_key, redis_timers_key
 from scheduler.registry import count_pending
 from scheduler.transports.base import Delivery, Settlement, TimerMessage
-from scheduler.transports.redis import FAILED_REDELIVERY_MS, RedisTransport
-from scheduler.transports.redis_options import RedisOptions, parse_url
+from scheduler.transports.redis.adapter import FAILED_REDELIVERY_MS, RedisTransport
+from scheduler.transports.redis.keys import REDIS_GROUP, redis_dead_key, redis_due_key, redis_timers_key
+from scheduler.transports.redis.options import RedisOptions, parse_url
 from tests.conftest import Stack, open_stack
 from tests.redis_support import broker_url, delete_prefix, redis_prefix, redis_stack
 from tests.services import REDIS_URL, require, unique

@@ -35,14 +35,14 @@ from scheduler import Outcome, ScheduleResult, TimeoutState, TransportUnavailabl
 from scheduler.clock import SystemClock
 from scheduler.config import ENV_MAX_ATTEMPTS
 from scheduler.errors import ConfigurationError
-from scheduler.names import RQ_JOB_FUNCTION, rq_job_id, rq_order_id
 from scheduler.schema import init_db
-from scheduler.transports import rq_executions
 from scheduler.transports.base import Settlement, TimerMessage
-from scheduler.transports.rq import RQTransport
-from scheduler.transports.rq_executions import Placeholders
-from scheduler.transports.rq_jobs import CRASH_RETRIES, JobTemplate
-from scheduler.transports.rq_options import parse_url
+from scheduler.transports.rq import executions as rq_executions
+from scheduler.transports.rq.adapter import RQTransport
+from scheduler.transports.rq.executions import Placeholders
+from scheduler.transports.rq.jobs import CRASH_RETRIES, JobTemplate
+from scheduler.transports.rq.keys import RQ_JOB_FUNCTION, rq_job_id, rq_order_id
+from scheduler.transports.rq.options import parse_url
 from tests.conftest import Stack, open_stack
 from tests.rq_support import rq_broker_url
 from tests.services import REDIS_URL, require

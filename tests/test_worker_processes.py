@@ -15,7 +15,7 @@ from sqlalchemy import text
 from scheduler import Outcome, TimeoutState
 from scheduler.database import reading
 from scheduler.registry import count_pending
-from scheduler.transports.sql import SqlTransport
+from scheduler.transports.sql.adapter import SqlTransport
 from tests.conftest import Stack
 from tests.slow_store import pausing_after_cancel
 from tests.support import add_orders, cancel_counts, order_status, pay, registry_records, wait_until

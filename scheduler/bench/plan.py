@@ -20,7 +20,7 @@ def available_systems() -> list[str]:
 
 
 def _has_rq_transport() -> bool:
-    return importlib.util.find_spec("scheduler.transports.rq") is not None
+    return importlib.util.find_spec("scheduler.transports.rq.adapter") is not None
 
 
 @dataclass(frozen=True)

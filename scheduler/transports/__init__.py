@@ -15,19 +15,19 @@ __all__ = ["Batch", "Delivery", "Settlement", "TimerMessage", "Transport", "open
 def open_transport(broker_url: str, engine: Engine, clock: Clock) -> Transport:
     scheme = broker_url.partition("://")[0].lower() if "://" in broker_url else broker_url.lower()
     if scheme in ("sql", ""):
-        from scheduler.transports.sql import SqlTransport
+        from scheduler.transports.sql.adapter import SqlTransport
 
         return SqlTransport(engine, clock)
     if scheme in ("redis", "rediss"):
-        from scheduler.transports.redis import RedisTransport
+        from scheduler.transports.redis.adapter import RedisTransport
 
         return RedisTransport(broker_url, clock)
     if scheme in ("amqp", "amqps"):
-        from scheduler.transports.rabbitmq import RabbitMQTransport
+        from scheduler.transports.rabbitmq.adapter import RabbitMQTransport
 
         return RabbitMQTransport(broker_url, clock)
     if scheme in ("rq+redis", "rq+rediss"):
-        from scheduler.transports.rq import RQTransport
+        from scheduler.transports.rq.adapter import RQTransport
 
         return RQTransport(broker_url, clock)
     raise ConfigurationError(

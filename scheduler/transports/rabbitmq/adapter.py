@@ -67,15 +67,15 @@ from sqlalchemy import Connection
 from scheduler.clock import Clock
 from scheduler.config import redact
 from scheduler.errors import ConfigurationError, MalformedMessage
-from scheduler.names import (
+from scheduler.transports.base import Batch, Delivery, Settlement, TimerMessage
+from scheduler.transports.rabbitmq.keys import (
     RABBITMQ_DEAD_EXCHANGE,
     RABBITMQ_DELIVERIES_HEADER,
     RABBITMQ_REASON_HEADER,
     RABBITMQ_TIMERS_EXCHANGE,
 )
-from scheduler.transports.base import Batch, Delivery, Settlement, TimerMessage
-from scheduler.transports.rabbitmq_link import Inbound, Link, Outgoing
-from scheduler.transports.rabbitmq_topology import declarations, fewest_hops, figure_queues, routing_key
+from scheduler.transports.rabbitmq.link import Inbound, Link, Outgoing
+from scheduler.transports.rabbitmq.topology import declarations, fewest_hops, figure_queues, routing_key
 
 log = logging.getLogger("order_timeouts.rabbitmq")
 

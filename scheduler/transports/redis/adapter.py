@@ -52,7 +52,8 @@ from sqlalchemy import Connection
 
 from scheduler.clock import Clock
 from scheduler.errors import MalformedMessage, TransportUnavailable
-from scheduler.names import (
+from scheduler.transports.base import Batch, Delivery, Settlement, TimerMessage
+from scheduler.transports.redis.keys import (
     REDIS_FIELD_MESSAGE,
     REDIS_FIELD_WAKE,
     REDIS_GROUP,
@@ -60,11 +61,10 @@ from scheduler.names import (
     redis_due_key,
     redis_timers_key,
 )
-from scheduler.transports.base import Batch, Delivery, Settlement, TimerMessage
-from scheduler.transports.redis_options import MAX_BLOCK_MS, connect, parse_url
+from scheduler.transports.redis.options import MAX_BLOCK_MS, connect, parse_url
 
-MOVE_SCRIPT = files("scheduler.transports").joinpath("redis_move.lua").read_text()
-CLAIM_SCRIPT = files("scheduler.transports").joinpath("redis_claim.lua").read_text()
+MOVE_SCRIPT = files("scheduler.transports.redis").joinpath("move.lua").read_text()
+CLAIM_SCRIPT = files("scheduler.transports.redis").joinpath("claim.lua").read_text()
 
 #: members per ZADD command when publishing a large batch
 ZADD_CHUNK = 5000

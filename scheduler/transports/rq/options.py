@@ -11,7 +11,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from scheduler.config import bounded_int, redact
 from scheduler.errors import ConfigurationError
-from scheduler.names import RQ_DEFAULT_JOB_PREFIX, RQ_DEFAULT_QUEUE, RQ_JOB_ID_CHARACTERS
+from scheduler.transports.rq.keys import RQ_DEFAULT_JOB_PREFIX, RQ_DEFAULT_QUEUE, RQ_JOB_ID_CHARACTERS
 
 
 @dataclass(frozen=True)

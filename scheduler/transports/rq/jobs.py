@@ -42,13 +42,13 @@ from rq.job import Job, JobStatus, Retry
 from rq.serializers import JSONSerializer
 from rq.utils import now, utcformat
 
-from scheduler.names import RQ_JOB_FUNCTION, rq_job_id
 from scheduler.transports.base import TimerMessage
-from scheduler.transports.rq_options import RQOptions
+from scheduler.transports.rq.keys import RQ_JOB_FUNCTION, rq_job_id
+from scheduler.transports.rq.options import RQOptions
 
 log = logging.getLogger("order_timeouts.transports.rq")
 
-ARM_SCRIPT = files("scheduler.transports").joinpath("rq_arm.lua").read_text()
+ARM_SCRIPT = files("scheduler.transports.rq").joinpath("arm.lua").read_text()
 
 #: RQ re-queues a job this often after its worker died on it; above the handler's poison limit
 #: (Settings.max_deliveries), so that the handler, which records why, is the one that gives up

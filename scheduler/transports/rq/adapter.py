@@ -108,17 +108,17 @@ from sqlalchemy import Connection
 
 from scheduler.clock import Clock
 from scheduler.errors import MalformedMessage, TransportUnavailable
-from scheduler.names import RQ_JOB_FUNCTION, RQ_META_DELIVERIES, rq_job_id, rq_order_id
 from scheduler.transports.base import Batch, Delivery, Settlement, TimerMessage
-from scheduler.transports.redis_options import MAX_BLOCK_MS, RedisOptions, connect
-from scheduler.transports.rq_executions import Executions
-from scheduler.transports.rq_jobs import ARM_SCRIPT, JobTemplate, seconds
-from scheduler.transports.rq_options import parse_url
+from scheduler.transports.redis.options import MAX_BLOCK_MS, RedisOptions, connect
+from scheduler.transports.rq.executions import Executions
+from scheduler.transports.rq.jobs import ARM_SCRIPT, JobTemplate, seconds
+from scheduler.transports.rq.keys import RQ_JOB_FUNCTION, RQ_META_DELIVERIES, rq_job_id, rq_order_id
+from scheduler.transports.rq.options import parse_url
 
 log = logging.getLogger("order_timeouts.transports.rq")
 
-MOVE_SCRIPT = files("scheduler.transports").joinpath("rq_move.lua").read_text()
-TAKE_SCRIPT = files("scheduler.transports").joinpath("rq_take.lua").read_text()
+MOVE_SCRIPT = files("scheduler.transports.rq").joinpath("move.lua").read_text()
+TAKE_SCRIPT = files("scheduler.transports.rq").joinpath("take.lua").read_text()
 
 #: a delivery whose batch transaction failed comes back after this pause
 FAILED_REDELIVERY_MS = 1000

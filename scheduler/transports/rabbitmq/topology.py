@@ -53,7 +53,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from scheduler.names import (
+from scheduler.transports.rabbitmq.keys import (
     RABBITMQ_DEAD_EXCHANGE,
     RABBITMQ_DEAD_QUEUE,
     RABBITMQ_READY_QUEUE,

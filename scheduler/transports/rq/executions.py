@@ -39,8 +39,8 @@ from rq.utils import now, utcformat, utcparse
 
 log = logging.getLogger("order_timeouts.transports.rq")
 
-START_SCRIPT = files("scheduler.transports").joinpath("rq_start.lua").read_text()
-END_SCRIPT = files("scheduler.transports").joinpath("rq_end.lua").read_text()
+START_SCRIPT = files("scheduler.transports.rq").joinpath("start.lua").read_text()
+END_SCRIPT = files("scheduler.transports.rq").joinpath("end.lua").read_text()
 
 #: key prefixes of the scripts, from RQ's own classes
 EXECUTION_PREFIX = Execution("<e>", "<j>", connection=None).key.removesuffix("<j>:<e>")  # type: ignore[arg-type]

@@ -27,8 +27,8 @@ from pika.adapters.select_connection import SelectConnection
 from pika.spec import Basic
 
 from scheduler.errors import TransportUnavailable
-from scheduler.names import RABBITMQ_READY_QUEUE
-from scheduler.transports.rabbitmq_topology import Declaration, Exchange, Queue
+from scheduler.transports.rabbitmq.keys import RABBITMQ_READY_QUEUE
+from scheduler.transports.rabbitmq.topology import Declaration, Exchange, Queue
 
 log = logging.getLogger("order_timeouts.rabbitmq")
 

@@ -16,7 +16,7 @@ from redis.retry import Retry
 
 from scheduler.config import bounded_int, redact
 from scheduler.errors import ConfigurationError
-from scheduler.names import REDIS_DEFAULT_PREFIX
+from scheduler.transports.redis.keys import REDIS_DEFAULT_PREFIX
 
 #: seconds to wait for a TCP connection; a dead broker must not stall schedule() for long
 CONNECT_TIMEOUT_S = 2.0

@@ -1,0 +1,25 @@
+"""Every RabbitMQ exchange, queue and header name the rabbitmq transport uses."""
+
+from __future__ import annotations
+
+#: topic exchange every timer is published to; routes it to the delay queue of its highest set bit
+RABBITMQ_TIMERS_EXCHANGE = "order_timeouts.timers"
+#: quorum queue the workers consume: timers whose delay has run out
+RABBITMQ_READY_QUEUE = "order_timeouts.ready"
+#: fanout exchange and quorum queue of dead letters (malformed, poison, given up), reason in a header
+RABBITMQ_DEAD_EXCHANGE = "order_timeouts.dead"
+RABBITMQ_DEAD_QUEUE = "order_timeouts.dead"
+#: header of a dead letter that says why it was dead-lettered
+RABBITMQ_REASON_HEADER = "order-timeouts-reason"
+#: header: deliveries a timer had before it was published again on its own (a dead letter, a split message)
+RABBITMQ_DELIVERIES_HEADER = "order-timeouts-deliveries"
+
+
+def rabbitmq_delay_queue(level: int) -> str:
+    """Level `level` of the TTL cascade: holds timers for TICK_MS·2^level ms (rabbitmq_topology.py)."""
+    return f"order_timeouts.delay.{level:02d}"
+
+
+def rabbitmq_expired_exchange(level: int) -> str:
+    """Topic exchange the delay queue of `level` dead-letters into: routes to the next lower set bit."""
+    return f"order_timeouts.delay.{level:02d}.expired"

@@ -1,0 +1,1 @@
+"""The `redis` transport: a sorted set of timers per shard, a Lua mover, a stream read by a consumer group."""

@@ -1,0 +1,1 @@
+"""The `sql` transport: the registry table is the queue."""
