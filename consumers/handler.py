@@ -23,6 +23,7 @@ from scheduler import registry
 from scheduler.clock import Clock, from_ms
 from scheduler.config import Settings
 from scheduler.errors import OrderStoreUnavailable
+from scheduler.outbox import Outbox
 from scheduler.registry import Claim, Outcome, Retry
 from scheduler.transports.base import Batch, Delivery, Settlement, TimerMessage
 
@@ -76,14 +77,14 @@ class Handler:
         *,
         clock: Clock,
         worker_id: str,
-        registry_is_queue: bool,
+        outbox: Outbox,
         retry: RetryPolicy | None = None,
     ) -> None:
         self._engine = engine
         self._store = store
         self._clock = clock
         self.worker_id = worker_id
-        self._registry_is_queue = registry_is_queue
+        self._outbox = outbox
         self._retry = retry or RetryPolicy()
 
     def handle(self, batch: Batch) -> tuple[Settlement, BatchReport]:
@@ -91,11 +92,7 @@ class Handler:
         try:
             with self._engine.begin() as conn:
                 now = self._clock.now_ms()
-                if batch.claim_due:
-                    claims = registry.claim_due(conn, limit=batch.claim_due, now=now, worker=self.worker_id)
-                else:
-                    order_ids = sorted({d.message.order_id for d in batch.deliveries})
-                    claims = registry.claim(conn, order_ids, now=now, worker=self.worker_id)
+                claims = batch.claim(conn, now=now, worker=self.worker_id)
                 report.claimed = len(claims)
                 report.lateness_ms = [now - c.due_ms for c in claims]
                 poison = self._poison(batch.deliveries, claims)
@@ -105,7 +102,7 @@ class Handler:
                 # the batch claimed it, and the difference is the batch's own time.
                 finished = self._clock.now_ms()
                 registry.finish(conn, outcomes, now=finished)
-                registry.retry_later(conn, retries, now=now, published=self._registry_is_queue)
+                registry.retry_later(conn, retries, now=now, published=self._outbox.published_on_write)
                 registry.bury(conn, dead, now=finished)
         except SQLAlchemyError:
             log.exception("batch transaction failed; %d deliveries go back to the broker", len(batch.deliveries))

@@ -36,8 +36,8 @@ from scheduler.api import OrderTimeouts
 from scheduler.clock import Clock
 from scheduler.config import ENV_BROKER_URL, Settings, redact
 from scheduler.errors import ConfigurationError, MalformedMessage
-from scheduler.transports.base import Batch, Delivery, TimerMessage
-from scheduler.transports.rq.adapter import FAILED_REDELIVERY_MS, RQTransport, job_message
+from scheduler.transports.base import FAILED_REDELIVERY_MS, Batch, Delivery, TimerMessage
+from scheduler.transports.rq.adapter import RQTransport, job_message
 from scheduler.transports.rq.jobs import job_args
 from scheduler.transports.rq.keys import RQ_META_DELIVERIES
 
@@ -73,7 +73,7 @@ def fire_timeout(*_call: Any) -> Retry | None:
         context.store,
         clock=context.clock,
         worker_id=(job.worker_name or worker_id())[:64],
-        registry_is_queue=False,
+        outbox=context.timeouts.outbox,
         retry=context.retry,
     )
     settlement, _ = handler.handle(Batch([Delivery(timer, receipt=job.id, deliveries=deliveries)]))
@@ -83,7 +83,7 @@ def fire_timeout(*_call: Any) -> Retry | None:
         _, later = settlement.retry[0]
         try:
             # RQ re-schedules the job once we return; until this commits the relay would send it again.
-            context.timeouts.mark_published([later])
+            context.timeouts.outbox.rearmed([later])
         except SQLAlchemyError as exc:
             log.warning("order %s: retry not marked published, the relay will publish it: %s", later.order_id, exc)
         return _again(job, later, later.due_ms, context.clock)

@@ -57,12 +57,13 @@ class Worker:
     ) -> None:
         self._timeouts = timeouts
         self._transport = timeouts.transport
+        self._outbox = timeouts.outbox
         self._handler = Handler(
             timeouts.engine,
             store or load_order_store(timeouts.settings),
             clock=timeouts.clock,
             worker_id=worker_id(),
-            registry_is_queue=timeouts.transport.registry_is_queue,
+            outbox=timeouts.outbox,
             retry=RetryPolicy.from_settings(timeouts.settings),
         )
         self._batch_size = batch_size
@@ -105,9 +106,7 @@ class Worker:
                 started = time.perf_counter()
                 settlement, report = self._handler.handle(batch)
                 self._transport.settle(settlement)
-                if settlement.retry and not self._transport.registry_is_queue:
-                    # The broker holds the re-armed timer now; until this commits the relay would resend it.
-                    self._timeouts.mark_published([message for _, message in settlement.retry])
+                self._outbox.rearmed([message for _, message in settlement.retry])
             except TransportUnavailable as exc:
                 log.warning("broker unavailable, retrying in %.1fs: %s", backoff, exc)
                 self._stop.wait(backoff)

@@ -10,7 +10,7 @@ from consumers.orders import SqlOrderStore
 from scheduler import TimeoutState
 from scheduler.clock import SystemClock
 from scheduler.config import OrdersTableNames
-from scheduler.transports.base import Batch
+from scheduler.transports.sql.adapter import DueRows
 from tests.conftest import Stack
 from tests.support import add_orders, cancel_counts, order_status
 
@@ -62,9 +62,9 @@ def test_a_timeout_is_finished_when_its_outcome_is_written_not_when_the_batch_be
     client.schedule("f-1", due_at=datetime.now(UTC))
     clock = SteppingClock(SystemClock().now_ms() + 1000, step_ms=250)
     handler = Handler(
-        client.engine, SqlOrderStore(client.settings.orders), clock=clock, worker_id="t", registry_is_queue=True
+        client.engine, SqlOrderStore(client.settings.orders), clock=clock, worker_id="t", outbox=client.outbox
     )
-    _, report = handler.handle(Batch(claim_due=10))
+    _, report = handler.handle(DueRows(limit=10))
     assert report.cancelled == 1
     record = client.get("f-1")
     assert record is not None and record.fired_ms is not None and record.finished_ms is not None

@@ -16,10 +16,11 @@ import pika
 import pytest
 import redis
 
-from scheduler import OrderTimeouts, TimeoutState, api
+from scheduler import OrderTimeouts, TimeoutState, api, outbox
 from scheduler.database import reading
 from scheduler.errors import TransportUnavailable
 from scheduler.maintenance import Maintenance, MaintenancePlan
+from scheduler.outbox import AfterCommit
 from scheduler.registry import count_pending
 from scheduler.transports.base import TimerMessage
 from tests import rq_support
@@ -137,18 +138,19 @@ def test_a_far_bulk_goes_to_the_broker_before_its_commit_and_a_refused_chunk_the
     the usual way (committed, then published and marked, or left to the relay)."""
     stack = broker_stack
     monkeypatch.setattr(api, "SCHEDULE_CHUNK", 40)
-    monkeypatch.setattr(api, "PUBLISH_AHEAD_MS", 200)  # a real bulk: 30 s ahead or more
+    monkeypatch.setattr(outbox, "PUBLISH_AHEAD_MS", 200)  # a real bulk: 30 s ahead or more
     ids = [f"ahead-{i:03d}" for i in range(150)]
     add_orders(stack.engine, ids)
     client = stack.timeouts()
     sent = refuse_one_publish(client, 2, monkeypatch)
-    mark, marked = client.mark_published, []
+    assert isinstance(client.outbox, AfterCommit)
+    mark, marked = client.outbox.mark_published, []
 
     def recording_marks(messages: Sequence[TimerMessage]) -> None:
         marked.append([m.order_id for m in messages])
         mark(messages)
 
-    monkeypatch.setattr(client, "mark_published", recording_marks)
+    monkeypatch.setattr(client.outbox, "mark_published", recording_marks)
     assert client.schedule_many(ids, delay=timedelta(seconds=2)).created == 150
 
     assert sent == [ids[0:40], ids[40:80], ids[40:80], ids[80:120], ids[120:150]]
@@ -165,7 +167,7 @@ def test_an_unexpected_publish_error_stops_a_far_bulk_with_nothing_left_open(
     committed before it stay, the ones in flight are rolled back, and no connection is left open."""
     stack = broker_stack
     monkeypatch.setattr(api, "SCHEDULE_CHUNK", 40)
-    monkeypatch.setattr(api, "PUBLISH_AHEAD_MS", 200)
+    monkeypatch.setattr(outbox, "PUBLISH_AHEAD_MS", 200)
     ids = [f"broken-{i:03d}" for i in range(150)]
     client = stack.timeouts()
     refuse_one_publish(client, 2, monkeypatch, RuntimeError("not an outage"))
@@ -178,9 +180,9 @@ def test_an_unexpected_publish_error_stops_a_far_bulk_with_nothing_left_open(
 CRASH_AFTER_PUBLISH = """
 import os, signal, sys
 from datetime import timedelta
-from scheduler import OrderTimeouts, api
+from scheduler import OrderTimeouts, api, outbox
 
-api.SCHEDULE_CHUNK, api.PUBLISH_AHEAD_MS = 40, 200
+api.SCHEDULE_CHUNK, outbox.PUBLISH_AHEAD_MS = 40, 200
 client = OrderTimeouts.from_env()
 publish, published = client.transport.publish, []
 

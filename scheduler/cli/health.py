@@ -46,13 +46,10 @@ def check(
 
     started = time.perf_counter()
     problem: str | None = None
-    if timeouts.transport.registry_is_queue and database_problem is not None:
-        problem = "the sql transport is the database: see above"
-    else:
-        try:
-            timeouts.transport.figures()
-        except OrderTimeoutsError as exc:
-            problem = str(exc)
+    try:
+        timeouts.transport.probe(database_problem)
+    except OrderTimeoutsError as exc:
+        problem = str(exc)
     results.append(_result("broker", redact(settings.broker_url), problem, started))
 
     if settings.order_store.startswith(("http://", "https://")):

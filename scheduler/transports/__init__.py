@@ -1,35 +1,55 @@
-"""Transports are chosen by URL: `sql` (default), `redis://`, `amqp://`, `rq+redis://`."""
+"""Transports, chosen by the scheme of the broker URL (`ORDER_TIMEOUTS_BROKER_URL`).
+
+A transport's module is imported only when its URL is used, so a process that runs on the `sql`
+transport never loads a broker's client library. Adding a transport is one folder beside these
+and one line in SCHEMES.
+"""
 
 from __future__ import annotations
+
+import importlib
 
 from sqlalchemy import Engine
 
 from scheduler.clock import Clock
 from scheduler.config import redact
 from scheduler.errors import ConfigurationError
-from scheduler.transports.base import Batch, Delivery, Settlement, TimerMessage, Transport
+from scheduler.transports.base import Batch, BrokerTransport, Delivery, Settlement, TimerMessage, Transport
 
-__all__ = ["Batch", "Delivery", "Settlement", "TimerMessage", "Transport", "open_transport"]
+__all__ = [
+    "SCHEMES",
+    "Batch",
+    "BrokerTransport",
+    "Delivery",
+    "Settlement",
+    "TimerMessage",
+    "Transport",
+    "open_transport",
+]
+
+#: URL scheme -> "module:class". The class is built as `cls.from_url(url, engine, clock)`.
+SCHEMES: dict[str, str] = {
+    "sql": "scheduler.transports.sql.adapter:SqlTransport",
+    "redis": "scheduler.transports.redis.adapter:RedisTransport",
+    "rediss": "scheduler.transports.redis.adapter:RedisTransport",
+    "amqp": "scheduler.transports.rabbitmq.adapter:RabbitMQTransport",
+    "amqps": "scheduler.transports.rabbitmq.adapter:RabbitMQTransport",
+    "rq+redis": "scheduler.transports.rq.adapter:RQTransport",
+    "rq+rediss": "scheduler.transports.rq.adapter:RQTransport",
+}
+
+
+def scheme_of(broker_url: str) -> str:
+    """`sql` for the bare word and for an empty URL, else what comes before `://`, lower-cased."""
+    scheme = broker_url.partition("://")[0] if "://" in broker_url else broker_url
+    return scheme.lower() or "sql"
 
 
 def open_transport(broker_url: str, engine: Engine, clock: Clock) -> Transport:
-    scheme = broker_url.partition("://")[0].lower() if "://" in broker_url else broker_url.lower()
-    if scheme in ("sql", ""):
-        from scheduler.transports.sql.adapter import SqlTransport
-
-        return SqlTransport(engine, clock)
-    if scheme in ("redis", "rediss"):
-        from scheduler.transports.redis.adapter import RedisTransport
-
-        return RedisTransport(broker_url, clock)
-    if scheme in ("amqp", "amqps"):
-        from scheduler.transports.rabbitmq.adapter import RabbitMQTransport
-
-        return RabbitMQTransport(broker_url, clock)
-    if scheme in ("rq+redis", "rq+rediss"):
-        from scheduler.transports.rq.adapter import RQTransport
-
-        return RQTransport(broker_url, clock)
-    raise ConfigurationError(
-        f"unknown broker URL {redact(broker_url)!r}: use sql, redis://, rediss://, amqp://, amqps:// or rq+redis://"
-    )
+    target = SCHEMES.get(scheme_of(broker_url))
+    if target is None:
+        known = ", ".join(f"{scheme}://" if scheme != "sql" else scheme for scheme in SCHEMES)
+        raise ConfigurationError(f"unknown broker URL {redact(broker_url)!r}: use {known}")
+    module, _, name = target.partition(":")
+    cls: type[Transport] = getattr(importlib.import_module(module), name)
+    return cls.from_url(broker_url, engine, clock)

@@ -1,56 +1,52 @@
-"""The transport port: the timer and the delivery. One adapter module per broker.
+"""The transport port: where a timeout waits for its due time and how it reaches a worker.
 
-The worker loop in `consumers/` sees only this interface. The consumer side works in three steps:
-`receive` a batch (outside any database transaction), let the handler claim and settle it in one
-registry transaction, then `settle` with the broker (ack, retry later, dead-letter) after commit.
-Only the worker loop calls `settle`; the handler never touches the broker (dramatiq's rule).
+A transport is one folder under `scheduler/transports/` (adapter, options, key names, scripts) and one
+line in the scheme table of `scheduler/transports/__init__.py`. It implements `Transport` (the registry
+table is the queue) or, for a broker, `BrokerTransport`. The rules every transport keeps are written on
+the methods below; the contract suite (tests/contract) holds each of them to these rules.
+
+The consumer side works in three steps, always in this order:
+
+    receive(limit, timeout) ─▶ Batch          outside any database transaction
+    handler: one registry transaction         batch.claim() takes the rows still pending and due,
+                                              the order store is asked once, outcomes are written
+    settle(settlement)                        after the commit: ack, re-arm, dead-letter
+
+Only the worker loop calls `settle`; the handler never touches the broker (dramatiq's rule). Exactly-once
+in effect comes from at-least-once delivery here plus the handler's conditional claim: a transport may
+deliver a timer twice, late, or after it was revoked or rescheduled, and nothing happens twice. It must
+never lose one and never hand one to the handler before its due time.
 """
 
 from __future__ import annotations
 
-import json
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Engine
 
-from scheduler.errors import MalformedMessage
-from scheduler.registry import MAX_ORDER_ID_LENGTH
+from scheduler import registry
+from scheduler.clock import Clock
+from scheduler.registry import Claim
+from scheduler.transports.message import TimerMessage
 
+if TYPE_CHECKING:
+    from scheduler.outbox import Outbox
 
-@dataclass(frozen=True)
-class TimerMessage:
-    """What a broker carries: small JSON, never pickle."""
+__all__ = [
+    "FAILED_REDELIVERY_MS",
+    "Batch",
+    "BrokerTransport",
+    "Delivery",
+    "Settlement",
+    "TimerMessage",
+    "Transport",
+]
 
-    order_id: str
-    due_ms: int
-    version: int
-
-    def encode(self) -> bytes:
-        return json.dumps({"order_id": self.order_id, "due_ms": self.due_ms, "version": self.version}).encode()
-
-    @classmethod
-    def decode(cls, body: bytes | str) -> TimerMessage:
-        try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise MalformedMessage(f"body is not JSON: {exc}") from None
-        return cls.from_json(data)
-
-    @classmethod
-    def from_json(cls, data: object) -> TimerMessage:
-        """The message from its decoded JSON; MalformedMessage names what is wrong."""
-        if not isinstance(data, dict):
-            raise MalformedMessage("body is not a JSON object")
-        order_id, due_ms, version = data.get("order_id"), data.get("due_ms"), data.get("version")
-        if not isinstance(order_id, str) or not order_id or len(order_id) > MAX_ORDER_ID_LENGTH:
-            raise MalformedMessage("order_id must be a non-empty string of at most 255 characters")
-        for name, value in (("due_ms", due_ms), ("version", version)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise MalformedMessage(f"{name} must be a non-negative integer")
-        assert isinstance(due_ms, int) and isinstance(version, int)
-        return cls(order_id, due_ms, version)
+#: a delivery whose batch transaction failed comes back after this pause, as a fresh delivery
+FAILED_REDELIVERY_MS = 1000
 
 
 @dataclass(frozen=True)
@@ -64,13 +60,18 @@ class Delivery:
 
 @dataclass
 class Batch:
+    """What `receive` hands the worker: the delivered timers, and how the handler takes their rows."""
+
     deliveries: list[Delivery] = field(default_factory=list)
-    #: the `sql` transport delivers nothing itself: it asks the handler to claim up to this many
-    #: due registry rows inside the batch transaction (FOR UPDATE SKIP LOCKED)
-    claim_due: int = 0
+
+    def claim(self, conn: Connection, *, now: int, worker: str) -> list[Claim]:
+        """Inside the batch transaction: take the registry rows of the delivered timers that are still
+        pending and due. A duplicate, revoked or rescheduled delivery takes nothing and is acked."""
+        order_ids = sorted({d.message.order_id for d in self.deliveries})
+        return registry.claim(conn, order_ids, now=now, worker=worker)
 
     def __bool__(self) -> bool:
-        return bool(self.deliveries) or self.claim_due > 0
+        return bool(self.deliveries)
 
 
 @dataclass
@@ -85,36 +86,102 @@ class Settlement:
     rolled_back: bool = False  #: the batch transaction failed; nothing it decided holds
 
 
-class Transport(Protocol):
-    """A timer and a delivery channel for timeouts. Adapters raise TransportUnavailable, not library errors."""
+class Transport(ABC):
+    """A timer and a delivery channel for timeouts.
 
-    #: short name shown by the CLI: sql, redis, rabbitmq, rq
-    name: str
-    #: True when the registry table is the queue: rows count as published when written
-    registry_is_queue: bool
+    Adapters convert their client library's errors at their edge: a broker that cannot be reached
+    raises `TransportUnavailable`, a message that cannot be read `MalformedMessage`. Callers never
+    import redis, pika or rq to catch errors.
+    """
 
-    def notify_scheduled(self, conn: Connection, earliest_due_ms: int) -> None:
-        """Inside the scheduling transaction: wake sleeping workers if this is sooner than they expect."""
-        ...
+    #: short name shown by the CLI and the logs: sql, redis, rabbitmq, rq
+    name: ClassVar[str]
 
-    def publish(self, messages: Sequence[TimerMessage]) -> None:
-        """Hand timers to the broker and return once it has confirmed all of them (raise otherwise)."""
-        ...
+    @classmethod
+    @abstractmethod
+    def from_url(cls, broker_url: str, engine: Engine, clock: Clock) -> Self:
+        """The transport for this broker URL (options in its query string, see docs/transports.md).
 
-    def revoke(self, order_ids: Sequence[str]) -> None:
-        """Best-effort removal of timers (the registry already says revoked; a late copy is acked as stale)."""
-        ...
+        Connect lazily, on first use: a broker that is down must not break the start-up of a
+        process that could otherwise work (the API writes to the registry, the relay catches up).
+        Bad options raise ConfigurationError here, naming the option."""
 
+    @abstractmethod
+    def outbox(self, engine: Engine, clock: Clock) -> Outbox:
+        """How a registry write reaches this transport's timer (scheduler/outbox.py): inside the
+        registry itself, or published after the commit with the relay as backstop. Chosen here, once;
+        the API, the handler, the worker and the CLI only ever talk to the outbox it returns."""
+
+    @abstractmethod
     def receive(self, limit: int, timeout: float) -> Batch:
-        """Wait at most `timeout` seconds for due timeouts and return up to `limit` of them."""
-        ...
+        """Wait at most `timeout` seconds (0: do not wait) for due timeouts; return up to `limit`.
 
+        Rules:
+        - Nothing before its due time. A timer the broker hands over early is held until it is due
+          or armed again for what remains; it is never given to the handler early (the handler would
+          find its row not yet due and ack it as stale: the timer would be lost).
+        - At-least-once. A timer stays the transport's until `settle` acks it: a worker that dies
+          holding it (process killed, connection lost) leaves it to be delivered again to another
+          worker, within a bounded time.
+        - A body that is not a timer message is dead-lettered with the reason, inside `receive`, and
+          the worker carries on: it never reaches the handler and never stops the loop.
+        - Where the broker counts deliveries, `Delivery.deliveries` carries the count, so that the
+          handler can dead-letter a timer that keeps killing workers.
+        """
+
+    @abstractmethod
     def settle(self, settlement: Settlement) -> None:
-        """Ack, re-arm, dead-letter or release what a batch decided, after its commit."""
-        ...
+        """Carry out what the batch decided, after its transaction committed (or rolled back).
+
+        Rules:
+        - Re-arm before ack: `retry` timers are armed again at their new due time and `dead` ones
+          written to the dead letters with their reason first, then their deliveries are acked. A
+          crash in between leaves a duplicate, which the handler acks as stale, never a loss.
+        - `failed` deliveries (the batch transaction rolled back: database trouble, which says nothing
+          against the message) come back soon, as fresh deliveries (FAILED_REDELIVERY_MS), without
+          counting towards the poison limit; a later due time published meanwhile is kept.
+        - `done` deliveries are acked and leave nothing behind on the broker.
+        """
 
     def figures(self) -> dict[str, Any]:
-        """Broker-side depths and lags for `stats` (empty for figures the registry already gives)."""
-        ...
+        """Broker-side depths and lags for `stats` (empty for what the registry already gives)."""
+        return {}
 
-    def close(self) -> None: ...
+    def probe(self, registry_problem: str | None) -> None:
+        """Raise TransportUnavailable when this transport cannot be used now (`order-timeouts check`).
+
+        `registry_problem` is what the same check found wrong with the registry database, for a
+        transport that lives in it."""
+        self.figures()
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections; the transport may be used again afterwards (it reconnects)."""
+
+
+class BrokerTransport(Transport):
+    """A transport whose timers live on a broker: writes publish after their commit (`AfterCommit`).
+
+    Rules for the producer side:
+    - `publish` returns only once the broker has confirmed every message (raise otherwise): a
+      message is never assumed sent. The caller then marks its rows published; rows left unmarked
+      are published again by the relay.
+    - Publishing is idempotent per order: a second message for the same order (the relay after a
+      lost confirm, a reschedule, a replay) may add a duplicate timer or replace the first, never
+      anything worse; the registry's version and due time decide what a delivery means.
+    - A timer published late (the relay after an outage, an overdue reschedule) is delivered at once.
+    """
+
+    def outbox(self, engine: Engine, clock: Clock) -> Outbox:
+        from scheduler.outbox import AfterCommit
+
+        return AfterCommit(self, engine, clock)
+
+    @abstractmethod
+    def publish(self, messages: Sequence[TimerMessage]) -> None:
+        """Hand timers to the broker and return once it has confirmed all of them (raise otherwise)."""
+
+    @abstractmethod
+    def revoke(self, order_ids: Sequence[str]) -> None:
+        """Best-effort removal of timers. The registry already says revoked, so a copy that still
+        fires is acked as stale; a broker that cannot take a message out of a queue does nothing."""

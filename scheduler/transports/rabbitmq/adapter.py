@@ -58,16 +58,16 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
 import pika
-from sqlalchemy import Connection
+from sqlalchemy import Engine
 
 from scheduler.clock import Clock
 from scheduler.config import redact
 from scheduler.errors import ConfigurationError, MalformedMessage
-from scheduler.transports.base import Batch, Delivery, Settlement, TimerMessage
+from scheduler.transports.base import Batch, BrokerTransport, Delivery, Settlement, TimerMessage
 from scheduler.transports.rabbitmq.keys import (
     RABBITMQ_DEAD_EXCHANGE,
     RABBITMQ_DELIVERIES_HEADER,
@@ -180,9 +180,12 @@ def _earlier_deliveries(headers: dict[str, Any]) -> int:
     return count if isinstance(count, int) and not isinstance(count, bool) and count >= 0 else 0
 
 
-class RabbitMQTransport:
+class RabbitMQTransport(BrokerTransport):
     name = "rabbitmq"
-    registry_is_queue = False
+
+    @classmethod
+    def from_url(cls, broker_url: str, engine: Engine, clock: Clock) -> Self:
+        return cls(broker_url, clock)
 
     def __init__(self, broker_url: str, clock: Clock) -> None:
         self._params = connection_parameters(broker_url)
@@ -191,9 +194,6 @@ class RabbitMQTransport:
         self._connecting = threading.Lock()  # publish may be called from many threads
         self._held: list[_Held] = []  # a heap, earliest due first; only the consumer thread touches it
         self._arrivals = itertools.count()
-
-    def notify_scheduled(self, conn: Connection, earliest_due_ms: int) -> None:
-        """Nothing to wake: the broker delivers each timer when its delay runs out."""
 
     def publish(self, messages: Sequence[TimerMessage]) -> None:
         if messages:

@@ -45,14 +45,14 @@ import uuid
 import zlib
 from collections.abc import Iterator, Sequence
 from importlib.resources import files
-from typing import Any
+from typing import Any, Self
 
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
-from sqlalchemy import Connection
+from sqlalchemy import Engine
 
 from scheduler.clock import Clock
 from scheduler.errors import MalformedMessage, TransportUnavailable
-from scheduler.transports.base import Batch, Delivery, Settlement, TimerMessage
+from scheduler.transports.base import FAILED_REDELIVERY_MS, Batch, BrokerTransport, Delivery, Settlement, TimerMessage
 from scheduler.transports.redis.keys import (
     REDIS_FIELD_MESSAGE,
     REDIS_FIELD_WAKE,
@@ -71,8 +71,6 @@ ZADD_CHUNK = 5000
 #: a published timer due sooner than this that becomes its shard's earliest wakes a blocked worker;
 #: later ones are seen anyway when the worker's block (at most MAX_BLOCK_MS) ends
 WAKE_HORIZON_MS = MAX_BLOCK_MS
-#: a delivery whose batch transaction failed comes back after this pause
-FAILED_REDELIVERY_MS = 1000
 
 _FIELD_MESSAGE, _FIELD_WAKE = REDIS_FIELD_MESSAGE.encode(), REDIS_FIELD_WAKE.encode()
 
@@ -80,9 +78,12 @@ _FIELD_MESSAGE, _FIELD_WAKE = REDIS_FIELD_MESSAGE.encode(), REDIS_FIELD_WAKE.enc
 _Malformed = tuple[int, bytes, dict[bytes, bytes], str]
 
 
-class RedisTransport:
+class RedisTransport(BrokerTransport):
     name = "redis"
-    registry_is_queue = False
+
+    @classmethod
+    def from_url(cls, broker_url: str, engine: Engine, clock: Clock) -> Self:
+        return cls(broker_url, clock)
 
     def __init__(self, broker_url: str, clock: Clock) -> None:
         self._url, self.options = parse_url(broker_url)
@@ -108,9 +109,6 @@ class RedisTransport:
         return zlib.crc32(order_id.encode()) % self.options.shards
 
     # -- producer side ---------------------------------------------------------------------------
-
-    def notify_scheduled(self, conn: Connection, earliest_due_ms: int) -> None:
-        """Nothing to do inside the transaction: `publish` wakes the workers after the commit."""
 
     def publish(self, messages: Sequence[TimerMessage]) -> None:
         """ZADD in one pipeline; confirmed when the pipeline has returned."""

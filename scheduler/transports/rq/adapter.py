@@ -92,7 +92,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
-from typing import Any
+from typing import Any, Self
 
 import redis
 from redis.exceptions import RedisError
@@ -104,11 +104,11 @@ from rq.results import Result
 from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 from rq.utils import now, utcformat
-from sqlalchemy import Connection
+from sqlalchemy import Engine
 
 from scheduler.clock import Clock
 from scheduler.errors import MalformedMessage, TransportUnavailable
-from scheduler.transports.base import Batch, Delivery, Settlement, TimerMessage
+from scheduler.transports.base import FAILED_REDELIVERY_MS, Batch, BrokerTransport, Delivery, Settlement, TimerMessage
 from scheduler.transports.redis.options import MAX_BLOCK_MS, RedisOptions, connect
 from scheduler.transports.rq.executions import Executions
 from scheduler.transports.rq.jobs import ARM_SCRIPT, JobTemplate, seconds
@@ -119,9 +119,6 @@ log = logging.getLogger("order_timeouts.transports.rq")
 
 MOVE_SCRIPT = files("scheduler.transports.rq").joinpath("move.lua").read_text()
 TAKE_SCRIPT = files("scheduler.transports.rq").joinpath("take.lua").read_text()
-
-#: a delivery whose batch transaction failed comes back after this pause
-FAILED_REDELIVERY_MS = 1000
 
 
 def job_message(job: Job, prefix: str) -> TimerMessage:
@@ -178,9 +175,12 @@ class _Taken:
     meta: dict[str, Any]
 
 
-class RQTransport:
+class RQTransport(BrokerTransport):
     name = "rq"
-    registry_is_queue = False
+
+    @classmethod
+    def from_url(cls, broker_url: str, engine: Engine, clock: Clock) -> Self:
+        return cls(broker_url, clock)
 
     def __init__(self, broker_url: str, clock: Clock) -> None:
         self._url, self.options = parse_url(broker_url)
@@ -200,9 +200,6 @@ class RQTransport:
         return rq_job_id(self.options.prefix, order_id)
 
     # -- producer side ---------------------------------------------------------------------------
-
-    def notify_scheduled(self, conn: Connection, earliest_due_ms: int) -> None:
-        """Nothing to do inside the transaction: RQ's scheduler polls every second."""
 
     def publish(self, messages: Sequence[TimerMessage]) -> None:
         """Write each timer as an RQ scheduled job (rq_arm.lua per chunk); confirmed when it returns."""

@@ -8,17 +8,19 @@ which changes whenever another connection commits and costs no disk read.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Self
 
-import psycopg
 from sqlalchemy import Connection, Engine, text
 
 from scheduler import registry
 from scheduler.clock import Clock
 from scheduler.database import reading
+from scheduler.errors import TransportUnavailable
 from scheduler.names import PG_WAKE_CHANNEL
-from scheduler.transports.base import Batch, Settlement, TimerMessage
+from scheduler.outbox import InRegistry, Outbox
+from scheduler.registry import Claim
+from scheduler.transports.base import Batch, Settlement, Transport
 
 #: longest sleep without re-reading the next due time (covers clock jumps and lost wake-ups)
 MAX_SLEEP_S = 10.0
@@ -30,31 +32,48 @@ SQLITE_WATCH_INTERVAL_S = 0.05
 CONTENDED_PAUSE_S = 0.02
 
 
-class SqlTransport:
+@dataclass
+class DueRows(Batch):
+    """A batch of the `sql` transport: no deliveries, the handler claims up to `limit` due rows."""
+
+    limit: int = 0
+
+    def claim(self, conn: Connection, *, now: int, worker: str) -> list[Claim]:
+        """FOR UPDATE SKIP LOCKED on PostgreSQL: each worker takes a different slice (registry.claim_due)."""
+        return registry.claim_due(conn, limit=self.limit, now=now, worker=worker)
+
+    def __bool__(self) -> bool:
+        return self.limit > 0
+
+
+class SqlTransport(Transport):
     name = "sql"
-    registry_is_queue = True
+
+    @classmethod
+    def from_url(cls, broker_url: str, engine: Engine, clock: Clock) -> Self:
+        return cls(engine, clock)
 
     def __init__(self, engine: Engine, clock: Clock) -> None:
         self._engine = engine
         self._clock = clock
         self._postgres = engine.dialect.name == "postgresql"
-        self._listener: psycopg.Connection[Any] | None = None
+        self._listener: Any = None  # a psycopg connection in autocommit that LISTENs
         self._sqlite_watch: Any = None  # raw DBAPI connection, autocommit: outside any snapshot
         self._contended = False
         #: the last batch came back full: more rows are probably due, claim again without looking first
         self._full = False
         self._last_limit = 0
 
-    def notify_scheduled(self, conn: Connection, earliest_due_ms: int) -> None:
-        # Delivered at commit, dropped on rollback; far-off timeouts need no wake-up.
+    def outbox(self, engine: Engine, clock: Clock) -> Outbox:
+        return InRegistry(engine, clock, wake=self._wake)
+
+    def _wake(self, conn: Connection, earliest_due_ms: int) -> None:
+        """Inside the scheduling transaction: wake sleeping workers if this is sooner than they expect.
+
+        Delivered at commit, dropped on rollback; far-off timeouts need no wake-up. SQLite needs no
+        message: idle workers watch its data_version, which every commit changes."""
         if self._postgres and earliest_due_ms - self._clock.now_ms() < WAKE_HORIZON_MS:
             conn.execute(text("SELECT pg_notify(:channel, '')"), {"channel": PG_WAKE_CHANNEL})
-
-    def publish(self, messages: Sequence[TimerMessage]) -> None:
-        """Nothing to hand over: the committed registry row is the message."""
-
-    def revoke(self, order_ids: Sequence[str]) -> None:
-        """The registry row's state is the timer: nothing else to remove."""
 
     def receive(self, limit: int, timeout: float) -> Batch:
         self._last_limit = limit
@@ -63,7 +82,7 @@ class SqlTransport:
             # Skips a round trip per batch while draining a backlog; a claim that finds fewer
             # rows than asked clears the flag and the next receive looks (and sleeps) as usual.
             self._full = False
-            return Batch(claim_due=limit)
+            return DueRows(limit=limit)
         if self._contended:
             # Due rows exist but other workers hold them all: give them a moment.
             self._contended = False
@@ -74,7 +93,7 @@ class SqlTransport:
                 next_due = registry.next_due_ms(conn)
             now = self._clock.now_ms()
             if next_due is not None and next_due <= now:
-                return Batch(claim_due=limit)
+                return DueRows(limit=limit)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return Batch()
@@ -88,8 +107,9 @@ class SqlTransport:
         self._contended = settlement.claimed == 0
         self._full = not settlement.rolled_back and settlement.claimed >= self._last_limit
 
-    def figures(self) -> dict[str, Any]:
-        return {}
+    def probe(self, registry_problem: str | None) -> None:
+        if registry_problem is not None:
+            raise TransportUnavailable("the sql transport is the registry database: see above")
 
     def close(self) -> None:
         if self._listener is not None:
@@ -101,6 +121,8 @@ class SqlTransport:
 
     def _start_watching(self) -> None:
         if self._postgres and self._listener is None:
+            import psycopg  # only a PostgreSQL registry needs it
+
             url = self._engine.url.set(drivername="postgresql")
             self._listener = psycopg.connect(url.render_as_string(hide_password=False), autocommit=True)
             self._listener.execute(f"LISTEN {PG_WAKE_CHANNEL}")
