@@ -14,7 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import redis
 
-from scheduler.bench.sandbox import delete_rq_namespace
+from benchmarks.sandbox import delete_rq_namespace
 from tests.redis_support import redis_namespace
 from tests.services import REDIS_URL
 from tests.support import postgres_schema

@@ -13,19 +13,18 @@ from pathlib import Path
 import redis
 from typer.testing import CliRunner
 
-from scheduler.bench import BULK_ROUNDS
-from scheduler.bench.report import PRODUCT_FIGURES
-from scheduler.bench.sandbox import finish_rehashing, redis_keys
-from scheduler.cli import app
+from benchmarks import BULK_ROUNDS
+from benchmarks.cli import app
+from benchmarks.report import PRODUCT_FIGURES
+from benchmarks.sandbox import finish_rehashing, redis_keys
 from tests.redis_support import redis_prefix
 from tests.services import POSTGRES_URL, REDIS_URL, require
 
 
 def test_tiny_profile_reports_every_figure_for_the_sql_systems(tmp_path: Path) -> None:
     require("PostgreSQL", 5432)
-    from scheduler.cli import bench  # noqa: F401  (registers the command on the app)
 
-    args = ["bench", "--profile", "tiny", "--systems", "sql-sqlite,sql-postgresql", "--json"]
+    args = ["--profile", "tiny", "--systems", "sql-sqlite,sql-postgresql", "--json"]
     args += ["--postgres-url", POSTGRES_URL, "--output", str(tmp_path)]
     outcome = CliRunner().invoke(app, args)
 

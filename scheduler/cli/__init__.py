@@ -78,7 +78,7 @@ def _options(
 def main() -> None:
     """Console entry point: click's usage errors and our own bad-input errors become one line, exit 2."""
     # Register the commands (their modules attach themselves to `app`).
-    from scheduler.cli import admin, bench, health, operate  # noqa: F401
+    from scheduler.cli import admin, health, operate  # noqa: F401
 
     command = typer.main.get_command(app)
     try:

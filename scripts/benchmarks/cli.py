@@ -1,9 +1,13 @@
-"""`order-timeouts bench`: the transports against RQ and APScheduler in one run (scheduler/bench/)."""
+"""`python scripts/bench.py`: the transports against RQ and APScheduler in one run, as a small typer app.
+
+Bad input exits with code 2 and one line on stderr, as the product's CLI does.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
@@ -11,11 +15,12 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from scheduler.bench import PROFILES, BenchPlan, Services, available_systems, run_bench
-from scheduler.bench.report import PLOT_SKIPPED, document, plot_lateness, table
-from scheduler.cli import app
-from scheduler.cli.render import console
-from scheduler.errors import InvalidTimeout
+from benchmarks import PROFILES, BenchPlan, Services, available_systems, run_bench
+from benchmarks.report import PLOT_SKIPPED, document, plot_lateness, table
+from scheduler.observability import configure_logging
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+console = Console()
 
 _SIZE = {"min": 1}
 
@@ -49,13 +54,17 @@ def bench(
 ) -> None:
     """Bulk schedule, schedule() latency, burst and steady lateness, Redis bytes, 1M-pending load:
     the product's transports against RQ and APScheduler on this machine."""
+    configure_logging(verbose=False, json_format=False)
     profile = "quick" if quick else profile
     if profile not in PROFILES:
-        raise InvalidTimeout(f"--profile must be one of {', '.join(PROFILES)}, not {profile!r}")
+        raise typer.BadParameter(f"must be one of {', '.join(PROFILES)}, not {profile!r}", param_hint="--profile")
     chosen = [name.strip() for name in systems.split(",") if name.strip()] if systems else None
     unknown = sorted(set(chosen or []) - set(available_systems()))
     if unknown:
-        raise InvalidTimeout(f"unknown systems {', '.join(unknown)}; choose from {', '.join(available_systems())}")
+        raise typer.BadParameter(
+            f"unknown systems {', '.join(unknown)}; choose from {', '.join(available_systems())}",
+            param_hint="--systems",
+        )
     plan = BenchPlan.build(
         profile,
         chosen,
@@ -96,3 +105,18 @@ def bench(
         for note in result.notes:
             console.print(f"[yellow]note[/] {note}", highlight=False)
     console.print(f"results in {output / f'bench-{stamp}.json'}" + (f", plot {plot}" if plot else ""))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of scripts/bench.py: click's usage errors become one line on stderr and exit 2."""
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="bench.py", standalone_mode=False)
+    except typer.TyperException as exc:  # typer's own click: usage errors, bad parameters
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        sys.stderr.write(f"error: {' '.join(message.split())}\n")
+        sys.exit(2)
+    except typer.Abort:
+        sys.stderr.write("aborted\n")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -27,7 +27,7 @@ def _has_rq_transport() -> bool:
 class Sizes:
     #: orders per bulk schedule (`schedule_many`, RQ pipelined `enqueue_in`)
     bulk: int
-    #: APScheduler adds jobs one by one at a few hundred per second: its bulk sample is capped
+    #: APScheduler adds jobs one by one, each in its own job store transaction: its bulk sample is capped
     bulk_apscheduler: int
     #: single `schedule()` calls, each in its own order transaction
     latency: int

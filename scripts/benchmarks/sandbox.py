@@ -19,7 +19,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import psycopg
 import redis
 
-from scheduler.bench.plan import Services
+from benchmarks.plan import Services
 
 #: keys or sorted-set members looked up per command by finish_rehashing
 REHASH_BATCH = 5000
@@ -133,8 +133,8 @@ def finish_rehashing(redis_url: str, patterns: Sequence[str]) -> None:
     per operation on that table. The keyspace also moves in the background (1 ms every 100 ms), a
     sorted set's table only as the set is used. The bench's million far-off timers take the
     scheduled set just past 2^20 members, and for its next million operations every insert looks
-    in both tables and moves a bucket: arming costs twice as much in Redis (rq: 4.6 -> 9.7 us per job,
-    measured) until the move is over. One lookup of every key and of every member of every sorted
+    in both tables and moves a bucket: arming costs about twice as much in Redis until the move is
+    over. One lookup of every key and of every member of every sorted
     set finishes it; nothing is written."""
     client = redis_client(redis_url)
     try:

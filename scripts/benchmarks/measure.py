@@ -110,7 +110,7 @@ class ProcessGroup:
         self._stderr.close()
 
 
-#: rounds of the CPU probe, and the work of each (a pure-Python loop of about 0.1 s here)
+#: rounds of the CPU probe, and the work of each (a pure-Python loop of a fraction of a second)
 CPU_ROUNDS = 10
 CPU_WORK = 2_000_000
 
@@ -118,7 +118,7 @@ CPU_WORK = 2_000_000
 def cpu_steadiness() -> dict[str, float]:
     """How steady this machine's CPU is right now: the same pure-Python loop timed CPU_ROUNDS times.
 
-    On a shared VM a core's speed can change by 2x within seconds (other tenants, frequency); a
+    On a shared VM a core's speed can change a lot within seconds (other tenants, frequency); a
     figure measured over a fraction of a second moves with it. `spread` (slowest / fastest round)
     says how much: near 1.0 the figures compare well; at 1.5 or more, differences of that size
     between two runs, or between the empty and the loaded rates, are the machine's.

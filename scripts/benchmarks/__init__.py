@@ -1,4 +1,4 @@
-"""`order-timeouts bench` / scripts/bench.py: the product's transports against RQ and APScheduler,
+"""scripts/bench.py: the product's transports against RQ and APScheduler,
 same workload, same run, same machine. See plan.py for the sizes and the targets."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from scheduler.bench.measure import SystemResult, cpu_steadiness, machine_load
-from scheduler.bench.plan import BASELINES, PROFILES, BenchPlan, Services, Sizes, available_systems
-from scheduler.bench.report import derive_target_figures
+from benchmarks.measure import SystemResult, cpu_steadiness, machine_load
+from benchmarks.plan import BASELINES, PROFILES, BenchPlan, Services, Sizes, available_systems
+from benchmarks.report import derive_target_figures
 
 __all__ = ["PROFILES", "BenchPlan", "BenchRun", "Services", "Sizes", "available_systems", "run_bench"]
 
@@ -46,13 +46,13 @@ def run_bench(plan: BenchPlan, progress: Callable[[str], None]) -> BenchRun:
     """Measure every system of the plan; a system that fails is reported and the run goes on.
 
     The bulk rate, whose target is a multiple of RQ's, is the best of the system's own bulk and of
-    BULK_ROUNDS more, taken first in rounds where every system and RQ schedule in turn. This VM's
-    speed drifts by up to 1.6x within a run (the CPU probe before and after), and bulks taken ten
-    minutes apart would carry that drift into the ratio. APScheduler's bulk is no target: it keeps
+    BULK_ROUNDS more, taken first in rounds where every system and RQ schedule in turn. A shared
+    VM's speed drifts within a run (the CPU probe before and after says by how much), and bulks
+    taken minutes apart would carry that drift into the ratio. APScheduler's bulk is no target: it keeps
     its one bulk.
     """
-    from scheduler.bench.baselines import run_apscheduler, run_rq
-    from scheduler.bench.workloads import run_product
+    from benchmarks.baselines import run_apscheduler, run_rq
+    from benchmarks.workloads import run_product
 
     run = BenchRun(plan)
     # Baselines last: their slow drains should not warm anything up for the product, nor the reverse.
@@ -81,8 +81,8 @@ def run_bench(plan: BenchPlan, progress: Callable[[str], None]) -> BenchRun:
 
 def _bulk_rounds(plan: BenchPlan, systems: list[str], progress: Callable[[str], None]) -> dict[str, list[float]]:
     """Bulk rates of the systems scheduling in turn, round after round; a failed bulk is left out."""
-    from scheduler.bench.baselines import rq_bulk_rate
-    from scheduler.bench.workloads import bulk_rate
+    from benchmarks.baselines import rq_bulk_rate
+    from benchmarks.workloads import bulk_rate
 
     rates: dict[str, list[float]] = {system: [] for system in systems}
     for round_number in range(1, BULK_ROUNDS + 1):

@@ -11,8 +11,8 @@ from typing import Any
 
 from rich.table import Table
 
-from scheduler.bench.measure import SystemResult
-from scheduler.bench.plan import BASELINE_LABELS, BASELINES, targets_for
+from benchmarks.measure import SystemResult
+from benchmarks.plan import BASELINE_LABELS, BASELINES, targets_for
 
 PLOT_SKIPPED = "plot skipped: pip install order-timeouts[bench]"
 

@@ -25,10 +25,9 @@ from typing import Any
 import psycopg
 from sqlalchemy import Engine, insert
 
-from consumers.orders import orders_table
-from scheduler.bench.measure import Lateness, ProcessGroup, SystemResult, now_ms, percentile, rate, wait_for
-from scheduler.bench.plan import Services, Sizes
-from scheduler.bench.sandbox import (
+from benchmarks.measure import Lateness, ProcessGroup, SystemResult, now_ms, percentile, rate, wait_for
+from benchmarks.plan import Services, Sizes
+from benchmarks.sandbox import (
     delete_matching,
     delete_rq_keys,
     delete_rq_namespace,
@@ -37,7 +36,8 @@ from scheduler.bench.sandbox import (
     rq_keys,
     unique,
 )
-from scheduler.bench.workloads import BULK_DELAY, POLL_S, Progress, add_orders, lead_ms
+from benchmarks.workloads import BULK_DELAY, POLL_S, Progress, add_orders, lead_ms
+from consumers.orders import orders_table
 from scheduler.clock import from_ms
 from scheduler.config import Settings
 from scheduler.database import make_engine
@@ -47,6 +47,9 @@ from scheduler.schema import init_db
 ENV_ORDERS_URL = "ORDER_TIMEOUTS_BENCH_ORDERS_URL"
 #: RQ jobs per pipeline round trip in the bulk enqueue
 RQ_PIPELINE = 1000
+#: the folder that holds this package (scripts/): `rq worker` imports the job function by its
+#: dotted name, benchmarks.baselines.rq_timeout_job, and the bench is not an installed package
+SCRIPTS_DIR = str(Path(__file__).resolve().parent.parent)
 
 _local = threading.local()
 _aps_finished: list[tuple[int, int]] = []
@@ -161,7 +164,7 @@ def run_rq(sizes: Sizes, services: Services, progress: Progress) -> SystemResult
                     "--name", f"{name}-{index}", name,
                 ]  # fmt: skip
 
-            workers = ProcessGroup(argv, sizes.workers, {ENV_ORDERS_URL: orders_url})
+            workers = ProcessGroup(argv, sizes.workers, {ENV_ORDERS_URL: orders_url, "PYTHONPATH": _python_path()})
             try:
                 for step in ("burst", "steady"):
                     count, due = _due_plan(step, sizes, result.figures["bulk_rate"])
@@ -186,6 +189,11 @@ def run_rq(sizes: Sizes, services: Services, progress: Progress) -> SystemResult
         client.close()
         delete_rq_keys(services.redis_url, name)
     return result
+
+
+def _python_path() -> str:
+    """PYTHONPATH for the `rq worker` processes: this package's folder first, then the caller's."""
+    return os.pathsep.join(filter(None, (SCRIPTS_DIR, os.environ.get("PYTHONPATH"))))
 
 
 def rq_bulk_rate(sizes: Sizes, services: Services) -> float:

@@ -24,11 +24,11 @@ from sqlalchemy import Engine, func, insert, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from benchmarks.measure import Lateness, ProcessGroup, SystemResult, now_ms, percentile, rate, wait_for
+from benchmarks.plan import Services, Sizes
+from benchmarks.sandbox import Deployment, deployment, finish_rehashing, redis_client
 from consumers.orders import orders_table
 from scheduler.api import OrderTimeouts
-from scheduler.bench.measure import Lateness, ProcessGroup, SystemResult, now_ms, percentile, rate, wait_for
-from scheduler.bench.plan import Services, Sizes
-from scheduler.bench.sandbox import Deployment, deployment, finish_rehashing, redis_client
 from scheduler.clock import from_ms
 from scheduler.config import ENV_BROKER_URL, ENV_DATABASE_URL, Settings
 from scheduler.database import reading
@@ -44,7 +44,7 @@ FAR_DELAY = timedelta(days=20)
 FILL_CHUNK = 100_000
 #: seconds between looks at the registry while waiting for a drain
 POLL_S = 0.02
-#: seconds a worker process needs to start (imports, connections) on a busy 2-core machine
+#: seconds to allow a worker process to start (imports, connections) on a busy machine
 WORKER_START_S = 2.0
 #: rate assumed for the lead time of the first burst when no bulk rate was measured
 FALLBACK_RATE = 5000.0
@@ -97,7 +97,7 @@ def _bulk_and_latency(target: Deployment, sizes: Sizes, services: Services, resu
     memory = redis_client(services.redis_url) if target.system in ("redis", "rq") else None
     try:
         # Connected first, as a running order service is: the rabbitmq transport's first connection
-        # to a fresh vhost declares its 26 quorum queues, once per deployment, not per bulk.
+        # to a fresh vhost declares its quorum queues, once per deployment, not per bulk.
         client.transport.figures()
         before = int(memory.info("memory")["used_memory"]) if memory is not None else 0
         result.figures["bulk_rate"] = _timed_bulk(client, sizes.bulk)
@@ -255,10 +255,9 @@ class _Drains:
     def schedule_rate(self, prefix: str) -> float:
         """The best of five bulk schedules of far-off timeouts, each half a burst. Each takes a
         fraction of a second, at the mercy of whatever else the machine does in that moment (a
-        SQLite checkpoint, autovacuum, another tenant of the VM: its cores' speed varies up to 2x
-        within seconds). Interference only ever slows a probe down, so the fastest is the one
-        nearest to what scheduling costs, as `timeit` takes the best of its repeats; the median
-        of five still moved by a third between runs."""
+        SQLite checkpoint, autovacuum, another tenant of the VM slowing its cores). Interference
+        only ever slows a probe down, so the fastest is the one nearest to what scheduling costs,
+        as `timeit` takes the best of its repeats; a median would keep part of the interference."""
         size = max(self.sizes.burst // 2, 1)
         rates = []
         for probe in range(5):
