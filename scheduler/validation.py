@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from scheduler.clock import to_ms
+from scheduler.clock import duration_ms, to_ms
 from scheduler.errors import InvalidTimeout
 from scheduler.registry import MAX_ORDER_ID_LENGTH
 
@@ -41,7 +41,7 @@ def due_ms(
     """
     if delay is not None and due_at is not None:
         raise InvalidTimeout("give either delay or due_at, not both")
-    max_ms = int(max_delay.total_seconds() * 1000)
+    max_ms = duration_ms(max_delay)
     if due_at is not None:
         if not isinstance(due_at, datetime):
             raise InvalidTimeout(f"due_at must be a datetime, not {type(due_at).__name__}")
@@ -55,7 +55,7 @@ def due_ms(
         delay = default_delay
     if not isinstance(delay, timedelta):
         raise InvalidTimeout(f"delay must be a timedelta, not {type(delay).__name__}")
-    delay_ms = int(delay.total_seconds() * 1000)
+    delay_ms = duration_ms(delay)
     if delay_ms <= 0:
         raise InvalidTimeout(f"delay must be positive, got {delay}")
     if delay_ms > max_ms:
