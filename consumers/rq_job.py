@@ -52,8 +52,7 @@ class TimeoutDeadLettered(Exception):
 
 
 def fire_timeout(*_call: Any) -> Retry | None:
-    """Handle one due timeout: the job's (due_ms, version), of the order its id names, read through
-    the job (`job_message`), which also reads jobs of the earlier format, `fire_timeout(message)`."""
+    """Handle one due timeout: the job's (due_ms, version), of the order its id names (`job_message`)."""
     job = get_current_job()
     if job is None:
         raise RuntimeError("fire_timeout is an RQ job function: an rq worker runs it")

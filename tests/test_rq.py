@@ -173,24 +173,6 @@ def test_a_pending_job_is_a_compact_hash_for_order_ids_up_to_39_characters(rq: S
     assert compact_bytes is not None and table_bytes is not None and compact_bytes * 2 < table_bytes
 
 
-def test_jobs_of_the_earlier_format_still_cancel_their_orders(rq: Stack, client: redis.Redis) -> None:
-    """A job of the earlier format has the whole timer message as its one argument: a Redis may still hold some."""
-
-    def schedule_the_old_way(oid: str) -> None:
-        add_orders(rq.engine, [oid])
-        rq.timeouts().schedule(oid, due_at=datetime.now(UTC) - PAST)
-        record = rq.timeouts().get(oid)
-        assert record is not None
-        old_call = [RQ_JOB_FUNCTION, None, [{"order_id": oid, "due_ms": record.due_ms, "version": 1}], {}]
-        client.hset(Job.key_for(transport(rq).job_id(oid)), "data", json.dumps(old_call))
-
-    schedule_the_old_way("legacy-rq")
-    run_rq_worker(rq, "-c", "consumers.rq_settings")
-    assert cancel_counts(rq.engine) == {"legacy-rq": 1}, "RQ's worker ran it"
-    schedule_the_old_way("legacy-ours")
-    rq.drain_until(lambda: cancel_counts(rq.engine) == {"legacy-rq": 1, "legacy-ours": 1})
-
-
 @given(prefix=st.from_regex(r"[A-Za-z0-9_-]{1,20}", fullmatch=True), order_id=order_ids)
 def test_the_order_id_comes_back_from_its_job_id(prefix: str, order_id: str) -> None:
     job_id = rq_job_id(prefix, order_id)
@@ -595,19 +577,19 @@ def test_malformed_jobs_on_the_queue_are_failed_with_the_reason(rq: Stack, clien
     add_orders(rq.engine, ["good"])
     rq.timeouts().schedule("good", due_at=datetime.now(UTC))
     jobs, name = queue(rq, client), rq_queue_name(rq)  # ids that name the test's namespace: deleted after it
-    bad = jobs.enqueue(RQ_JOB_FUNCTION, {"order_id": 5, "due_ms": 1, "version": 1}, job_id=f"{name}-bad")
+    bad = jobs.enqueue(RQ_JOB_FUNCTION, {"order_id": "bad", "due_ms": 1, "version": 1}, job_id=f"{name}-bad")
     foreign = jobs.enqueue("os.getcwd", job_id=f"{name}-foreign")
-    wrong_id = jobs.enqueue(RQ_JOB_FUNCTION, {"order_id": "good", "due_ms": 1, "version": 1}, job_id=f"{name}-wrong")
+    bad_version = jobs.enqueue(RQ_JOB_FUNCTION, 1, True, job_id=f"{name}-version")
     bad_due = jobs.enqueue(RQ_JOB_FUNCTION, "soon", 1, job_id=f"{name}-due")
     no_order = jobs.enqueue(RQ_JOB_FUNCTION, 1, 1, job_id=f"{name}_bw")  # order "o" has job id {name}-o
 
     rq.drain_until(lambda: cancel_counts(rq.engine) == {"good": 1})
-    malformed = (bad, foreign, wrong_id, bad_due, no_order)
+    malformed = (bad, foreign, bad_version, bad_due, no_order)
     assert set(FailedJobRegistry(queue=jobs).get_job_ids()) == {job.id for job in malformed}
     reasons = {job.id: job.latest_result().exc_string for job in malformed}  # type: ignore[union-attr]
-    assert "order_id must be a non-empty string" in (reasons[bad.id] or "")
+    assert "job arguments are not (due_ms, version)" in (reasons[bad.id] or "")
     assert "os.getcwd" in (reasons[foreign.id] or "")
-    assert "is not the job id of order 'good'" in (reasons[wrong_id.id] or "")
+    assert "version must be a non-negative integer" in (reasons[bad_version.id] or "")
     assert "due_ms must be a non-negative integer" in (reasons[bad_due.id] or "")
     assert "is not the job id of an order" in (reasons[no_order.id] or "")
 

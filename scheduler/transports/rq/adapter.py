@@ -131,17 +131,12 @@ def job_message(job: Job, prefix: str) -> TimerMessage:
 
 
 def call_message(job_id: str, func_name: Any, args: Any, kwargs: Any, prefix: str) -> TimerMessage:
-    """The timer message of a job's call, `fire_timeout(due_ms, version)` of the order its id names
-    (or, in the earlier format, `fire_timeout(message)`); MalformedMessage when it is not one."""
+    """The timer message of a job's call, `fire_timeout(due_ms, version)` of the order its id names;
+    MalformedMessage when it is not one."""
     if func_name != RQ_JOB_FUNCTION:
         raise MalformedMessage(f"job runs {func_name!r}, not {RQ_JOB_FUNCTION}")
-    if kwargs or not isinstance(args, list | tuple) or len(args) not in (1, 2):
-        raise MalformedMessage("job arguments are not a timer message")
-    if len(args) == 1:
-        message = TimerMessage.from_json(args[0])
-        if job_id != rq_job_id(prefix, message.order_id):
-            raise MalformedMessage(f"job id {job_id!r} is not the job id of order {message.order_id!r}")
-        return message
+    if kwargs or not isinstance(args, list | tuple) or len(args) != 2:
+        raise MalformedMessage("job arguments are not (due_ms, version)")
     order_id = rq_order_id(prefix, job_id)
     if order_id is None:
         raise MalformedMessage(f"job id {job_id!r} is not the job id of an order (prefix {prefix!r})")

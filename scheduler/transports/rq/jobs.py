@@ -13,10 +13,8 @@ chunk leaves one of them idle.
 
 The call is `fire_timeout(due_ms, version)`: the order is the one the job id names (`rq_order_id`),
 so that every field stays within Redis's `hash-max-listpack-value` (64 bytes) and Redis keeps the
-hash as one compact listpack: about 670 bytes per pending job against 1,900 as a hash table (and
-1,500 for a job RQ enqueues itself). An order id longer than 39 characters makes `description`
-longer than that, and its job a hash table again. Jobs of the earlier format, whose one argument is
-the whole timer message, are read as before.
+hash as one compact listpack, less than half the memory of a hash table (docs/performance.md). An
+order id longer than 39 characters makes `description` longer than that, and its job a hash table again.
 
 `data` is the JSON of the call as RQ's JSONSerializer writes it, not compressed: RQ reads a `data`
 that is not a zlib stream as is (`Job.restore`), and CPython's zlib sets up 256 KiB of state per call
