@@ -1,0 +1,81 @@
+"""The registry: one SQL table of timeouts, the source of truth, outbox and audit trail.
+
+Every statement that touches the table lives in this package, as SQLAlchemy Core close to the SQL
+it sends: `schema` is the tables (a documented contract, docs/registry.md), `queries` the statements
+that are the same on every database, `postgresql` and `sqlite` each database's own ways of the
+others, `leases` the maintenance leases. Callers use the names below:
+`from scheduler import registry; registry.claim(conn, ...)`.
+"""
+
+from scheduler.registry.leases import release_lease, take_lease
+from scheduler.registry.queries import (
+    all_records,
+    bury,
+    claim,
+    claim_due,
+    count_pending,
+    counts,
+    dead,
+    finish,
+    finished_between,
+    get,
+    histogram,
+    insert_many,
+    last_due_ms,
+    mark_published,
+    move_due,
+    next_due_ms,
+    pending,
+    replay_dead,
+    retry_later,
+    revoke,
+    stranded,
+    unpublished,
+)
+from scheduler.registry.schema import (
+    MAX_ORDER_ID_LENGTH,
+    PENDING_DUE_INDEX,
+    Claim,
+    Outcome,
+    Retry,
+    TimeoutRecord,
+    TimeoutState,
+    metadata,
+    timeouts,
+)
+
+__all__ = [
+    "MAX_ORDER_ID_LENGTH",
+    "PENDING_DUE_INDEX",
+    "Claim",
+    "Outcome",
+    "Retry",
+    "TimeoutRecord",
+    "TimeoutState",
+    "all_records",
+    "bury",
+    "claim",
+    "claim_due",
+    "count_pending",
+    "counts",
+    "dead",
+    "finish",
+    "finished_between",
+    "get",
+    "histogram",
+    "insert_many",
+    "last_due_ms",
+    "mark_published",
+    "metadata",
+    "move_due",
+    "next_due_ms",
+    "pending",
+    "release_lease",
+    "replay_dead",
+    "retry_later",
+    "revoke",
+    "stranded",
+    "take_lease",
+    "timeouts",
+    "unpublished",
+]

@@ -1,0 +1,117 @@
+"""SQLite's fast paths: the statements written for SQLite where the portable ones in `queries`
+would cost more or read the wrong index. Every function here has its namesake in `postgresql`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy import ColumnElement, Connection, and_, bindparam, text, update
+from sqlalchemy.dialects.sqlite import insert
+
+from scheduler.names import REGISTRY_TABLE
+from scheduler.registry.schema import (
+    PENDING_DUE_INDEX,
+    Claim,
+    Outcome,
+    TimeoutState,
+    is_pending,
+    leases,
+    rearm,
+    timeouts,
+)
+
+# Without ANALYZE statistics SQLite's planner may answer `state = 'pending'` from another index than
+# the partial one and walk (and sort) every pending row, however far off their due times, for each
+# claim and each look at the next due time. INDEXED BY pins the partial index, which reads only the
+# due rows, already in due order.
+# The state is a literal, not a parameter: SQLite uses a partial index only when it can see at
+# prepare time that the query implies the index's WHERE.
+_PENDING_DUE = f"{REGISTRY_TABLE} INDEXED BY {PENDING_DUE_INDEX}"
+_IS_PENDING = f"state = '{TimeoutState.PENDING.value}'"
+
+
+def insert_many(
+    conn: Connection, due: Sequence[tuple[str, int]], *, now: int, published: bool, replace: bool
+) -> dict[str, int]:
+    stmt = insert(timeouts)
+    params = [
+        {
+            "order_id": order_id,
+            "due_ms": due_ms,
+            "state": TimeoutState.PENDING.value,
+            "version": 1,
+            "attempts": 0,
+            "created_ms": now,
+            "updated_ms": now,
+            "published_ms": now if published else None,
+        }
+        for order_id, due_ms in due
+    ]
+    if replace:
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[timeouts.c.order_id],
+            set_={
+                **rearm(now),
+                "due_ms": stmt.excluded.due_ms,
+                "published_ms": stmt.excluded.published_ms,
+            },
+        )
+    else:
+        stmt = stmt.on_conflict_do_nothing(index_elements=[timeouts.c.order_id])
+    result = conn.execute(stmt.returning(timeouts.c.order_id, timeouts.c.version), params)
+    return dict(result.all())
+
+
+def mark_published(conn: Connection, versions: Sequence[tuple[str, int]], *, now: int) -> None:
+    conn.execute(
+        update(timeouts)
+        .where(timeouts.c.order_id == bindparam("oid"), timeouts.c.version == bindparam("ver"))
+        .values(published_ms=now),
+        [{"oid": order_id, "ver": version} for order_id, version in versions],
+    )
+
+
+def claim_due(conn: Connection, *, limit: int, now: int, worker: str) -> list[Claim]:
+    # The transaction already holds the write lock (BEGIN IMMEDIATE), so the plain select is as
+    # exclusive as PostgreSQL's FOR UPDATE SKIP LOCKED.
+    stmt = text(
+        f"UPDATE {REGISTRY_TABLE} SET attempts = attempts + 1, worker = :worker, "
+        "fired_ms = coalesce(fired_ms, :now), updated_ms = :now "
+        f"WHERE order_id IN (SELECT order_id FROM {_PENDING_DUE} "
+        f"WHERE {_IS_PENDING} AND due_ms <= :now ORDER BY due_ms LIMIT :limit) "
+        "RETURNING order_id, due_ms, version, attempts"
+    )
+    params = {"worker": worker, "now": now, "limit": limit}
+    return [Claim(*row) for row in conn.execute(stmt, params)]
+
+
+def claim_where(order_ids: Sequence[str], *, now: int) -> tuple[ColumnElement[bool], ...]:
+    return timeouts.c.order_id.in_(order_ids), and_(is_pending, timeouts.c.due_ms <= now)
+
+
+def finish(conn: Connection, outcomes: dict[str, Outcome], *, now: int) -> None:
+    # No arrays to join the batch against (PostgreSQL's unnest): one UPDATE per distinct outcome,
+    # each over the ids that share it.
+    by_outcome: dict[Outcome, list[str]] = {}
+    for order_id, outcome in outcomes.items():
+        by_outcome.setdefault(outcome, []).append(order_id)
+    for outcome, order_ids in by_outcome.items():
+        conn.execute(
+            update(timeouts)
+            .where(timeouts.c.order_id.in_(order_ids))
+            .values(state=TimeoutState.DONE.value, outcome=outcome.value, finished_ms=now, updated_ms=now, error=None)
+        )
+
+
+def next_due_ms(conn: Connection) -> int | None:
+    return conn.execute(text(f"SELECT min(due_ms) FROM {_PENDING_DUE} WHERE {_IS_PENDING}")).scalar()
+
+
+def insert_lease(conn: Connection, job: str, holder: str, *, expires_ms: int) -> bool:
+    inserted = conn.execute(
+        insert(leases)
+        .values(job=job, holder=holder, expires_ms=expires_ms)
+        .on_conflict_do_nothing()
+        .returning(leases.c.job)
+    ).first()
+    return inserted is not None
