@@ -1,0 +1,65 @@
+"""The transport table and the in-memory transport's rules (the real brokers keep the same rules in
+tests/contract)."""
+
+from __future__ import annotations
+
+import importlib
+from datetime import timedelta
+
+import pytest
+
+from scheduler import ConfigurationError
+from scheduler.testing import InMemoryTransport, ManualClock
+from scheduler.transports import SCHEMES, Transport, open_transport
+from scheduler.transports.base import FAILED_REDELIVERY_MS, Settlement
+from scheduler.transports.message import TimerMessage
+
+
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+def test_every_scheme_names_a_transport_class(scheme: str) -> None:
+    module, _, name = SCHEMES[scheme].partition(":")
+    cls = getattr(importlib.import_module(module), name)
+    assert issubclass(cls, Transport) and cls.name
+
+
+def test_an_unknown_scheme_is_refused_with_the_known_ones_and_no_password(tmp_path: object) -> None:
+    with pytest.raises(ConfigurationError) as refused:
+        open_transport("kafka://user:secret@127.0.0.1:9092", None, ManualClock())  # type: ignore[arg-type]
+    assert "secret" not in str(refused.value)
+    assert "redis://" in str(refused.value) and "rq+rediss://" in str(refused.value)
+
+
+def test_a_timer_is_delivered_when_its_due_time_comes_and_not_before() -> None:
+    clock = ManualClock()
+    transport = InMemoryTransport(clock)
+    now = clock.now_ms()
+    transport.publish([TimerMessage("a", now + 1000, 1), TimerMessage("b", now + 500, 1)])
+    clock.advance(timedelta(milliseconds=499))
+    assert not transport.receive(10, 0)
+    clock.advance(timedelta(milliseconds=501))
+    assert [d.message.order_id for d in transport.receive(10, 0).deliveries] == ["b", "a"], "due order"
+
+
+def test_publishing_again_replaces_the_timer_and_revoke_removes_it() -> None:
+    clock = ManualClock()
+    transport = InMemoryTransport(clock)
+    now = clock.now_ms()
+    transport.publish([TimerMessage("a", now + 1000, 1)])
+    transport.publish([TimerMessage("a", now + 5000, 2)])
+    assert transport.armed() == {"a": now + 5000}
+    transport.revoke(["a"])
+    assert transport.armed() == {}
+
+
+def test_a_failed_delivery_comes_back_soon_unless_a_later_timer_was_armed_meanwhile() -> None:
+    clock = ManualClock()
+    transport = InMemoryTransport(clock)
+    now = clock.now_ms()
+    transport.publish([TimerMessage("a", now, 1), TimerMessage("b", now, 1)])
+    a, b = transport.receive(10, 0).deliveries
+    transport.publish([TimerMessage("b", now + 60_000, 2)])  # rescheduled while its batch ran
+    transport.settle(Settlement(failed=[a, b], rolled_back=True))
+    assert transport.armed() == {"a": now + FAILED_REDELIVERY_MS, "b": now + 60_000}
+    clock.advance(timedelta(milliseconds=FAILED_REDELIVERY_MS))
+    (again,) = transport.receive(10, 0).deliveries
+    assert again.message.order_id == "a" and again.deliveries == 1, "a fresh delivery, not counted"
