@@ -1,4 +1,4 @@
-"""The `rabbitmq` stack for the contract suite, and RabbitMQ helpers for tests/test_rabbitmq.py.
+"""The `rabbitmq` stack for the contract suite, and RabbitMQ helpers for tests/integration/test_rabbitmq.py.
 
 Each test gets its own vhost on the shared broker (rabbitmqctl add_vhost / delete_vhost): queues,
 exchanges and messages of one test are invisible to every other test and vanish with the vhost.

@@ -1,4 +1,4 @@
-"""The `redis` stack for the contract suite, and Redis helpers for tests/test_redis.py.
+"""The `redis` stack for the contract suite, and Redis helpers for tests/integration/test_redis.py.
 
 Each test gets its own key prefix on the shared Redis; teardown deletes that prefix's keys and
 nothing else (never FLUSHDB on a shared server).

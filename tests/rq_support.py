@@ -1,4 +1,4 @@
-"""The `rq` stack for the contract suite, and RQ helpers for tests/test_rq.py.
+"""The `rq` stack for the contract suite, and RQ helpers for tests/integration/test_rq.py.
 
 Each test gets its own queue name, which is also its job-id prefix; teardown deletes the keys that
 carry that name (queue, registries, jobs, executions, results, locks, the test's rq workers) and

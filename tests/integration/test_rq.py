@@ -1,6 +1,6 @@
 """What is specific to the `rq` transport: RQ jobs with deterministic ids, JSON in Redis, real rq workers.
 
-The contract suite (tests/test_transport_contract.py -k rq) covers what every transport does.
+The contract suite (tests/contract/test_transport_contract.py -k rq) covers what every transport does.
 """
 
 from __future__ import annotations

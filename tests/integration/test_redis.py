@@ -40,7 +40,7 @@ from tests.services import REDIS_URL, require, unique
 from tests.slow_store import pausing_after_cancel
 from tests.support import add_orders, cancel_counts, free_port, pay, postgres_schema, wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_SEED = "redis://127.0.0.1:7000/0"
 
 

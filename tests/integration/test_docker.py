@@ -11,7 +11,7 @@ import yaml
 
 from scheduler.cli import main
 
-DOCKER = Path(__file__).resolve().parent.parent / "docker"
+DOCKER = Path(__file__).resolve().parents[2] / "docker"
 
 
 def compose() -> dict[str, object]:

@@ -29,7 +29,7 @@ from tests.stacks import STACKS
 from tests.support import add_orders, cancel_counts, free_port, registry_records, wait_until
 
 BROKERS = sorted(name for name in STACKS if not name.startswith("sql"))
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(params=BROKERS)
