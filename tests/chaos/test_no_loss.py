@@ -22,6 +22,7 @@ from scheduler.errors import TransportUnavailable
 from scheduler.maintenance import Maintenance, MaintenancePlan
 from scheduler.outbox import AfterCommit
 from scheduler.registry import count_pending
+from scheduler.testing import ManualClock
 from scheduler.transports.base import TimerMessage
 from tests import rq_support
 from tests.conftest import Stack, open_stack
@@ -249,13 +250,16 @@ def test_a_broker_that_lost_everything_still_ends_with_every_timeout_handled(bro
 
 
 def test_two_maintainers_share_the_work_through_leases(db_stack: Stack) -> None:
-    plan = MaintenancePlan(relay_interval=timedelta(milliseconds=200))
-    first, second = Maintenance(db_stack.timeouts(), plan), Maintenance(db_stack.timeouts(), plan)
+    clock = ManualClock()
+    client = OrderTimeouts(settings=db_stack.timeouts().settings, clock=clock)
+    db_stack.opened.append(client)
+    first, second = Maintenance(client), Maintenance(client)
     assert not first.relay().skipped
     assert second.relay().skipped, "the first holder's lease is still live"
+    clock.advance(timedelta(seconds=2))
     assert not first.relay().skipped, "the holder renews its own lease"
-    time.sleep(0.7)  # the first one "died": its lease (3 intervals, at least 2 s) runs out
-    wait_until(lambda: not second.relay().skipped, timeout=5)
+    clock.advance(timedelta(seconds=4))  # the first one "died": its lease (3 intervals, at least 2 s) runs out
+    assert not second.relay().skipped
     assert first.relay().skipped, "the lease moved to the second one"
 
 
