@@ -5,7 +5,8 @@
              done      return None: RQ deletes the job (result_ttl 0)
              retry     return rq.Retry: RQ re-schedules the job at the handler's new due time
              dead      raise TimeoutDeadLettered: RQ fails the job into its FailedJobRegistry
-             failed    (the registry transaction rolled back) return rq.Retry: again in a second
+             failed    (the registry transaction rolled back) return rq.Retry: again after
+                       FAILED_REDELIVERY_MS, in RQ's whole seconds (see `_again`)
 
 The handler's transaction commits before the function returns, and RQ records the job's end
 after: a worker that dies in between runs the job again (its crash Retry), and the registry's

@@ -6,7 +6,7 @@
 RQ's CLI imports this module in the worker's main process and reads its upper-case names: the
 Redis URL and the queue of ORDER_TIMEOUTS_BROKER_URL, so that neither is written twice. Importing
 it also loads the job function and its dependencies (SQLAlchemy, the driver) before RQ forks a
-work horse for each job; without it every horse imports them again (about 0.4 s per job). The
+work horse for each job; without it every horse imports them again, a cost paid per job. The
 serializer still goes on the command line (`-S json`): RQ's settings module has no entry for it.
 """
 

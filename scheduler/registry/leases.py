@@ -15,7 +15,8 @@ def take_lease(conn: Connection, job: str, holder: str, *, now: int, ttl_ms: int
     A holder that dies simply stops renewing: its lease expires after `ttl_ms` and the next
     process takes over, so a killed `maintain` leaves nothing stuck.
     """
-    # RETURNING rather than rowcount: the driver's rowcount of INSERT … ON CONFLICT is not portable.
+    # RETURNING rather than rowcount, as in insert_lease, where the driver's rowcount of
+    # INSERT … ON CONFLICT is not portable.
     taken = conn.execute(
         update(leases)
         .where(leases.c.job == job, (leases.c.holder == holder) | (leases.c.expires_ms < now))

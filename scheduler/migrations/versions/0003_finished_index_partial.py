@@ -1,14 +1,14 @@
 """The finished-rows index covers finished rows only.
 
 ix_order_timeouts_state_finished serves the stats (timeouts finished in the last minutes) and the
-dead-letter listing, which read finished rows only; every pending row was in it as ('pending',
-NULL) all the same. Each scheduled timeout cost PostgreSQL an index insert there, and each
-outcome recorded an update of it: leaving pending rows out makes a bulk schedule 20-40 % faster
-on PostgreSQL (100k rows, alternating runs).
+dead-letter listing, which read finished rows only; revision 0001 indexed every pending row in it
+as well, as ('pending', NULL). That entry costs every scheduled timeout an index insert, and
+every recorded outcome an update of it: leaving pending rows out spares a bulk schedule on
+PostgreSQL that work (the gain is in docs/performance.md).
 
 Rebuilding the index reads the whole table and holds writes to it meanwhile (CREATE INDEX takes
-a SHARE lock): 0.3 s on PostgreSQL and 0.5 s on SQLite for a million rows, half of them finished,
-during which schedule() calls and worker batches wait, and none fails.
+a SHARE lock), for a time that grows with the table (docs/operations.md, Migrations), during which
+schedule() calls and worker batches wait, and none fails.
 
 Revision ID: 0003
 Revises: 0002

@@ -5,8 +5,8 @@ that the workers consume as competing consumers.
                                                                           │ x-delivery-limit
                                                   dead letters ─────────▶ order_timeouts.dead
 
-The cascade and why it was chosen: scheduler/transports/rabbitmq_topology.py. The connection and
-its I/O thread (heartbeats, windowed publisher confirms): scheduler/transports/rabbitmq_link.py.
+The cascade and why it is built that way: scheduler/transports/rabbitmq/topology.py. The connection
+and its I/O thread (heartbeats, windowed publisher confirms): scheduler/transports/rabbitmq/link.py.
 
 Guarantees:
 - `publish` returns only when the broker has confirmed every message as routed (`mandatory`); a
@@ -29,8 +29,8 @@ Guarantees:
   to the handler early, which would ack it as stale.
 - Timers published together that take the same route share one message (up to ENVELOPE_MAX, a
   JSON array of timer messages; a single timer is a JSON object). The broker's work is per
-  message (a quorum-queue append per hop, at about 10k/s on this 2-core machine), so a bulk of
-  100k timers due together costs it 1,000 messages, not 100k. The message is acked once every
+  message (a quorum-queue append per hop, CPU bound: the rate is in docs/performance.md), so a
+  bulk of 100k timers due together costs it 1,000 messages, not 100k. The message is acked once every
   timer in it is settled (possibly over several batches) and nacked, back to the queue whole, if
   any of them failed; the handler's conditional claim acks the others as stale when it comes back.
   A shared message that comes back (its worker died, or its batch failed) is split: each timer is

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-#: topic exchange every timer is published to; routes it to the delay queue of its highest set bit
+#: topic exchange every timer is published to; routes it to the delay queue of the first level its
+#: routing key names (levels in random order), or to the ready queue when the key is only `now`
 RABBITMQ_TIMERS_EXCHANGE = "order_timeouts.timers"
 #: quorum queue the workers consume: timers whose delay has run out
 RABBITMQ_READY_QUEUE = "order_timeouts.ready"
@@ -16,10 +17,11 @@ RABBITMQ_DELIVERIES_HEADER = "order-timeouts-deliveries"
 
 
 def rabbitmq_delay_queue(level: int) -> str:
-    """Level `level` of the TTL cascade: holds timers for TICK_MS·2^level ms (rabbitmq_topology.py)."""
+    """Level `level` of the TTL cascade: holds timers for TICK_MS·2^level ms (topology.py)."""
     return f"order_timeouts.delay.{level:02d}"
 
 
 def rabbitmq_expired_exchange(level: int) -> str:
-    """Topic exchange the delay queue of `level` dead-letters into: routes to the next lower set bit."""
+    """Topic exchange the delay queue of `level` dead-letters into: routes to the level that follows
+    `level` in the timer's routing key, or to the ready queue after the last one."""
     return f"order_timeouts.delay.{level:02d}.expired"

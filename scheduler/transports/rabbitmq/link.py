@@ -5,7 +5,8 @@ hand it work through `ioloop.add_callback_threadsafe`, the one thread-safe entry
 the I/O loop all the time is what keeps heartbeats flowing while a worker spends a long batch in
 the database, and it lets publisher confirms stream back while more messages go out: a window of
 WINDOW unconfirmed messages instead of one round trip per message (pika's BlockingChannel in
-confirm mode waits for each confirm: 1.3k/s here, against tens of thousands with a window).
+confirm mode waits for each confirm, which caps publishing at one message per round trip; the
+figures are in docs/performance.md).
 
 A link that fails in any way is dead for good: waiters are woken with the reason, the broker
 requeues whatever it had delivered unacked, and the transport opens a new link on its next call.
@@ -250,7 +251,8 @@ class Link:
         arguments) closes the channel instead, and the link dies with that reason.
         """
         for step in self._topology:
-            # callback=None makes pika send nowait requests, so this is one burst, not ~400 round trips.
+            # callback=None makes pika send nowait requests: one burst, not a round trip per declaration
+            # (about LEVELS² of them, mostly bindings).
             if isinstance(step, Exchange):
                 self._pub.exchange_declare(step.name, step.kind, durable=True, callback=None)
             elif isinstance(step, Queue):

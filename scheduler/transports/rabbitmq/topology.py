@@ -21,10 +21,10 @@ Why a cascade rather than one TTL queue per distinct delay:
   publishing as use, so a per-delay queue that keeps receiving timers still expires with them
   inside unless every publisher re-declares it in time.
 - Its cost is hops: a timer passes one queue per set bit, and each hop is an at-least-once
-  dead-letter that the broker does at a limited rate (about 10k/s on this 2-core machine, CPU
-  bound, whatever the number of queues). Hence the next two points.
+  dead-letter that the broker does at a limited rate (CPU bound, whatever the number of queues).
+  Hence the next two points.
 - A timer is routed to reach the ready queue somewhat early, within a window before its due time,
-  and the consumer holds it until due (scheduler/transports/rabbitmq.py). Within the window the
+  and the consumer holds it until due (scheduler/transports/rabbitmq/adapter.py). Within the window the
   delay with the fewest set bits is taken (`fewest_hops`): a 1 s window always holds a multiple of
   16 ticks, so the low bits cost nothing, and a delay under a few seconds is one hop. Arriving
   early also absorbs the hops' own backlog, which otherwise makes a timer late by as much (each
@@ -32,15 +32,15 @@ Why a cascade rather than one TTL queue per distinct delay:
 - The tick is 50 ms rather than a power of two: round delays have few set bits (30 min = 36000
   ticks, at most 5 hops, 4 with the window).
 
-Choices measured here (20k timers due at once; 10k scheduled together, due over 20 s):
-- Keys name the set levels, one word each, instead of one 0/1 word per level (NServiceBus): with
-  26-word keys, topic matching capped publishing at about 11k/s; with these, 20k+/s.
+Choices made against a burst of timers due at once and a load of timers due over a spread of
+time (the figures behind them are in docs/performance.md):
+- Keys name the set levels, one word each, instead of one 0/1 word per level (NServiceBus): a
+  key of LEVELS words makes topic matching the bottleneck of publishing.
 - Each expired exchange routes straight to the next level, not through one exchange per zero bit.
 - The visiting order is shuffled per timer. Highest bit first (NServiceBus) makes timers published
-  together share their first hops and expire from the same queue at the same instant, the burst's
-  last 20k hops all landing together (p99 5.2 s late); lowest bit first piles every timer's small
-  hops right after the publish (p99 1.6 s on the spread load); shuffled, the hops spread out
-  (burst p99 1.9 s, spread load p99 7 ms).
+  together share their first hops and expire from the same queue at the same instant, so a
+  burst's last hops all land together and make it late; lowest bit first piles every timer's small
+  hops right after the publish, which makes a spread load late; shuffled, the hops spread out.
 
 Delays beyond the cascade (about 38.8 days) are capped, and the consumer re-arms a timer that
 arrives too early for what remains.
@@ -139,7 +139,7 @@ def bindings() -> list[Binding]:
     """Entry: to the queue of the key's first level. After level k: to the level that follows k, or ready.
 
     Keys are short (one word per set bit), so each topic match is cheap: a key with one word per
-    level (NServiceBus's layout) made the topic exchange the bottleneck, at about 11k messages/s.
+    level (NServiceBus's layout) makes the topic exchange the bottleneck of publishing.
     """
     result = [Binding(rabbitmq_delay_queue(j), RABBITMQ_TIMERS_EXCHANGE, f"{j}.#") for j in range(LEVELS)]
     result.append(Binding(RABBITMQ_READY_QUEUE, RABBITMQ_TIMERS_EXCHANGE, _NOW))

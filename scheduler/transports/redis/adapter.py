@@ -2,10 +2,10 @@
 that the workers read through a consumer group.
 
     publish ─ZADD─▶ {prefix:n}:timers     member = order id, score = due time in ms
-                        │ redis_move.lua: due members ─XADD─▶ stream, ─ZREM─▶ set, in one atomic step
+                        │ move.lua: due members ─XADD─▶ stream, ─ZREM─▶ set, in one atomic step
                         ▼
                     {prefix:n}:due ─XREADGROUP (group "workers")─▶ worker ─▶ XACK + XDEL after the commit
-                        ▲ XAUTOCLAIM: entries a dead worker left unacked longer than claim_idle_ms
+                        ▲ XAUTOCLAIM (claim.lua): entries a dead worker left unacked longer than claim_idle_ms
 
 Any worker runs the mover before it reads; scripts run one at a time, so movers racing each other
 neither duplicate nor lose a timer. A worker with nothing to read blocks on XREADGROUP until the
@@ -13,9 +13,9 @@ earliest timer is due (or its timeout): it wakes on time without polling. It wak
 another worker moves timers into the stream, or when a publish makes a timer the shard's earliest
 (the publisher moves a timer that is already due, or adds a wake-up entry for one due soon).
 
-The registry is authoritative: the set holds only the order id (about 112 B of Redis per pending
-timeout with 12-character ids, 144 B with UUIDs, on Redis 7.0), so stream messages carry version 0
-and the handler's conditional claim decides what a delivery means.
+The registry is authoritative: the set holds only the order id, which keeps each pending timeout
+small in Redis (the bytes per timeout are in docs/performance.md), so stream messages carry
+version 0 and the handler's conditional claim decides what a delivery means.
 
 URL: `redis://[[user]:password@]host[:port][/db][?option=value&...]`, `rediss://` for TLS. Options:
 

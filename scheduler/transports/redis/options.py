@@ -1,6 +1,7 @@
 """The `redis` transport's URL: our options in the query string, the rest handed to redis-py.
 
-The options are listed in the docstring of scheduler/transports/redis.py.
+The options are listed in the docstring of scheduler/transports/redis/adapter.py and in
+docs/transports.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The `rq` transport: each timeout is an RQ scheduled job; the consumer group is plain `rq worker`.
 
     publish ─HSET job + ZADD─▶ rq:scheduled:<queue>     one job per order: id `<prefix>-<order id>`
-                                   │ RQ's scheduler (`rq worker --with-scheduler`), or rq_move.lua
+                                   │ RQ's scheduler (`rq worker --with-scheduler`), or move.lua
                                    ▼
                                rq:queue:<queue> ─▶ `rq worker -S json` runs consumers.rq_job.fire_timeout
                                    │                 (the same Handler and registry, one job at a time)
@@ -20,15 +20,15 @@ with ORDER_TIMEOUTS_DATABASE_URL and ORDER_TIMEOUTS_BROKER_URL in its environmen
     rq worker-pool -n 4 -S json -c consumers.rq_settings                          # or a pool
 
 `-S json` is required (jobs are JSON). `-c consumers.rq_settings` takes Redis and the queue from
-ORDER_TIMEOUTS_BROKER_URL and imports the job function before RQ forks a work horse per job (a
-horse that imports it itself spends about 0.4 s on that, per job).
+ORDER_TIMEOUTS_BROKER_URL and imports the job function before RQ forks a work horse per job, so
+that no horse spends its job importing it (and SQLAlchemy, and the driver) again.
 
 The project's own `order-timeouts worker` serves the same queue in batches, with RQ's own
-bookkeeping: it moves due jobs onto the queue (rq_move.lua, atomic, and only while no RQ scheduler
+bookkeeping: it moves due jobs onto the queue (move.lua, atomic, and only while no RQ scheduler
 holds the queue's scheduler lock, so that the two never push one job twice), takes job ids off the
-queue with LMOVE into RQ's intermediate list and reads them (rq_take.lua), starts an RQ execution
-of each in the StartedJobRegistry (rq_start.lua, see rq_executions.py), and settles like RQ's
-worker: the execution ends (rq_end.lua) and the job is deleted (done, result_ttl 0), re-scheduled
+queue with LMOVE into RQ's intermediate list and reads them (take.lua), starts an RQ execution
+of each in the StartedJobRegistry (start.lua, see executions.py), and settles like RQ's
+worker: the execution ends (end.lua) and the job is deleted (done, result_ttl 0), re-scheduled
 (retry), or failed into the FailedJobRegistry with a failure Result (dead). A round trip per step
 and batch, not per job. An id that LMOVE gave to one consumer is in no other consumer's hands, rq
 worker or ours.
@@ -51,17 +51,19 @@ whole-second clock has passed them. `Queue.enqueue_at` is not used because it tr
 to whole seconds (up to 1 s early) and writes the registry outside the caller's pipeline.
 
 Memory. Every field of a job fits Redis's default `hash-max-listpack-value` (64 bytes) for order
-ids up to 39 characters (a UUID has 36), so Redis keeps each job as one compact listpack: ~670 bytes
-per pending job, where a job that RQ's `enqueue_at` writes for the same call is a hash table of
-1.5-2 KB. A longer order id makes `description` longer than 64 bytes and its job a hash table too;
-`hash-max-listpack-value 128` in the Redis configuration keeps order ids up to 103 characters compact.
+ids up to 39 characters (a UUID has 36), so Redis keeps each job as one compact listpack, a
+fraction of the memory of the hash table that RQ's `enqueue_at` writes for the same call (the
+bytes per job are in docs/performance.md). A longer order id makes `description` longer than 64
+bytes and its job a hash table too; `hash-max-listpack-value 128` in the Redis configuration keeps
+order ids up to 103 characters compact.
 
 A million pending. Redis doubles a full hash table and then moves its entries over a bucket per
 operation on it: the keyspace in the background as well, a sorted set only as it is used. Once the
 scheduled registry passes a power of two (2^20 = 1,048,576 jobs), and with it the keyspace (a key per
-job), arming costs about twice as much in Redis (4.6 -> 9.7 us per job, measured) for as many
-operations on them as there are jobs; at 500 timeouts a second scheduled and fired, about 17
-minutes. Apart from that window a million pending jobs do not show (6.7 -> 6.6 us per job at 900k).
+job), every arm also looks in the old and the new table and moves a bucket, so arming costs Redis
+more for as many operations on them as there are jobs (the rehash window of docs/operations.md).
+Apart from that window the number of pending jobs does not change what arming costs (figures in
+docs/performance.md).
 
 URL: `rq+redis://[[user]:password@]host[:port][/db][?option=value&...]`, `rq+rediss://` for TLS. Options:
 
@@ -149,7 +151,7 @@ def taken_message(job_id: str, data: bytes, meta: bytes | None, prefix: str) -> 
     try:
         data = zlib.decompress(data)
     except zlib.error:
-        pass  # written plain (rq_arm.lua)
+        pass  # written plain (arm.lua)
     try:
         call = json.loads(data)
         job_meta = json.loads(meta) if meta else {}
@@ -197,7 +199,7 @@ class RQTransport(BrokerTransport):
     # -- producer side ---------------------------------------------------------------------------
 
     def publish(self, messages: Sequence[TimerMessage]) -> None:
-        """Write each timer as an RQ scheduled job (rq_arm.lua per chunk); confirmed when it returns."""
+        """Write each timer as an RQ scheduled job (arm.lua per chunk); confirmed when it returns."""
         latest = {m.order_id: m for m in messages}  # one job per order: the last message wins
         with self._edge("publish"):
             self._arm(self._redis(), list(latest.values()))

@@ -4,8 +4,9 @@ Before RQ's worker runs a job it starts an execution of it: `Execution.create` (
 hash, the job's ExecutionRegistry and the queue's StartedJobRegistry, each with the lease that
 RQ's abandoned-job cleanup goes by) and `Job.prepare_for_execution` (status started). After the
 job, `Execution.delete` undoes the three, and a job done with result_ttl 0 is deleted. Through
-redis-py that is 13 commands per job, and packing and parsing them was most of our Worker's time
-in a burst. rq_start.lua and rq_end.lua do the same for a whole batch from three arguments per job.
+redis-py that is 13 commands per job, and packing and parsing them would outweigh the rest of our
+Worker's work on a batch. start.lua and end.lua do the same for a whole batch from three arguments
+per job.
 
 They must leave what RQ leaves, or RQ's cleanup would not find a dead worker's jobs. `Executions`
 checks that when it is built, as the JobTemplate checks the jobs it arms: it runs a probe job

@@ -1,19 +1,19 @@
 """The RQ job of a timer, and many of them armed in one round trip.
 
 RQ's way to write a job, `Job.create(...)` then `job.save(pipeline)`, costs about 45 packed
-arguments, a zlib stream and a Python Job per timer: 3.5k jobs/s on this machine, most of it in
-redis-py's command packing. A timer's job differs from any other only in `data` (the function call),
-`description` and `created_at`, so `JobTemplate` takes every other field from one job that RQ itself
-builds and encodes the two per timer. rq_arm.lua writes the shared fields once per call into a
-scratch hash and copies it to each job (COPY), then sets the two: about 40 % less Redis time per
-job than writing 18 fields each. The chunks of one publish go out on one connection as each is
-encoded, and their replies are read after the last: Redis writes chunk k while Python encodes chunk
-k+1, where a call (or a redis-py pipeline, which encodes everything before it sends) awaited chunk by
-chunk leaves one of them idle.
+arguments, a zlib stream and a Python Job per timer, and redis-py's command packing of those
+arguments is most of that cost. A timer's job differs from any other only in `data` (the function
+call), `description` and `created_at`, so `JobTemplate` takes every other field from one job that RQ
+itself builds and encodes the two per timer. arm.lua writes the shared fields once per call into a
+scratch hash and copies it to each job (COPY), then sets the two: copying one compact hash costs
+Redis less than writing 18 fields for each job (figures in docs/performance.md). The chunks of one
+publish go out on one connection as each is encoded, and their replies are read after the last:
+Redis writes chunk k while Python encodes chunk k+1, where a call (or a redis-py pipeline, which
+encodes everything before it sends) awaited chunk by chunk leaves one of them idle.
 
 The call is `fire_timeout(due_ms, version)`: the order is the one the job id names (`rq_order_id`),
 so that every field stays within Redis's `hash-max-listpack-value` (64 bytes) and Redis keeps the
-hash as one compact listpack, less than half the memory of a hash table (docs/performance.md). An
+hash as one compact listpack, a fraction of the memory of a hash table (docs/performance.md). An
 order id longer than 39 characters makes `description` longer than that, and its job a hash table again.
 
 `data` is the JSON of the call as RQ's JSONSerializer writes it, not compressed: RQ reads a `data`
@@ -51,10 +51,10 @@ ARM_SCRIPT = files("scheduler.transports.rq").joinpath("arm.lua").read_text()
 #: RQ re-queues a job this often after its worker died on it; above the handler's poison limit
 #: (Settings.max_deliveries), so that the handler, which records why, is the one that gives up
 CRASH_RETRIES = 100
-#: jobs per call of rq_arm.lua: Redis runs a script without serving anyone else, so keep each call
-#: short (1,000 jobs take about 10 ms of Redis time)
+#: jobs per call of arm.lua: Redis runs a script without serving anyone else, so keep each call
+#: short (what a call of this size costs Redis is in docs/performance.md)
 ARM_CHUNK = 1000
-#: fields rq_arm.lua writes per job; every other field is the template's
+#: fields arm.lua writes per job; every other field is the template's
 PER_JOB_FIELDS = ("data", "description")
 
 
@@ -73,7 +73,7 @@ def seconds(ms: int) -> float:
 
 
 class JobTemplate:
-    """The jobs of one transport's timers: RQ's own `Job`, or its fields for rq_arm.lua."""
+    """The jobs of one transport's timers: RQ's own `Job`, or its fields for arm.lua."""
 
     def __init__(self, options: RQOptions, connection: Any) -> None:
         self._options = options
@@ -110,9 +110,9 @@ class JobTemplate:
     def encode(message: TimerMessage) -> tuple[bytes, str]:
         """`data` (the call `Job.data` serializes, uncompressed) and `description` of the timer's job.
 
-        The bytes of JSONSerializer.dumps((RQ_JOB_FUNCTION, None, job_args(message), {})), for a
-        fifth of its cost: the arguments are two integers (the template's check and a test hold it
-        to RQ's encoding)."""
+        The bytes of JSONSerializer.dumps((RQ_JOB_FUNCTION, None, job_args(message), {})), without
+        the serializer's generic work: the arguments are two integers, formatted into the call's
+        fixed head (the template's check and a test hold it to RQ's encoding)."""
         return f"{_CALL_HEAD}{message.due_ms}, {message.version}], {{}}]".encode(), description(message)
 
     def _reads_back(self, probe: Job, mapping: dict[str, Any]) -> bool:
@@ -130,7 +130,7 @@ class JobTemplate:
 
     def arm(self, script: Any, client: Any, queue: Queue, messages: Sequence[TimerMessage]) -> None:
         """Write the messages' jobs afresh and schedule them, through `client` (a Redis or a pipeline):
-        rq_arm.lua (`script`) per ARM_CHUNK jobs, or RQ's own Jobs when this RQ encodes jobs differently."""
+        arm.lua (`script`) per ARM_CHUNK jobs, or RQ's own Jobs when this RQ encodes jobs differently."""
         if not messages:
             return
         if not self.exact:
@@ -147,7 +147,7 @@ class JobTemplate:
             run_overlapped(client, script, calls)
 
     def _script_call(self, queue: Queue, messages: Sequence[TimerMessage]) -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV of rq_arm.lua for these messages."""
+        """KEYS and ARGV of arm.lua for these messages."""
         shared = self._shared | {"created_at": utcformat(now())}
         args: list[Any] = [queue.key, Job.redis_job_namespace_prefix, len(shared)]
         for name, value in shared.items():

@@ -1,6 +1,7 @@
 """The `rq` transport's URL: `rq+redis://…` with our options in the query string, the rest for redis-py.
 
-The options are listed in the docstring of scheduler/transports/rq.py.
+The options are listed in the docstring of scheduler/transports/rq/adapter.py and in
+docs/transports.md.
 """
 
 from __future__ import annotations

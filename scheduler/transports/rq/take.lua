@@ -1,7 +1,7 @@
 -- Take up to ARGV[1] job ids off the queue the way RQ's workers dequeue (LMOVE into the queue's
 -- intermediate list, rq >= 1.16), in one round trip instead of one per job, and read what the
 -- worker needs of each job. Each LMOVE is atomic, so a job id taken here is in no rq worker's
--- hands; the caller then starts an execution of each (rq_start.lua), which also takes the id off
+-- hands; the caller then starts an execution of each (start.lua), which also takes the id off
 -- the intermediate list, as RQ's worker does.
 --
 -- KEYS[1]  the queue (rq:queue:<queue>)
