@@ -272,7 +272,7 @@ def rq_saved_job(stack: Stack, client: redis.Redis, message: TimerMessage) -> di
     return saved
 
 
-@pytest.mark.parametrize("exact", [True, False], ids=["rq_arm.lua", "rq-fallback"])
+@pytest.mark.parametrize("exact", [True, False], ids=["arm.lua", "rq-fallback"])
 def test_armed_jobs_are_the_jobs_rq_itself_writes(
     rq: Stack, client: redis.Redis, monkeypatch: pytest.MonkeyPatch, exact: bool
 ) -> None:
@@ -287,7 +287,7 @@ def test_armed_jobs_are_the_jobs_rq_itself_writes(
 
     rq_queue = queue(rq, client)
     assert client.sismember("rq:queues", rq_queue.key), "`rq info` lists the queue"
-    assert not client.exists(f"{rq_queue.key}:arm-template"), "rq_arm.lua's scratch hash is gone"
+    assert not client.exists(f"{rq_queue.key}:arm-template"), "arm.lua's scratch hash is gone"
     assert scheduled(rq, client) == {transport(rq).job_id(m.order_id): m.due_ms / 1000 for m in messages}
     for message in messages:
         job_id = transport(rq).job_id(message.order_id)
@@ -336,7 +336,7 @@ def rq_leaves(client: redis.Redis, stack: Stack, order_id: str, execution_id: st
     return found
 
 
-@pytest.mark.parametrize("exact", [True, False], ids=["rq_start.lua", "rq-fallback"])
+@pytest.mark.parametrize("exact", [True, False], ids=["start.lua", "rq-fallback"])
 def test_jobs_our_worker_runs_leave_what_rqs_own_worker_leaves(
     rq: Stack, client: redis.Redis, monkeypatch: pytest.MonkeyPatch, exact: bool
 ) -> None:
