@@ -13,11 +13,12 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Protocol
 
-from sqlalchemy import Column, Connection, DateTime, Engine, MetaData, String, Table, select, update
+from sqlalchemy import Connection, Engine, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from scheduler.config import OrdersTableNames, Settings
 from scheduler.errors import ConfigurationError, OrderStoreUnavailable
+from scheduler.schema import orders_table as orders_table  # the table's shape is the product's contract
 
 
 class PaymentStatus(StrEnum):
@@ -48,17 +49,6 @@ class OrderStore(Protocol):
         Must be idempotent: cancelling an already cancelled order changes nothing.
         """
         ...
-
-
-def orders_table(names: OrdersTableNames, metadata: MetaData | None = None) -> Table:
-    """The `orders` table of DESIGN.md, under the configured names (used by init-db and the store)."""
-    return Table(
-        names.table,
-        metadata if metadata is not None else MetaData(),
-        Column(names.id_column, String(255), primary_key=True),
-        Column(names.status_column, String(32), nullable=False, index=True),
-        Column(names.cancelled_at_column, DateTime(timezone=True)),
-    )
 
 
 class SqlOrderStore:

@@ -21,9 +21,10 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine
 
-from consumers.orders import SqlOrderStore, orders_table
+from consumers.orders import SqlOrderStore
 from scheduler.config import OrdersTableNames
-from scheduler.demo import install_cancel_log
+from scheduler.schema import orders_table
+from scheduler.testing import install_cancel_log
 
 
 @dataclass
