@@ -105,9 +105,9 @@ def order_store_probe(settings: Settings) -> Probe | None:
         return None
 
     def run() -> None:
-        from consumers import orders_http  # httpx is loaded only by those who use it
+        from consumers.orders import http  # httpx is loaded only by those who use it
 
-        store = orders_http.from_env(settings.order_store)
+        store = http.from_env(settings.order_store)
         try:
             store.probe()
         finally:
