@@ -8,14 +8,17 @@ the default SQL order store of `consumers` reads and cancels through it.
 
 from __future__ import annotations
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
+from typing import TYPE_CHECKING
+
 from sqlalchemy import Column, Connection, DateTime, Engine, MetaData, String, Table, inspect, text
 
 from scheduler.config import OrdersTableNames
 from scheduler.names import LEASE_TABLE, MIGRATIONS_VERSION_TABLE, REGISTRY_TABLE
+
+# Alembic is imported by the functions that migrate: the workers import this module for the
+# orders table alone.
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 #: pg_advisory_xact_lock key for init-db ("order-timeouts" in ASCII, truncated to fit a bigint)
 _INIT_LOCK = 0x6F72646572_74696D
@@ -33,23 +36,31 @@ def orders_table(names: OrdersTableNames, metadata: MetaData | None = None) -> T
 
 
 def migrations() -> Config:
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", "scheduler:migrations")
     return config
 
 
 def head() -> str:
+    from alembic.script import ScriptDirectory
+
     revision = ScriptDirectory.from_config(migrations()).get_current_head()
     assert revision is not None
     return revision
 
 
 def current_revision(conn: Connection) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
     return MigrationContext.configure(conn, opts={"version_table": MIGRATIONS_VERSION_TABLE}).get_current_revision()
 
 
 def init_db(engine: Engine, orders: OrdersTableNames | None) -> list[str]:
     """Migrate the registry to head and create what is missing; return the tables created."""
+    from alembic import command
+
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _INIT_LOCK})

@@ -1,6 +1,9 @@
 """`order-timeouts`: schedule, inspect and steer payment timeouts; run workers; demo.
 
 Bad input exits with code 2 and one line on stderr, and changes nothing.
+
+The command modules import SQLAlchemy, the broker clients and the like inside the commands that
+use them: `--help`, and any command, loads only what it runs.
 """
 
 from __future__ import annotations
@@ -11,14 +14,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from importlib.metadata import entry_points
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from scheduler.api import OrderTimeouts
 from scheduler.config import ENV_BROKER_URL, ENV_DATABASE_URL, Settings
 from scheduler.errors import ConfigurationError, InvalidTimeout, OrderTimeoutsError, TimeoutNotFound
-from scheduler.observability import configure_logging
+from scheduler.logs import configure_logging
+
+if TYPE_CHECKING:
+    from scheduler.api import OrderTimeouts
 
 #: entry point group of the CLI's plug-ins: each names a callable that takes the app and adds its
 #: commands (and `check` probes) to it; `consumers` plugs in its `worker` and `demo` this way
@@ -47,6 +52,8 @@ class Context:
 
     def timeouts(self) -> OrderTimeouts:
         if self._timeouts is None:
+            from scheduler.api import OrderTimeouts
+
             self._timeouts = OrderTimeouts(settings=self.settings)
         return self._timeouts
 

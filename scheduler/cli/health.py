@@ -9,14 +9,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from sqlalchemy import inspect
-from sqlalchemy.exc import SQLAlchemyError
 
 from scheduler.cli import Context, app
 from scheduler.cli.operate import JsonOption
 from scheduler.cli.render import console, print_json
 from scheduler.config import Settings, database_url, redact
-from scheduler.database import reading
 from scheduler.errors import OrderTimeoutsError
 from scheduler.names import REGISTRY_TABLE
 
@@ -44,6 +41,11 @@ def check(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing; the exit code says it.")] = False,
 ) -> None:
     """Check the database (and registry schema), the broker and an HTTP order store; exit 1 when one is not usable."""
+    from sqlalchemy import inspect
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from scheduler.database import reading
+
     settings = ctx.ensure_object(Context).settings
     results: list[dict[str, object]] = []
 

@@ -11,9 +11,7 @@ import typer
 from scheduler.cli import Context, app
 from scheduler.cli.render import console, parse_duration, parse_instant, print_json, record_json
 from scheduler.config import redact
-from scheduler.database import make_engine
 from scheduler.errors import InvalidTimeout
-from scheduler.schema import init_db
 
 DelayOption = Annotated[str | None, typer.Option("--delay", help="From now: 90s, 30m, 2h, 1d.")]
 DueAtOption = Annotated[
@@ -32,6 +30,9 @@ def init_db_command(
     orders: Annotated[bool, typer.Option(help="Also create the orders table when it is absent.")] = True,
 ) -> None:
     """Create the registry tables (and the orders table when absent). Safe to run again."""
+    from scheduler.database import make_engine
+    from scheduler.schema import init_db
+
     settings = ctx.ensure_object(Context).settings
     engine = make_engine(settings.database_url)
     try:

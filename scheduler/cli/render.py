@@ -7,14 +7,16 @@ import re
 import sys
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
 from scheduler.clock import from_ms, to_ms
 from scheduler.errors import InvalidTimeout
-from scheduler.registry import TimeoutRecord
+
+if TYPE_CHECKING:
+    from scheduler.registry import TimeoutRecord
 
 console = Console()
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
