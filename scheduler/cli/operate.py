@@ -17,7 +17,6 @@ DelayOption = Annotated[str | None, typer.Option("--delay", help="From now: 90s,
 DueAtOption = Annotated[
     str | None, typer.Option("--due-at", help="ISO 8601 time with offset, e.g. 2026-11-21T10:00:00Z.")
 ]
-DEMO_FILE = "order-timeouts-demo.sqlite3"
 MetricsPortOption = Annotated[
     int | None, typer.Option("--metrics-port", min=1, max=65535, help="Serve Prometheus /metrics on this port.")
 ]

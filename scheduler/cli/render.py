@@ -6,7 +6,7 @@ import json
 import re
 import sys
 from dataclasses import asdict
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -113,7 +113,3 @@ def histogram_table(counts: list[int], start_ms: int, width_ms: int, now_ms: int
             bar = "▏"
         table.add_row(iso(start) or "", relative(start, now_ms), str(count), f"[cyan]{bar}[/]")
     return table
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
