@@ -1,6 +1,10 @@
 """order-timeouts, producer side: schedule, cancel and reschedule the payment timeouts of orders."""
 
-from scheduler.api import OrderTimeouts, ScheduleResult, ScheduleSummary
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from scheduler.config import Settings
 from scheduler.errors import (
     ConfigurationError,
@@ -11,7 +15,10 @@ from scheduler.errors import (
     TimeoutNotFound,
     TransportUnavailable,
 )
-from scheduler.registry import Outcome, TimeoutRecord, TimeoutState
+
+if TYPE_CHECKING:
+    from scheduler.api import OrderTimeouts, ScheduleResult, ScheduleSummary
+    from scheduler.registry import Outcome, TimeoutRecord, TimeoutState
 
 __all__ = [
     "ConfigurationError",
@@ -29,3 +36,27 @@ __all__ = [
     "TimeoutState",
     "TransportUnavailable",
 ]
+
+# Names whose modules load SQLAlchemy: imported on first use (PEP 562), so that a process that
+# only needs the errors, the settings or the CLI's help does not pay for it.
+_LAZY = {
+    "OrderTimeouts": "scheduler.api",
+    "ScheduleResult": "scheduler.api",
+    "ScheduleSummary": "scheduler.api",
+    "Outcome": "scheduler.registry",
+    "TimeoutRecord": "scheduler.registry",
+    "TimeoutState": "scheduler.registry",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
-
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
+from typing import TYPE_CHECKING
 
 from scheduler.errors import ConfigurationError
 from scheduler.names import DEFAULT_SQLITE_FILE
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
 
 ENV_DATABASE_URL = "ORDER_TIMEOUTS_DATABASE_URL"
 ENV_BROKER_URL = "ORDER_TIMEOUTS_BROKER_URL"
@@ -77,6 +78,11 @@ def _positive_int(env: os._Environ[str], name: str, default: int) -> int:
 
 def database_url(raw: str) -> URL:
     """Parse a registry URL; plain postgresql:// means psycopg 3, the driver we ship with."""
+    # Imported here: the settings are read by every command, SQLAlchemy is needed only by those
+    # that open the database.
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
     try:
         url = make_url(raw)
     except ArgumentError:

@@ -53,7 +53,3 @@ def _configure_sqlite(engine: Engine) -> None:
 def reading(engine: Engine) -> Connection:
     """A connection for reads only: on SQLite it does not take the write lock."""
     return engine.connect().execution_options(**{_SQLITE_BEGIN: "DEFERRED"})
-
-
-def is_postgresql(engine: Engine) -> bool:
-    return engine.dialect.name == "postgresql"

@@ -1,42 +1,65 @@
 """`init-db`: bring the registry schema to the latest migration and create the `orders` table when
 it is absent. Never alters the order service's tables. Safe to run again, and from several
 processes (PostgreSQL serialises them with an advisory lock).
+
+The `orders` table's shape is part of the product's contract (DESIGN.md): `init-db` creates it and
+the default SQL order store of `consumers` reads and cancels through it.
 """
 
 from __future__ import annotations
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, MetaData, inspect, text
+from typing import TYPE_CHECKING
+
+from sqlalchemy import Column, Connection, DateTime, Engine, MetaData, String, Table, inspect, text
 
 from scheduler.config import OrdersTableNames
 from scheduler.names import LEASE_TABLE, MIGRATIONS_VERSION_TABLE, REGISTRY_TABLE
+
+# Alembic is imported by the functions that migrate: the workers import this module for the
+# orders table alone.
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 #: pg_advisory_xact_lock key for init-db ("order-timeouts" in ASCII, truncated to fit a bigint)
 _INIT_LOCK = 0x6F72646572_74696D
 
 
+def orders_table(names: OrdersTableNames, metadata: MetaData | None = None) -> Table:
+    """The `orders` table of DESIGN.md, under the configured names (used by init-db and the SQL order store)."""
+    return Table(
+        names.table,
+        metadata if metadata is not None else MetaData(),
+        Column(names.id_column, String(255), primary_key=True),
+        Column(names.status_column, String(32), nullable=False, index=True),
+        Column(names.cancelled_at_column, DateTime(timezone=True)),
+    )
+
+
 def migrations() -> Config:
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", "scheduler:migrations")
     return config
 
 
 def head() -> str:
+    from alembic.script import ScriptDirectory
+
     revision = ScriptDirectory.from_config(migrations()).get_current_head()
     assert revision is not None
     return revision
 
 
 def current_revision(conn: Connection) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
     return MigrationContext.configure(conn, opts={"version_table": MIGRATIONS_VERSION_TABLE}).get_current_revision()
 
 
 def init_db(engine: Engine, orders: OrdersTableNames | None) -> list[str]:
     """Migrate the registry to head and create what is missing; return the tables created."""
-    from consumers.orders import orders_table  # the orders table belongs to the consumer side
+    from alembic import command
 
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":

@@ -40,9 +40,9 @@ from scheduler import OrderTimeouts, Settings, TimeoutState
 from scheduler.config import ENV_BROKER_URL, ENV_DATABASE_URL
 from scheduler.config import database_url as parse_database_url
 from scheduler.database import reading
-from scheduler.demo import cancel_log_counts, install_cancel_log
 from scheduler.registry import all_records, count_pending
 from scheduler.schema import init_db
+from scheduler.testing import cancel_log_counts, install_cancel_log
 
 
 def free_port() -> int:

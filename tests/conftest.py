@@ -16,8 +16,8 @@ from sqlalchemy import Engine
 from consumers.worker import Worker, WorkerTotals
 from scheduler import OrderTimeouts, Settings
 from scheduler.config import ENV_BROKER_URL, ENV_DATABASE_URL
-from scheduler.demo import install_cancel_log
 from scheduler.schema import init_db
+from scheduler.testing import install_cancel_log
 from tests.stacks import DATABASES, STACKS
 from tests.support import wait_until
 

@@ -1,4 +1,4 @@
-"""An order service with the HTTP API of consumers/orders_http.py, on loopback, for its tests.
+"""An order service with the HTTP API of consumers/orders/http.py, on loopback, for its tests.
 
 Its orders are in a database of its own (a SQLite file with an `orders` table and the demo's
 cancel log), apart from the registry, as a real order service's are: a cancel commits in the
@@ -21,9 +21,10 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine
 
-from consumers.orders import SqlOrderStore, orders_table
+from consumers.orders.sql import SqlOrderStore
 from scheduler.config import OrdersTableNames
-from scheduler.demo import install_cancel_log
+from scheduler.schema import orders_table
+from scheduler.testing import install_cancel_log
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sqlalchemy import Connection
 
-from consumers.orders import SqlOrderStore
+from consumers.orders.sql import SqlOrderStore
 from scheduler.config import Settings
 
 

@@ -13,8 +13,8 @@ from sqlalchemy import Engine, text
 
 from scheduler.config import database_url
 from scheduler.database import reading
-from scheduler.demo import cancel_log_counts
 from scheduler.registry import TimeoutRecord, all_records
+from scheduler.testing import cancel_log_counts
 from tests.services import POSTGRES_URL, require, unique
 
 

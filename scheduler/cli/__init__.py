@@ -1,21 +1,33 @@
 """`order-timeouts`: schedule, inspect and steer payment timeouts; run workers; demo.
 
 Bad input exits with code 2 and one line on stderr, and changes nothing.
+
+The command modules import SQLAlchemy, the broker clients and the like inside the commands that
+use them: `--help`, and any command, loads only what it runs.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import Annotated
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from scheduler.api import OrderTimeouts
 from scheduler.config import ENV_BROKER_URL, ENV_DATABASE_URL, Settings
 from scheduler.errors import ConfigurationError, InvalidTimeout, OrderTimeoutsError, TimeoutNotFound
-from scheduler.observability import configure_logging
+from scheduler.logs import configure_logging
+
+if TYPE_CHECKING:
+    from scheduler.api import OrderTimeouts
+
+#: entry point group of the CLI's plug-ins: each names a callable that takes the app and adds its
+#: commands (and `check` probes) to it; `consumers` plugs in its `worker` and `demo` this way
+PLUGIN_GROUP = "order_timeouts.cli"
 
 app = typer.Typer(
     name="order-timeouts",
@@ -40,6 +52,8 @@ class Context:
 
     def timeouts(self) -> OrderTimeouts:
         if self._timeouts is None:
+            from scheduler.api import OrderTimeouts
+
             self._timeouts = OrderTimeouts(settings=self.settings)
         return self._timeouts
 
@@ -75,11 +89,28 @@ def _options(
     ctx.call_on_close(lambda: ctx.obj._timeouts and ctx.obj._timeouts.close())
 
 
+def add_command(app: typer.Typer, callback: Callable[..., Any], *, after: str) -> None:
+    """Add a plug-in's command to `app`, listed in --help right after the command named `after`."""
+    app.command()(callback)
+    command = app.registered_commands.pop()
+    listed = app.registered_commands
+    names = [info.name or typer.main.get_command_name(getattr(info.callback, "__name__", "")) for info in listed]
+    listed.insert(names.index(after) + 1 if after in names else len(names), command)
+
+
+@functools.cache
+def load_plugins() -> None:
+    """Let the installed plug-ins (entry point group `order_timeouts.cli`) add their commands, once per process."""
+    for plugin in entry_points(group=PLUGIN_GROUP):
+        plugin.load()(app)
+
+
 def main() -> None:
     """Console entry point: click's usage errors and our own bad-input errors become one line, exit 2."""
-    # Register the commands (their modules attach themselves to `app`).
+    # Register the commands (their modules attach themselves to `app`), then the plug-ins' among them.
     from scheduler.cli import admin, health, operate  # noqa: F401
 
+    load_plugins()
     command = typer.main.get_command(app)
     try:
         code = command.main(prog_name="order-timeouts", standalone_mode=False)

@@ -7,7 +7,6 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from scheduler import registry
 from scheduler.cli import Context, app
 from scheduler.cli.operate import JsonOption
 from scheduler.cli.render import (
@@ -22,7 +21,6 @@ from scheduler.cli.render import (
     relative,
     timeouts_table,
 )
-from scheduler.database import reading
 from scheduler.errors import InvalidTimeout, TimeoutNotFound
 
 dead_app = typer.Typer(help="Dead-lettered timeouts: list them, replay them.", no_args_is_help=True)
@@ -42,6 +40,9 @@ def pending(
     as_json: JsonOption = False,
 ) -> None:
     """List pending timeouts, soonest first; filters for overdue and due windows."""
+    from scheduler import registry
+    from scheduler.database import reading
+
     timeouts = ctx.ensure_object(Context).timeouts()
     now = timeouts.clock.now_ms()
     after = instant_ms(due_after, "--due-after")
@@ -120,6 +121,9 @@ def show(ctx: typer.Context, order_id: str, as_json: JsonOption = False) -> None
 @app.command()
 def stats(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Counts by state and outcome, overdue lag, throughput, broker figures."""
+    from scheduler import registry
+    from scheduler.database import reading
+
     timeouts = ctx.ensure_object(Context).timeouts()
     now = timeouts.clock.now_ms()
     with reading(timeouts.engine) as conn:
@@ -161,6 +165,9 @@ def dead_list(
     ctx: typer.Context, limit: Annotated[int, typer.Option(min=1, max=100_000)] = 50, as_json: JsonOption = False
 ) -> None:
     """Dead-lettered timeouts, most recent first, with their reason."""
+    from scheduler import registry
+    from scheduler.database import reading
+
     timeouts = ctx.ensure_object(Context).timeouts()
     with reading(timeouts.engine) as conn:
         records = registry.dead(conn, limit=limit)

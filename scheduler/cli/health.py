@@ -3,20 +3,35 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from sqlalchemy import inspect
-from sqlalchemy.exc import SQLAlchemyError
 
 from scheduler.cli import Context, app
 from scheduler.cli.operate import JsonOption
 from scheduler.cli.render import console, print_json
-from scheduler.config import database_url, redact
-from scheduler.database import reading
+from scheduler.config import Settings, database_url, redact
 from scheduler.errors import OrderTimeoutsError
 from scheduler.names import REGISTRY_TABLE
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One more component that `check` reports on, after the database and the broker."""
+
+    component: str
+    #: what is probed, as printed (credentials redacted)
+    target: str
+    #: tries the component once; raises OrderTimeoutsError with the problem when it is not usable
+    run: Callable[[], None]
+
+
+#: checks that plug-ins add (the `order_timeouts.cli` entry points): each returns the probe for these
+#: settings, or None when there is nothing of its kind to check
+EXTRA_CHECKS: list[Callable[[Settings], Probe | None]] = []
 
 
 @app.command()
@@ -26,6 +41,11 @@ def check(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing; the exit code says it.")] = False,
 ) -> None:
     """Check the database (and registry schema), the broker and an HTTP order store; exit 1 when one is not usable."""
+    from sqlalchemy import inspect
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from scheduler.database import reading
+
     settings = ctx.ensure_object(Context).settings
     results: list[dict[str, object]] = []
 
@@ -52,20 +72,17 @@ def check(
         problem = str(exc)
     results.append(_result("broker", redact(settings.broker_url), problem, started))
 
-    if settings.order_store.startswith(("http://", "https://")):
-        from consumers import orders_http  # httpx is loaded only by those who use it
-
+    for extra in EXTRA_CHECKS:
+        probe = extra(settings)
+        if probe is None:
+            continue
         started = time.perf_counter()
         try:
-            store = orders_http.from_env(settings.order_store)
-            try:
-                store.probe()
-                problem = None
-            finally:
-                store.close()
+            probe.run()
+            problem = None
         except OrderTimeoutsError as exc:
             problem = str(exc)
-        results.append(_result("orders", redact(settings.order_store), problem, started))
+        results.append(_result(probe.component, probe.target, problem, started))
 
     healthy = all(r["ok"] for r in results)
     if as_json:

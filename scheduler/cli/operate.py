@@ -1,27 +1,22 @@
-"""Commands that change things: init-db, schedule, cancel, reschedule, fire, worker, demo."""
+"""Commands that change things: init-db, schedule, cancel, reschedule, fire, maintain.
+
+`worker` and `demo` come from the consumer side's plug-in (consumers/cli.py)."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from typing import Annotated
 
 import typer
 
 from scheduler.cli import Context, app
 from scheduler.cli.render import console, parse_duration, parse_instant, print_json, record_json
-from scheduler.config import ENV_BROKER_URL, ENV_DATABASE_URL, redact
-from scheduler.database import make_engine
+from scheduler.config import redact
 from scheduler.errors import InvalidTimeout
-from scheduler.schema import init_db
 
 DelayOption = Annotated[str | None, typer.Option("--delay", help="From now: 90s, 30m, 2h, 1d.")]
 DueAtOption = Annotated[
     str | None, typer.Option("--due-at", help="ISO 8601 time with offset, e.g. 2026-11-21T10:00:00Z.")
 ]
-DEMO_FILE = "order-timeouts-demo.sqlite3"
 MetricsPortOption = Annotated[
     int | None, typer.Option("--metrics-port", min=1, max=65535, help="Serve Prometheus /metrics on this port.")
 ]
@@ -34,6 +29,9 @@ def init_db_command(
     orders: Annotated[bool, typer.Option(help="Also create the orders table when it is absent.")] = True,
 ) -> None:
     """Create the registry tables (and the orders table when absent). Safe to run again."""
+    from scheduler.database import make_engine
+    from scheduler.schema import init_db
+
     settings = ctx.ensure_object(Context).settings
     engine = make_engine(settings.database_url)
     try:
@@ -104,78 +102,6 @@ def fire(ctx: typer.Context, order_id: str) -> None:
     """Make a pending timeout due now; a worker handles it at once."""
     ctx.ensure_object(Context).timeouts().fire(order_id)
     console.print(f"{order_id}: due now")
-
-
-@app.command()
-def worker(
-    ctx: typer.Context,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=10_000, help="Timeouts per transaction.")] = 500,
-    burst: Annotated[bool, typer.Option("--burst", help="Exit when nothing is due.")] = False,
-    processes: Annotated[
-        int,
-        typer.Option(
-            "--processes", min=1, max=64, help="Run this many worker processes (metrics on consecutive ports)."
-        ),
-    ] = 1,
-    metrics_port: MetricsPortOption = None,
-) -> None:
-    """Run a member of the consumer group. SIGTERM/SIGINT finish the current batch and exit."""
-    if processes > 1:
-        if metrics_port is not None and metrics_port + processes - 1 > 65535:
-            raise typer.BadParameter(f"ports {metrics_port}..{metrics_port + processes - 1} go past 65535")
-        raise typer.Exit(_run_processes(processes, batch_size, burst, metrics_port, ctx.ensure_object(Context)))
-    from consumers.worker import Worker
-
-    timeouts = ctx.ensure_object(Context).timeouts()
-    member = Worker(timeouts, batch_size=batch_size, burst=burst)
-    # Before anything else can be observed from outside (the metrics port): a SIGTERM from then on
-    # always means "finish the batch and exit".
-    member.install_signal_handlers()
-    if metrics_port is not None:
-        from scheduler.observability import WorkerMetrics, serve_metrics
-
-        member.metrics = WorkerMetrics(serve_metrics(metrics_port, timeouts.engine, timeouts.clock))
-    totals = member.run()
-    console.print(
-        f"worker stopped: {totals.batches} batches, {totals.cancelled} cancelled, {totals.paid} paid, "
-        f"{totals.already_cancelled} already cancelled, {totals.retried} retried, {totals.dead} dead, "
-        f"{totals.stale} stale",
-        highlight=False,
-    )
-
-
-def _run_processes(count: int, batch_size: int, burst: bool, metrics_port: int | None, context: Context) -> int:
-    """`count` worker processes with this one's options; child i serves its metrics on metrics_port + i."""
-    argv = [sys.executable, "-m", "scheduler", *context.logging_argv, "worker", "--batch-size", str(batch_size)]
-    if burst:
-        argv.append("--burst")
-    settings = context.settings
-    env = {**os.environ, ENV_DATABASE_URL: settings.database_url, ENV_BROKER_URL: settings.broker_url}
-    ports = [[] if metrics_port is None else ["--metrics-port", str(metrics_port + i)] for i in range(count)]
-    children = [subprocess.Popen([*argv, *port], env=env) for port in ports]
-
-    def _forward(signum: int, _frame: object) -> None:
-        for child in children:
-            child.send_signal(signum)
-
-    signal.signal(signal.SIGTERM, _forward)
-    signal.signal(signal.SIGINT, _forward)
-    codes = [child.wait() for child in children]
-    return max(codes)
-
-
-@app.command()
-def demo(
-    orders: Annotated[int, typer.Option(min=10, max=100_000, help="Orders to create.")] = 1000,
-    workers: Annotated[int, typer.Option(min=1, max=16, help="Worker processes in the consumer group.")] = 3,
-    database: Annotated[
-        str, typer.Option(help="SQLite file to create (replaced if it exists).")
-    ] = "order-timeouts-demo.sqlite3",
-) -> None:
-    """Orders with short timeouts, random payments, a consumer group, and a checked result."""
-    from scheduler.demo import run_demo
-
-    raise typer.Exit(run_demo(orders=orders, workers=workers, path=database))
 
 
 @app.command()

@@ -6,15 +6,17 @@ import json
 import re
 import sys
 from dataclasses import asdict
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
 from scheduler.clock import from_ms, to_ms
 from scheduler.errors import InvalidTimeout
-from scheduler.registry import TimeoutRecord
+
+if TYPE_CHECKING:
+    from scheduler.registry import TimeoutRecord
 
 console = Console()
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -111,7 +113,3 @@ def histogram_table(counts: list[int], start_ms: int, width_ms: int, now_ms: int
             bar = "▏"
         table.add_row(iso(start) or "", relative(start, now_ms), str(count), f"[cyan]{bar}[/]")
     return table
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)

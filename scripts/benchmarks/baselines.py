@@ -37,11 +37,10 @@ from benchmarks.sandbox import (
     unique,
 )
 from benchmarks.workloads import BULK_DELAY, POLL_S, Progress, add_orders, lead_ms
-from consumers.orders import orders_table
 from scheduler.clock import from_ms
 from scheduler.config import Settings
 from scheduler.database import make_engine
-from scheduler.schema import init_db
+from scheduler.schema import init_db, orders_table
 
 #: the worker processes find the orders database here
 ENV_ORDERS_URL = "ORDER_TIMEOUTS_BENCH_ORDERS_URL"

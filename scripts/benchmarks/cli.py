@@ -17,7 +17,7 @@ from rich.console import Console
 
 from benchmarks import PROFILES, BenchPlan, Services, available_systems, run_bench
 from benchmarks.report import PLOT_SKIPPED, document, plot_lateness, table
-from scheduler.observability import configure_logging
+from scheduler.logs import configure_logging
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 console = Console()

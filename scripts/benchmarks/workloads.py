@@ -27,14 +27,13 @@ from sqlalchemy.orm import Session
 from benchmarks.measure import Lateness, ProcessGroup, SystemResult, now_ms, percentile, rate, wait_for
 from benchmarks.plan import Services, Sizes
 from benchmarks.sandbox import Deployment, deployment, finish_rehashing, redis_client
-from consumers.orders import orders_table
 from scheduler.api import OrderTimeouts
 from scheduler.clock import from_ms
 from scheduler.config import ENV_BROKER_URL, ENV_DATABASE_URL, Settings
 from scheduler.database import reading
 from scheduler.names import REGISTRY_TABLE
 from scheduler.registry import PENDING_DUE_INDEX, TimeoutState, timeouts
-from scheduler.schema import init_db
+from scheduler.schema import init_db, orders_table
 
 #: bulk and latency timeouts: far enough off that nothing fires during the step
 BULK_DELAY = timedelta(minutes=30)

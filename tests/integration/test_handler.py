@@ -6,7 +6,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from consumers.handler import Handler
-from consumers.orders import SqlOrderStore
+from consumers.orders.sql import SqlOrderStore
 from scheduler import TimeoutState
 from scheduler.clock import SystemClock
 from scheduler.config import OrdersTableNames

@@ -15,7 +15,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from consumers.worker import Worker
-from scheduler.observability import RegistryCollector, WorkerMetrics, configure_logging, scrub
+from scheduler.logs import configure_logging, scrub
+from scheduler.observability import RegistryCollector, WorkerMetrics
 from tests.conftest import Stack
 from tests.support import add_orders, free_port, pay, wait_until
 

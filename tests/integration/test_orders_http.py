@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from consumers.orders import PaymentStatus, load_order_store
-from consumers.orders_http import ENV_ORDER_STORE_TOKEN, HttpOrderStore, idempotency_key
+from consumers.orders.http import ENV_ORDER_STORE_TOKEN, HttpOrderStore, idempotency_key
 from scheduler import Outcome, Settings, TimeoutState
 from scheduler.config import ENV_ORDER_STORE
 from scheduler.errors import ConfigurationError, OrderStoreUnavailable
@@ -189,3 +189,19 @@ def test_a_worker_killed_after_the_service_cancelled_loses_nothing_and_cancels_n
     # The survivor finds them cancelled at the service: no second cancel is even asked for.
     assert {r.outcome for r in registry_records(sql.engine).values()} == {Outcome.ALREADY_CANCELLED}
     assert len(service.of("cancel")) == 1
+
+
+def test_only_an_http_order_store_loads_httpx() -> None:
+    program = (
+        "import sys\n"
+        "from consumers.orders import load_order_store\n"
+        "from consumers.worker import Worker\n"
+        "from scheduler import Settings\n"
+        "load_order_store(Settings())\n"
+        "print('httpx' in sys.modules)\n"
+        "load_order_store(Settings(order_store='https://orders.example/api'))\n"
+        "print('httpx' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "True"]

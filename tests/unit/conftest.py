@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import text
 
 from consumers.handler import Handler, RetryPolicy
-from consumers.orders import SqlOrderStore
+from consumers.orders.sql import SqlOrderStore
 from consumers.worker import Worker, WorkerTotals
 from scheduler import OrderTimeouts, Settings
 from scheduler.database import make_engine

@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from consumers.orders import SqlOrderStore
+from consumers.orders.sql import SqlOrderStore
 from scheduler import Outcome, TimeoutState
 from scheduler.transports.base import FAILED_REDELIVERY_MS
 from scheduler.transports.message import TimerMessage

@@ -45,6 +45,7 @@ from consumers.orders import PaymentStatus
 from scheduler.config import redact
 from scheduler.errors import ConfigurationError, OrderStoreUnavailable
 
+#: the logger's name is part of the output that operators filter on
 log = logging.getLogger("order_timeouts.orders_http")
 
 ENV_ORDER_STORE_TOKEN = "ORDER_TIMEOUTS_ORDER_STORE_TOKEN"

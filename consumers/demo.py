@@ -21,7 +21,7 @@ from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Engine, text
 
 from scheduler import registry
 from scheduler.api import OrderTimeouts
@@ -29,6 +29,7 @@ from scheduler.cli.render import console
 from scheduler.config import ENV_BROKER_URL, ENV_DATABASE_URL, Settings
 from scheduler.database import reading
 from scheduler.schema import init_db
+from scheduler.testing import cancel_log_counts, install_cancel_log
 
 DELAY_RANGE_S = (2.0, 8.0)
 PAID_SHARE = 0.45
@@ -37,32 +38,6 @@ LAST_MOMENT_SHARE = 0.1
 #: orders whose payment arrives after the deadline: the order service's refund path
 LATE_SHARE = 0.03
 DEADLINE_S = 90.0
-
-
-def install_cancel_log(engine: Engine) -> None:
-    """A trigger that logs every update setting an order to CANCELLED, so that a second cancel of
-    the same order would show up twice. Used by the demo, scripts/chaos.py and the tests."""
-    statements = {
-        "sqlite": [
-            "CREATE TRIGGER count_cancels AFTER UPDATE OF status ON orders WHEN NEW.status = 'CANCELLED' "
-            "BEGIN INSERT INTO cancel_log (order_id) VALUES (NEW.id); END",
-        ],
-        "postgresql": [
-            "CREATE FUNCTION log_cancel() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-            "INSERT INTO cancel_log (order_id) VALUES (NEW.id); RETURN NEW; END $$",
-            "CREATE TRIGGER count_cancels AFTER UPDATE OF status ON orders FOR EACH ROW "
-            "WHEN (NEW.status = 'CANCELLED') EXECUTE FUNCTION log_cancel()",
-        ],
-    }[engine.dialect.name]
-    with engine.begin() as conn:
-        conn.execute(text("CREATE TABLE cancel_log (order_id VARCHAR(255) NOT NULL)"))
-        for statement in statements:
-            conn.execute(text(statement))
-
-
-def cancel_log_counts(conn: Connection) -> dict[str, int]:
-    rows = conn.execute(text("SELECT order_id, count(*) FROM cancel_log GROUP BY order_id")).all()
-    return {order_id: int(count) for order_id, count in rows}
 
 
 @dataclass
