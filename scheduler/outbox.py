@@ -196,11 +196,11 @@ class AfterCommit(Outbox):
     def _publishes_ahead(self, items: DueItems, replace: bool) -> bool:
         """Whether these timeouts may be handed to the broker before their rows commit (see
         `_write_published_ahead`): all new, all due PUBLISH_AHEAD_MS or more from now, and the registry
-        on a database whose open transaction does not hold up other writers (not SQLite)."""
+        on a database whose open transaction does not hold up other writers."""
         return (
             not replace
             and bool(items)
-            and self.engine.dialect.name != "sqlite"
+            and not registry.one_writer_at_a_time(self.engine)
             and min(due for _, due in items) - self.clock.now_ms() >= PUBLISH_AHEAD_MS
         )
 

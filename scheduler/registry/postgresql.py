@@ -20,6 +20,9 @@ from scheduler.registry.schema import (
     timeouts,
 )
 
+#: row locks: writers of other rows go on while a transaction is open
+ONE_WRITER_AT_A_TIME = False
+
 # Two parameters instead of eight per row: one short statement per chunk, whatever its size, and no
 # per-row work in SQLAlchemy. Each is one string that PostgreSQL splits (string_to_array), because
 # psycopg's dumping of a Python list as an array costs more than the insert's whole client side.

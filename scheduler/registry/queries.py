@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
-from sqlalchemy import ColumnElement, Connection, bindparam, func, select, update
+from sqlalchemy import ColumnElement, Connection, Engine, bindparam, func, select, update
 
 from scheduler.registry import postgresql, sqlite
 from scheduler.registry.schema import (
@@ -35,6 +35,9 @@ class FastPaths(Protocol):
 
     The caller has already returned early on an empty batch, so every batch here holds something.
     """
+
+    #: an open write transaction holds up every other writer (SQLite's one write lock)
+    ONE_WRITER_AT_A_TIME: bool
 
     def insert_many(
         self, conn: Connection, due: Sequence[tuple[str, int]], *, now: int, published: bool, replace: bool
@@ -73,7 +76,7 @@ class FastPaths(Protocol):
 _DIALECTS: dict[str, FastPaths] = {"postgresql": postgresql, "sqlite": sqlite}
 
 
-def fast_paths(conn: Connection) -> FastPaths:
+def fast_paths(conn: Connection | Engine) -> FastPaths:
     """The module of `conn`'s database. Others raise NotImplementedError (database_url() refuses
     them earlier)."""
     name = conn.dialect.name
@@ -81,6 +84,11 @@ def fast_paths(conn: Connection) -> FastPaths:
         return _DIALECTS[name]
     except KeyError:
         raise NotImplementedError(f"the registry supports PostgreSQL and SQLite, not {name}") from None
+
+
+def one_writer_at_a_time(engine: Engine) -> bool:
+    """Whether a transaction kept open (while a broker confirms, say) holds up every other writer."""
+    return fast_paths(engine).ONE_WRITER_AT_A_TIME
 
 
 def insert_many(

@@ -20,6 +20,9 @@ from scheduler.registry.schema import (
     timeouts,
 )
 
+#: one write lock for the whole database, held from BEGIN IMMEDIATE to the commit
+ONE_WRITER_AT_A_TIME = True
+
 # Without ANALYZE statistics SQLite's planner may answer `state = 'pending'` from another index than
 # the partial one and walk (and sort) every pending row, however far off their due times, for each
 # claim and each look at the next due time. INDEXED BY pins the partial index, which reads only the
