@@ -45,7 +45,7 @@ URL: `amqp://user:password@host:port/vhost?option=value`, `amqps://` for TLS; th
 URL-quoted path (`%2F` for `/`). Query options are pika's URLParameters (`heartbeat`,
 `socket_timeout`, `stack_timeout`, `blocked_connection_timeout`, `connection_attempts`,
 `retry_delay`, `ssl_options`, ...); this transport changes only the defaults of a few of them,
-see CONNECTION_DEFAULTS.
+see options.py and docs/transports.md.
 """
 
 from __future__ import annotations
@@ -59,14 +59,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self
-from urllib.parse import parse_qs, urlsplit
 
 import pika
 from sqlalchemy import Engine
 
 from scheduler.clock import Clock
-from scheduler.config import redact
-from scheduler.errors import ConfigurationError, MalformedMessage
+from scheduler.errors import MalformedMessage
 from scheduler.transports.base import Batch, BrokerTransport, Delivery, Settlement, TimerMessage
 from scheduler.transports.rabbitmq.keys import (
     RABBITMQ_DEAD_EXCHANGE,
@@ -75,18 +73,11 @@ from scheduler.transports.rabbitmq.keys import (
     RABBITMQ_TIMERS_EXCHANGE,
 )
 from scheduler.transports.rabbitmq.link import Inbound, Link, Outgoing
+from scheduler.transports.rabbitmq.options import connection_parameters
 from scheduler.transports.rabbitmq.topology import declarations, fewest_hops, figure_queues, routing_key
 
 log = logging.getLogger("order_timeouts.rabbitmq")
 
-#: pika options this transport sets unless the URL gives them: heartbeats every 15 s (so a dead
-#: peer is noticed within a minute), and a dead broker must not stall schedule() for long
-CONNECTION_DEFAULTS: dict[str, Any] = {
-    "heartbeat": 30,
-    "socket_timeout": 5.0,
-    "stack_timeout": 10.0,
-    "blocked_connection_timeout": 30.0,
-}
 #: seconds to open a connection and declare the topology
 CONNECT_TIMEOUT_S = 20.0
 #: seconds to wait for the confirms of one publish before it counts as failed
@@ -112,18 +103,6 @@ def _persistent(deliveries: int, headers: dict[str, Any] | None = None) -> pika.
     """Properties of a JSON message that survives a broker restart and carries its delivery count."""
     headers = {**(headers or {}), RABBITMQ_DELIVERIES_HEADER: deliveries}
     return pika.BasicProperties(content_type="application/json", delivery_mode=2, headers=headers)
-
-
-def connection_parameters(broker_url: str) -> pika.URLParameters:
-    try:
-        params = pika.URLParameters(broker_url)
-    except ValueError as exc:
-        raise ConfigurationError(f"bad RabbitMQ URL {redact(broker_url)!r}: {exc}") from None
-    given = parse_qs(urlsplit(broker_url).query)
-    for name, value in CONNECTION_DEFAULTS.items():
-        if name not in given:
-            setattr(params, name, value)
-    return params
 
 
 def encode_timers(messages: Sequence[TimerMessage]) -> bytes:
