@@ -2,12 +2,14 @@
 
 A transport's module is imported only when its URL is used, so a process that runs on the `sql`
 transport never loads a broker's client library. Adding a transport is one folder beside these
-and one line in SCHEMES.
+and one line in SCHEMES; a transport shipped in another package registers its scheme in the
+`order_timeouts.transports` entry point group instead (`kafka = "mypackage.kafka:KafkaTransport"`).
 """
 
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import entry_points
 
 from sqlalchemy import Engine
 
@@ -45,11 +47,21 @@ def scheme_of(broker_url: str) -> str:
     return scheme.lower() or "sql"
 
 
+#: entry point group of transports that other packages provide, by URL scheme
+PLUGIN_GROUP = "order_timeouts.transports"
+
+
 def open_transport(broker_url: str, engine: Engine, clock: Clock) -> Transport:
-    target = SCHEMES.get(scheme_of(broker_url))
+    scheme = scheme_of(broker_url)
+    target = SCHEMES.get(scheme)
     if target is None:
-        known = ", ".join(f"{scheme}://" if scheme != "sql" else scheme for scheme in SCHEMES)
+        plugins = {plugin.name: plugin.value for plugin in entry_points(group=PLUGIN_GROUP)}
+        target = plugins.get(scheme)
+    if target is None:
+        known = ", ".join(f"{name}://" if name != "sql" else name for name in [*SCHEMES, *plugins])
         raise ConfigurationError(f"unknown broker URL {redact(broker_url)!r}: use {known}")
     module, _, name = target.partition(":")
-    cls: type[Transport] = getattr(importlib.import_module(module), name)
+    cls = getattr(importlib.import_module(module), name)
+    if not (isinstance(cls, type) and issubclass(cls, Transport)):
+        raise ConfigurationError(f"{target} (broker URL scheme {scheme!r}) is not a Transport")
     return cls.from_url(broker_url, engine, clock)

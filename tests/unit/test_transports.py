@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import importlib
 from datetime import timedelta
+from importlib.metadata import EntryPoint
 
 import pytest
 
-from scheduler import ConfigurationError
+from scheduler import ConfigurationError, transports
 from scheduler.testing import InMemoryTransport, ManualClock
 from scheduler.transports import SCHEMES, Transport, open_transport
 from scheduler.transports.base import FAILED_REDELIVERY_MS, Settlement
@@ -27,6 +28,16 @@ def test_an_unknown_scheme_is_refused_with_the_known_ones_and_no_password(tmp_pa
         open_transport("kafka://user:secret@127.0.0.1:9092", None, ManualClock())  # type: ignore[arg-type]
     assert "secret" not in str(refused.value)
     assert "redis://" in str(refused.value) and "rq+rediss://" in str(refused.value)
+
+
+def test_a_transport_from_another_package_plugs_in_by_its_url_scheme(monkeypatch: pytest.MonkeyPatch) -> None:
+    plugin = EntryPoint("memory", "scheduler.testing.transport:InMemoryTransport", transports.PLUGIN_GROUP)
+    monkeypatch.setattr(transports, "entry_points", lambda group: [plugin] if group == plugin.group else [])
+    clock = ManualClock()
+    opened = open_transport("memory://", None, clock)  # type: ignore[arg-type]
+    assert isinstance(opened, InMemoryTransport)
+    with pytest.raises(ConfigurationError, match="memory://"):
+        open_transport("nats://127.0.0.1", None, clock)  # type: ignore[arg-type]
 
 
 def test_a_timer_is_delivered_when_its_due_time_comes_and_not_before() -> None:
