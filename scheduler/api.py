@@ -14,7 +14,6 @@ unpublished and the relay (`order-timeouts maintain`) publishes it when the brok
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -32,8 +31,6 @@ from scheduler.errors import InvalidTimeout, TimeoutNotFound
 from scheduler.outbox import SCHEDULE_CHUNK, Outbox, transaction
 from scheduler.registry import TimeoutRecord
 from scheduler.transports import TimerMessage, Transport, open_transport
-
-log = logging.getLogger("order_timeouts.api")
 
 
 class ScheduleResult(StrEnum):
@@ -53,6 +50,13 @@ DueSpec = timedelta | datetime
 
 
 class OrderTimeouts:
+    """The payment timeouts of orders: schedule, cancel, reschedule, fire, inspect.
+
+    Configured from `settings` (or `from_env()`), with `database_url`/`broker_url` overriding them.
+    `engine`, `clock` and `transport` replace the ones the settings would build: a shared engine,
+    or `scheduler.testing`'s ManualClock and InMemoryTransport in tests.
+    """
+
     def __init__(
         self,
         database_url: str | None = None,
