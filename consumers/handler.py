@@ -65,6 +65,8 @@ class BatchReport:
     retried: int = 0
     dead: int = 0
     stale: int = 0
+    #: delivered before their due time by the registry's clock: handed back to the transport
+    early: int = 0
     #: claim time minus due time of each claimed timeout, for the lateness histogram
     lateness_ms: list[int] = field(default_factory=list)
 
@@ -93,6 +95,7 @@ class Handler:
             with self._engine.begin() as conn:
                 now = self._clock.now_ms()
                 claims = batch.claim(conn, now=now, worker=self.worker_id)
+                early = self._early(conn, batch.deliveries, claims, now)
                 report.claimed = len(claims)
                 report.lateness_ms = [now - c.due_ms for c in claims]
                 poison = self._poison(batch.deliveries, claims)
@@ -116,7 +119,35 @@ class Handler:
                 report.already_cancelled += 1
         report.retried, report.dead = len(retries), len(dead)
         versions = {c.order_id: c.version for c in claims}
-        return self._settlement(batch.deliveries, retries, dead, versions, report), report
+        return self._settlement(batch.deliveries, retries, dead, early, versions, report), report
+
+    @staticmethod
+    def _early(
+        conn: Connection, deliveries: Sequence[Delivery], claims: Sequence[Claim], now: int
+    ) -> dict[str, TimerMessage]:
+        """Delivered timers that are not due yet by the registry's clock (a broker or a process whose
+        clock runs ahead): their timer, to arm again at the registry's due time.
+
+        Acked as stale they would be lost. A copy of an earlier due time (the timeout was rescheduled
+        later) is stale and is not among them. Costs a query only when a delivery went unclaimed.
+        """
+        claimed = {c.order_id for c in claims}
+        unclaimed = sorted({d.message.order_id for d in deliveries} - claimed)
+        if not unclaimed:
+            return {}
+        ahead = registry.pending_after(conn, unclaimed, now=now)
+        early = {
+            d.message.order_id: TimerMessage(d.message.order_id, *ahead[d.message.order_id])
+            for d in deliveries
+            if d.message.order_id in ahead and d.message.due_ms >= ahead[d.message.order_id][0]
+        }
+        if early:
+            log.warning(
+                "%d timers delivered before their due time by the registry's clock, armed again: %s",
+                len(early),
+                ", ".join(sorted(early)[:5]),
+            )
+        return early
 
     def _poison(self, deliveries: Sequence[Delivery], claims: Sequence[Claim]) -> dict[str, str]:
         """Claimed timeouts whose message keeps coming back unacked: something kills the worker on them."""
@@ -183,6 +214,7 @@ class Handler:
         deliveries: Sequence[Delivery],
         retries: Sequence[Retry],
         dead: dict[str, str],
+        early: dict[str, TimerMessage],
         versions: dict[str, int],
         report: BatchReport,
     ) -> Settlement:
@@ -200,8 +232,11 @@ class Handler:
                 settlement.retry.append((delivery, again))
             elif first and oid in dead:
                 settlement.dead.append((delivery, dead[oid]))
+            elif first and oid in early:
+                settlement.retry.append((delivery, early[oid]))
+                report.early += 1
             else:
                 settlement.done.append(delivery)
         # Deliveries beyond what the registry let us claim: duplicates, revoked or rescheduled.
-        report.stale = max(len(deliveries) - report.claimed, 0)
+        report.stale = max(len(deliveries) - report.claimed - report.early, 0)
         return settlement

@@ -122,5 +122,5 @@ class Worker:
                 self.metrics.observe(report, time.perf_counter() - started)
             if self._burst and not report.claimed and not batch.deliveries:
                 # Due rows exist but other workers hold them; their transactions will finish them.
-                time.sleep(0.01)
+                self._stop.wait(0.01)
         return self.totals

@@ -18,13 +18,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
+from functools import partial
 from typing import Any
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session
 
 from scheduler import registry, validation
-from scheduler.clock import Clock, SystemClock
+from scheduler.clock import Clock, RegistryClock
 from scheduler.config import Settings
 from scheduler.database import make_engine, reading
 from scheduler.errors import InvalidTimeout, TimeoutNotFound
@@ -54,7 +55,8 @@ class OrderTimeouts:
 
     Configured from `settings` (or `from_env()`), with `database_url`/`broker_url` overriding them.
     `engine`, `clock` and `transport` replace the ones the settings would build: a shared engine,
-    or `scheduler.testing`'s ManualClock and InMemoryTransport in tests.
+    or `scheduler.testing`'s ManualClock and InMemoryTransport in tests. The default clock is the
+    registry database's, so that every process of a deployment agrees on when a timeout is due.
     """
 
     def __init__(
@@ -72,8 +74,11 @@ class OrderTimeouts:
             self.settings = replace(self.settings, database_url=database_url)
         if broker_url is not None:
             self.settings = replace(self.settings, broker_url=broker_url)
-        self.clock: Clock = clock or SystemClock()
         self.engine = engine or make_engine(self.settings.database_url)
+        #: one clock for the fleet: the registry database's (scheduler/clock.py)
+        self.clock: Clock = clock or RegistryClock(
+            partial(registry.database_now_ms, self.engine), tolerance=self.settings.max_clock_skew
+        )
         self.transport: Transport = transport or open_transport(self.settings.broker_url, self.engine, self.clock)
         #: how this transport's writes reach their timers (scheduler/outbox.py)
         self.outbox: Outbox = self.transport.outbox(self.engine, self.clock)

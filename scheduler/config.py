@@ -18,6 +18,7 @@ ENV_BROKER_URL = "ORDER_TIMEOUTS_BROKER_URL"
 ENV_ORDER_STORE = "ORDER_TIMEOUTS_ORDER_STORE"
 ENV_MAX_DELAY = "ORDER_TIMEOUTS_MAX_DELAY_SECONDS"
 ENV_MAX_ATTEMPTS = "ORDER_TIMEOUTS_MAX_ATTEMPTS"
+ENV_MAX_CLOCK_SKEW = "ORDER_TIMEOUTS_MAX_CLOCK_SKEW"
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class Settings:
     retry_backoff: timedelta = timedelta(seconds=2)
     #: a broker delivery seen this many times without an ack (workers crashing on it) is dead-lettered
     max_deliveries: int = 10
+    #: a process whose clock is further off the registry's than this is reported (log, metric, check)
+    max_clock_skew: timedelta = timedelta(seconds=1)
     orders: OrdersTableNames = field(default_factory=OrdersTableNames)
 
     @classmethod
@@ -58,6 +61,7 @@ class Settings:
             order_store=env.get(ENV_ORDER_STORE, ""),
             max_delay=timedelta(seconds=_positive_int(env, ENV_MAX_DELAY, 30 * 86400)),
             max_attempts=_positive_int(env, ENV_MAX_ATTEMPTS, 5),
+            max_clock_skew=_seconds(env, ENV_MAX_CLOCK_SKEW, timedelta(seconds=1)),
         )
         given = {key: value for key, value in overrides.items() if value is not None}
         return replace(settings, **given)  # type: ignore[arg-type]
@@ -74,6 +78,19 @@ def _positive_int(env: os._Environ[str], name: str, default: int) -> int:
     if value <= 0:
         raise ConfigurationError(f"{name} must be a positive integer, got {raw!r}")
     return value
+
+
+def _seconds(env: os._Environ[str], name: str, default: timedelta) -> timedelta:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if not 0 < value < 86400:
+        raise ConfigurationError(f"{name} must be a number of seconds above 0 and below a day, got {raw!r}")
+    return timedelta(seconds=value)
 
 
 def database_url(raw: str) -> URL:

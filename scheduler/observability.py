@@ -25,7 +25,7 @@ _BATCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
 class WorkerMetrics:
-    """What one worker process counts. Outcomes: cancelled, paid, already_cancelled, retried, dead, stale."""
+    """What one worker process counts. Outcomes: cancelled, paid, already_cancelled, retried, dead, stale, early."""
 
     def __init__(self, prometheus: CollectorRegistry) -> None:
         self.fired = Counter(
@@ -49,7 +49,7 @@ class WorkerMetrics:
 
     def observe(self, report: Any, seconds: float) -> None:
         self.fired.inc(report.claimed)
-        for outcome in ("cancelled", "paid", "already_cancelled", "retried", "dead", "stale"):
+        for outcome in ("cancelled", "paid", "already_cancelled", "retried", "dead", "stale", "early"):
             count = getattr(report, outcome)
             if count:
                 self.outcomes.labels(outcome).inc(count)
@@ -72,6 +72,14 @@ class RegistryCollector(Collector):
         dead = GaugeMetricFamily("order_timeouts_dead", "Dead-lettered timeouts waiting for a replay")
         up = GaugeMetricFamily("order_timeouts_registry_up", "1 when the registry answered this scrape")
         now = self._clock.now_ms()
+        offset = getattr(self._clock, "offset_ms", None)
+        if offset is not None:
+            skew = GaugeMetricFamily(
+                "order_timeouts_clock_offset_seconds",
+                "This process's clock minus the registry database's (the one that decides), at the last reading",
+            )
+            skew.add_metric([], -offset / 1000)
+            yield skew
         try:
             with reading(self._engine) as conn:
                 counts = registry.counts(conn)

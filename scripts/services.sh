@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Make PostgreSQL, Redis and RabbitMQ available on 127.0.0.1 for the test suite and the bench.
+# Make PostgreSQL, Redis and RabbitMQ available on 127.0.0.1 for the test suite and the bench (and faketime).
 # Starts what is installed, installs with apt-get when run as root, otherwise says what is missing.
 # Idempotent: services already answering are left alone.
 set -u
@@ -60,6 +60,11 @@ if ! rabbit_up; then
   have rabbitmq-server || apt_install rabbitmq-server || true
   if have rabbitmq-server; then rabbitmq-server -detached >/dev/null 2>&1 || true; fi
   wait_for RabbitMQ rabbit_up || missing+=("RabbitMQ on 127.0.0.1:5672 (apt-get install rabbitmq-server)")
+fi
+
+# --- faketime: the clock-skew tests run worker processes on a clock minutes off ----------------
+if ! have faketime; then
+  apt_install faketime || log "faketime is missing (apt-get install faketime): the clock-skew tests will be skipped, or fail with CI=true"
 fi
 
 if [ ${#missing[@]} -gt 0 ]; then

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import glob
+import os
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from urllib.parse import quote
 
 import psycopg
+import pytest
 from sqlalchemy import Engine, text
 
 from scheduler.config import database_url
@@ -82,3 +85,19 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def faketime(offset: str) -> dict[str, str]:
+    """The environment that runs a process on a clock `offset` off (libfaketime, as `faketime -f` does).
+
+    Only the wall clock is moved. A monotonic clock moved as well would break every timed wait in
+    the process (Python's locks wait on the kernel's monotonic clock), which no real skew does; and
+    the library is preloaded directly because the `faketime` command runs its program as a child,
+    which a SIGTERM to it would not reach."""
+    libraries = sorted(glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1"))
+    if not libraries:
+        message = "libfaketime is not installed (scripts/services.sh installs faketime)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return {"LD_PRELOAD": libraries[0], "FAKETIME": offset, "FAKETIME_DONT_FAKE_MONOTONIC": "1"}

@@ -122,6 +122,7 @@ def show(ctx: typer.Context, order_id: str, as_json: JsonOption = False) -> None
 def stats(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Counts by state and outcome, overdue lag, throughput, broker figures."""
     from scheduler import registry
+    from scheduler.cli.health import clock_offset_ms
     from scheduler.database import reading
 
     timeouts = ctx.ensure_object(Context).timeouts()
@@ -133,6 +134,7 @@ def stats(ctx: typer.Context, as_json: JsonOption = False) -> None:
         last_minute = registry.finished_between(conn, now - 60_000, now)
         last_5_minutes = registry.finished_between(conn, now - 300_000, now)
     lag_s = (now - next_due) / 1000 if next_due is not None and next_due <= now else 0.0
+    offset_ms = clock_offset_ms(timeouts.clock)
     data: dict[str, Any] = {
         "transport": timeouts.transport.name,
         "states": counts,
@@ -142,6 +144,7 @@ def stats(ctx: typer.Context, as_json: JsonOption = False) -> None:
         "finished_per_second_1m": round(last_minute / 60, 2),
         "finished_per_second_5m": round(last_5_minutes / 300, 2),
         "broker": timeouts.transport.figures(),
+        "clock_offset_seconds": None if offset_ms is None else offset_ms / 1000,
     }
     if as_json:
         print_json(data)
@@ -157,6 +160,8 @@ def stats(ctx: typer.Context, as_json: JsonOption = False) -> None:
     table.add_row("finished/s (1m, 5m)", f"{data['finished_per_second_1m']}, {data['finished_per_second_5m']}")
     for key, value in data["broker"].items():
         table.add_row(f"broker {key}", str(value))
+    if offset_ms is not None:
+        table.add_row("this clock vs the registry's", f"{offset_ms / 1000:+.3f} s")
     console.print(table)
 
 

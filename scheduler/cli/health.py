@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
 
@@ -64,6 +65,15 @@ def check(
         database_problem = f"unreachable: {type(exc).__name__}"
     results.append(_result("database", redact(settings.database_url), database_problem, started))
 
+    if database_problem is None:
+        started = time.perf_counter()
+        offset_ms = clock_offset_ms(timeouts.clock)
+        tolerance_ms = settings.max_clock_skew / timedelta(milliseconds=1)
+        clock_problem = None
+        if offset_ms is not None and abs(offset_ms) > tolerance_ms:
+            clock_problem = f"{offset_ms / 1000:+.3f} s off the registry's clock, beyond {tolerance_ms / 1000:g} s"
+        results.append(_result("clock", f"{(offset_ms or 0) / 1000:+.3f} s", clock_problem, started))
+
     started = time.perf_counter()
     problem: str | None = None
     try:
@@ -95,6 +105,16 @@ def check(
             )
     if not healthy:
         raise typer.Exit(1)
+
+
+def clock_offset_ms(clock: object) -> int | None:
+    """This process's clock minus the registry's (positive: this one is ahead), as last read."""
+    from scheduler.clock import RegistryClock
+
+    if not isinstance(clock, RegistryClock):
+        return None
+    clock.now_ms()  # reads the registry's clock if it has not yet
+    return None if clock.offset_ms is None else -clock.offset_ms
 
 
 def _missing_sqlite_file(url: str) -> Path | None:

@@ -5,7 +5,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import ColumnElement, Connection, Text, and_, any_, bindparam, cast, func, select, text, true, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    Text,
+    and_,
+    any_,
+    bindparam,
+    cast,
+    func,
+    select,
+    text,
+    true,
+    update,
+)
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 
 from scheduler.names import REGISTRY_TABLE
@@ -22,6 +36,13 @@ from scheduler.registry.schema import (
 
 #: row locks: writers of other rows go on while a transaction is open
 ONE_WRITER_AT_A_TIME = False
+
+
+def database_now_ms(engine: Engine) -> int:
+    """The server's clock: clock_timestamp() is the time of the call, not of the transaction's start."""
+    with engine.connect() as conn:
+        return int(conn.execute(text("SELECT floor(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)")).scalar_one())
+
 
 # Two parameters instead of eight per row: one short statement per chunk, whatever its size, and no
 # per-row work in SQLAlchemy. Each is one string that PostgreSQL splits (string_to_array), because

@@ -39,6 +39,10 @@ class FastPaths(Protocol):
     #: an open write transaction holds up every other writer (SQLite's one write lock)
     ONE_WRITER_AT_A_TIME: bool
 
+    def database_now_ms(self, engine: Engine) -> int:
+        """The database's clock in epoch ms, rounded down: the one clock of the deployment."""
+        ...
+
     def insert_many(
         self, conn: Connection, due: Sequence[tuple[str, int]], *, now: int, published: bool, replace: bool
     ) -> dict[str, int]:
@@ -84,6 +88,11 @@ def fast_paths(conn: Connection | Engine) -> FastPaths:
         return _DIALECTS[name]
     except KeyError:
         raise NotImplementedError(f"the registry supports PostgreSQL and SQLite, not {name}") from None
+
+
+def database_now_ms(engine: Engine) -> int:
+    """The registry database's clock, which decides when a timeout is due (scheduler.clock.RegistryClock)."""
+    return fast_paths(engine).database_now_ms(engine)
 
 
 def one_writer_at_a_time(engine: Engine) -> bool:
@@ -186,6 +195,14 @@ def claim(conn: Connection, order_ids: Sequence[str], *, now: int, worker: str) 
         .returning(*CLAIM_COLUMNS)
     )
     return [Claim(*row) for row in conn.execute(stmt)]
+
+
+def pending_after(conn: Connection, order_ids: Sequence[str], *, now: int) -> dict[str, tuple[int, int]]:
+    """(due_ms, version) of the rows among `order_ids` that are pending and not due by `now`."""
+    stmt = select(timeouts.c.order_id, timeouts.c.due_ms, timeouts.c.version).where(
+        timeouts.c.order_id.in_(order_ids), is_pending, timeouts.c.due_ms > now
+    )
+    return {order_id: (due_ms, version) for order_id, due_ms, version in conn.execute(stmt)}
 
 
 def finish(conn: Connection, outcomes: dict[str, Outcome], *, now: int) -> None:

@@ -3,9 +3,12 @@ would cost more or read the wrong index. Every function here has its namesake in
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
-from sqlalchemy import ColumnElement, Connection, and_, bindparam, text, update
+from sqlalchemy import ColumnElement, Connection, Engine, and_, bindparam, text, update
 from sqlalchemy.dialects.sqlite import insert
 
 from scheduler.names import REGISTRY_TABLE
@@ -22,6 +25,24 @@ from scheduler.registry.schema import (
 
 #: one write lock for the whole database, held from BEGIN IMMEDIATE to the commit
 ONE_WRITER_AT_A_TIME = True
+
+
+def database_now_ms(engine: Engine) -> int:
+    """The host's clock as its kernel keeps it, read from the time it stamps on a file it writes.
+
+    SQLite runs inside each process, so its own `now` is the process's clock, which a process-level
+    offset (a fake time, a clock namespace) moves with it. The kernel's file timestamps are the
+    host's, and every process on the host shares the database file. The file is written beside
+    the database (whose folder SQLite's journal needs writable anyway), or in the temporary folder
+    for a database in memory. The kernel stamps files with a coarse clock, behind its own by at
+    most a tick: never ahead.
+    """
+    folder = Path(engine.url.database).resolve().parent if engine.url.database not in (None, "", ":memory:") else None
+    with tempfile.TemporaryFile(dir=folder if folder is not None and folder.is_dir() else None) as probe:
+        probe.write(b"t")
+        probe.flush()
+        return os.fstat(probe.fileno()).st_mtime_ns // 1_000_000
+
 
 # Without ANALYZE statistics SQLite's planner may answer `state = 'pending'` from another index than
 # the partial one and walk (and sort) every pending row, however far off their due times, for each

@@ -18,7 +18,7 @@ from consumers.worker import Worker
 from scheduler.logs import configure_logging, scrub
 from scheduler.observability import RegistryCollector, WorkerMetrics
 from tests.conftest import Stack
-from tests.support import add_orders, free_port, pay, wait_until
+from tests.support import add_orders, faketime, free_port, pay, wait_until
 
 
 def test_worker_metrics_count_outcomes_and_registry_gauges(db_stack: Stack) -> None:
@@ -104,8 +104,18 @@ def test_check_reports_each_component_and_fails_without_leaking_secrets(db_stack
     bad = subprocess.run(argv, env=broken, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1
     report = json.loads(bad.stdout)
-    assert [c["ok"] for c in report["checks"]] == [True, False]
+    assert {c["component"]: c["ok"] for c in report["checks"]} == {"database": True, "clock": True, "broker": False}
     assert "topsecret" not in bad.stdout + bad.stderr
+
+
+def test_check_fails_when_this_process_clock_is_off_the_registrys_beyond_the_tolerance(db_stack: Stack) -> None:
+    argv = [sys.executable, "-m", "scheduler", "check", "--json"]
+    skewed = db_stack.env(ORDER_TIMEOUTS_MAX_CLOCK_SKEW="0.5", **faketime("+2s"))
+    done = subprocess.run(argv, env=skewed, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    (clock,) = [c for c in json.loads(done.stdout)["checks"] if c["component"] == "clock"]
+    assert clock["ok"] is False and "beyond 0.5 s" in clock["problem"]
+    assert 1.9 <= float(clock["target"].split()[0]) <= 2.1, clock
 
 
 def test_check_of_a_sqlite_file_that_does_not_exist_says_so_and_creates_nothing(tmp_path: Path) -> None:

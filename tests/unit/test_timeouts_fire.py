@@ -142,3 +142,20 @@ def test_a_malformed_message_is_dead_lettered_with_its_reason_and_the_worker_car
     reasons = [letter.reason for letter in shop.transport.dead_letters]
     assert len(reasons) == 2 and all(reason.startswith("malformed message: ") for reason in reasons)
     assert "order_id" in reasons[1]
+
+
+def test_a_timer_delivered_before_its_due_time_is_armed_again_not_acked_and_lost(shop: Shop) -> None:
+    # A peer whose clock runs ahead (an old worker, RQ's own scheduler) moved the timer early.
+    shop.add_orders("E-1")
+    shop.timeouts.schedule("E-1", delay=timedelta(minutes=2))
+    timer = shop.transport.published[-1]
+    shop.transport.revoke(["E-1"])
+    shop.transport.publish_raw(timer.encode(), shop.clock.now_ms())
+
+    totals = shop.drain()
+    assert (totals.claimed, totals.early, totals.stale) == (0, 1, 0)
+    assert shop.status("E-1") == "PENDING", "not cancelled before its due time by the registry's clock"
+    assert shop.transport.armed() == {"E-1": timer.due_ms}, "handed back, armed for its due time"
+
+    shop.later(minutes=2)
+    assert shop.drain().cancelled == 1

@@ -7,6 +7,7 @@ which changes whenever another connection commits and costs no disk read.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Self
@@ -60,6 +61,8 @@ class SqlTransport(Transport):
         self._listener: Any = None  # a psycopg connection in autocommit that LISTENs
         self._sqlite_watch: Any = None  # raw DBAPI connection, autocommit: outside any snapshot
         self._contended = False
+        #: never set: its wait() is a pause on the monotonic clock (time.sleep may take the wall clock's)
+        self._pause = threading.Event()
         #: the last batch came back full: more rows are probably due, claim again without looking first
         self._full = False
         self._last_limit = 0
@@ -86,7 +89,7 @@ class SqlTransport(Transport):
         if self._contended:
             # Due rows exist but other workers hold them all: give them a moment.
             self._contended = False
-            time.sleep(min(CONTENDED_PAUSE_S, timeout))
+            self._pause.wait(min(CONTENDED_PAUSE_S, timeout))
         self._start_watching()
         while True:
             with reading(self._engine) as conn:
@@ -139,7 +142,7 @@ class SqlTransport(Transport):
         version = self._data_version()
         end = time.monotonic() + seconds
         while (left := end - time.monotonic()) > 0:
-            time.sleep(min(SQLITE_WATCH_INTERVAL_S, left))
+            self._pause.wait(min(SQLITE_WATCH_INTERVAL_S, left))
             if self._data_version() != version:
                 return
 
