@@ -67,12 +67,7 @@ def check(
 
     if database_problem is None:
         started = time.perf_counter()
-        offset_ms = clock_offset_ms(timeouts.clock)
-        tolerance_ms = settings.max_clock_skew / timedelta(milliseconds=1)
-        clock_problem = None
-        if offset_ms is not None and abs(offset_ms) > tolerance_ms:
-            clock_problem = f"{offset_ms / 1000:+.3f} s off the registry's clock, beyond {tolerance_ms / 1000:g} s"
-        results.append(_result("clock", f"{(offset_ms or 0) / 1000:+.3f} s", clock_problem, started))
+        results.append(_clock_result("clock", clock_offset_ms(timeouts.clock) or 0, settings, started))
 
     started = time.perf_counter()
     problem: str | None = None
@@ -81,6 +76,11 @@ def check(
     except OrderTimeoutsError as exc:
         problem = str(exc)
     results.append(_result("broker", redact(settings.broker_url), problem, started))
+    if problem is None:
+        started = time.perf_counter()
+        broker_offset_ms = timeouts.transport.clock_offset_ms()
+        if broker_offset_ms is not None:
+            results.append(_clock_result("broker clock", broker_offset_ms, settings, started))
 
     for extra in EXTRA_CHECKS:
         probe = extra(settings)
@@ -105,6 +105,15 @@ def check(
             )
     if not healthy:
         raise typer.Exit(1)
+
+
+def _clock_result(component: str, offset_ms: int, settings: Settings, started: float) -> dict[str, object]:
+    """A clock's offset to the registry's, as a check that fails beyond ORDER_TIMEOUTS_MAX_CLOCK_SKEW."""
+    tolerance_ms = settings.max_clock_skew / timedelta(milliseconds=1)
+    problem = None
+    if abs(offset_ms) > tolerance_ms:
+        problem = f"{offset_ms / 1000:+.3f} s off the registry's clock, beyond {tolerance_ms / 1000:g} s"
+    return _result(component, f"{offset_ms / 1000:+.3f} s", problem, started)
 
 
 def clock_offset_ms(clock: object) -> int | None:

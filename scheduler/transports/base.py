@@ -154,6 +154,11 @@ class Transport(ABC):
         transport that lives in it."""
         self.figures()
 
+    def clock_offset_ms(self) -> int | None:
+        """The broker's clock minus the registry's, for `check` (None where the broker has no clock
+        to read). No transport decides by the broker's clock; a broker far off it is reported."""
+        return None
+
     @abstractmethod
     def close(self) -> None:
         """Release connections; the transport may be used again afterwards (it reconnects)."""

@@ -11,6 +11,7 @@ import json
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -30,14 +31,15 @@ from scheduler.clock import SystemClock
 from scheduler.database import reading
 from scheduler.errors import ConfigurationError, MalformedMessage, TransportUnavailable
 from scheduler.registry import count_pending
-from scheduler.transports.base import Delivery, Settlement, TimerMessage
-from scheduler.transports.redis.adapter import FAILED_REDELIVERY_MS, RedisTransport
+from scheduler.transports.base import FAILED_REDELIVERY_MS, Delivery, Settlement, TimerMessage
+from scheduler.transports.redis.adapter import RedisTransport
 from scheduler.transports.redis.keys import REDIS_GROUP, redis_dead_key, redis_due_key, redis_timers_key
 from scheduler.transports.redis.options import RedisOptions, parse_url
 from tests.conftest import Stack, open_stack
 from tests.redis_support import broker_url, delete_prefix, redis_prefix, redis_stack
 from tests.services import REDIS_URL, require, unique
 from tests.slow_store import pausing_after_cancel
+from tests.stacks import STACKS
 from tests.support import add_orders, cancel_counts, free_port, pay, postgres_schema, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -529,3 +531,13 @@ def test_schedule_fire_and_cancel_across_shards_on_a_redis_cluster(cluster_stack
     )
     figures = transport.figures()
     assert (figures["timers"], figures["stream_length"], figures["pending"]) == (len(left), 0, 0)
+
+
+def test_check_reports_redis_time_against_the_registrys_clock(tmp_path: Path) -> None:
+    with contextlib.ExitStack() as stack:
+        deployment = stack.enter_context(contextlib.contextmanager(open_stack)("redis", STACKS, tmp_path))
+        argv = [sys.executable, "-m", "scheduler", "check", "--json"]
+        done = subprocess.run(argv, env=deployment.env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (broker_clock,) = [c for c in json.loads(done.stdout)["checks"] if c["component"] == "broker clock"]
+    assert broker_clock["ok"] is True and abs(float(broker_clock["target"].split()[0])) < 1

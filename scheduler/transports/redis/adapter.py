@@ -350,6 +350,12 @@ class RedisTransport(BrokerTransport):
 
     # -- figures and lifecycle -------------------------------------------------------------------
 
+    def clock_offset_ms(self) -> int | None:
+        """Redis's TIME minus the registry's clock."""
+        with self._edge("time"):
+            seconds, microseconds = self._redis().time()
+        return int(seconds) * 1000 + int(microseconds) // 1000 - self._clock.now_ms()
+
     def figures(self) -> dict[str, Any]:
         """Timers per shard, stream lengths, pending entries per consumer, dead letters, mover lag."""
         now = self._clock.now_ms()

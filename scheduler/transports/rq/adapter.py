@@ -387,6 +387,12 @@ class RQTransport(BrokerTransport):
 
     # -- figures and lifecycle -------------------------------------------------------------------
 
+    def clock_offset_ms(self) -> int | None:
+        """Redis's TIME minus the registry's clock."""
+        with self._edge("time"):
+            seconds, microseconds = self._redis().time()
+        return int(seconds) * 1000 + int(microseconds) // 1000 - self._clock.now_ms()
+
     def figures(self) -> dict[str, Any]:
         """RQ's registries of the queue: scheduled, queued, started, failed, and the mover's lag."""
         with self._edge("figures"):
