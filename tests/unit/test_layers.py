@@ -11,15 +11,15 @@ from pathlib import Path
 import scheduler
 
 # Imports every module of `scheduler` in a fresh interpreter and prints the `consumers` modules that
-# got loaded on the way. Left out: `__main__` (importing it runs the CLI), the migrations' env.py
-# (alembic runs it, inside a migration) and the bench (it leaves the package for scripts/).
+# got loaded on the way. Left out: `__main__` (importing it runs the CLI) and the migrations' env.py
+# (alembic runs it, inside a migration).
 _IMPORT_ALL = """
 import importlib, json, pkgutil, sys
 import scheduler
 
 SCRIPTS = ("scheduler.__main__", "scheduler.migrations.env")
 for module in pkgutil.walk_packages(scheduler.__path__, "scheduler."):
-    if module.name in SCRIPTS or (module.name + ".").startswith("scheduler.bench."):
+    if module.name in SCRIPTS:
         continue
     importlib.import_module(module.name)
 print(json.dumps(sorted(name for name in sys.modules if name == "consumers" or name.startswith("consumers."))))
@@ -36,8 +36,6 @@ def test_no_statement_of_scheduler_imports_consumers_even_inside_a_function() ->
     package = Path(scheduler.__file__).parent
     found = []
     for path in sorted(package.rglob("*.py")):
-        if path.relative_to(package).parts[0] == "bench":
-            continue
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
