@@ -128,7 +128,26 @@ def main() -> None:
     except typer.Abort:
         sys.stderr.write("aborted\n")
         sys.exit(130)
+    except Exception as exc:
+        if not _is_database_error(exc):
+            raise
+        sys.stderr.write(f"error: the registry database: {_database_problem(exc)}\n")
+        sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _is_database_error(exc: Exception) -> bool:
+    # SQLAlchemy is imported only by commands that open the database, so only they can raise its errors.
+    errors = sys.modules.get("sqlalchemy.exc")
+    return errors is not None and isinstance(exc, errors.SQLAlchemyError)
+
+
+def _database_problem(exc: Exception) -> str:
+    """One line for an error of the registry database, without its SQL or the URL's password."""
+    text = str(getattr(exc, "orig", exc))
+    if "no such table" in text or "does not exist" in text:
+        return "registry tables missing: run `order-timeouts init-db`"
+    return f"unreachable ({type(getattr(exc, 'orig', exc)).__name__})"
 
 
 def _fail(message: str) -> None:

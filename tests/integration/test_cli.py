@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, inspect, text
@@ -193,3 +195,13 @@ def test_init_db_is_idempotent_and_never_alters_an_existing_orders_table(
     columns = [c["name"] for c in inspect(engine).get_columns("orders")]
     assert columns == ["id", "status", "cancelled_at", "total"]
     engine.dispose()
+
+
+def test_a_registry_without_its_tables_is_one_line_naming_init_db_not_a_traceback(tmp_path: Path) -> None:
+    env = {**os.environ, "ORDER_TIMEOUTS_DATABASE_URL": f"sqlite:///{tmp_path / 'new.sqlite3'}"}
+    for command in (["show", "o-1"], ["schedule", "o-1", "--delay", "30m"], ["pending"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "scheduler", *command], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 1, done.stderr
+        assert done.stderr == "error: the registry database: registry tables missing: run `order-timeouts init-db`\n"
