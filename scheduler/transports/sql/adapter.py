@@ -61,7 +61,8 @@ class SqlTransport(Transport):
         self._listener: Any = None  # a psycopg connection in autocommit that LISTENs
         self._sqlite_watch: Any = None  # raw DBAPI connection, autocommit: outside any snapshot
         self._contended = False
-        #: never set: its wait() is a pause on the monotonic clock (time.sleep may take the wall clock's)
+        #: never set: waiting on it is the pause (unlike time.sleep, it keeps working in a process whose
+        #: wall clock libfaketime moves, as the clock-skew tests do)
         self._pause = threading.Event()
         #: the last batch came back full: more rows are probably due, claim again without looking first
         self._full = False
