@@ -187,21 +187,21 @@ class AfterCommit(Outbox):
         return self._publish_or_raise([TimerMessage(*row) for row in rows])
 
     def write_chunks(self, chunks: Sequence[DueItems], replace: bool) -> dict[str, int]:
-        if self._publishes_ahead([item for chunk in chunks for item in chunk], replace):
+        if self._publishes_ahead(chunks, replace):
             return self._write_published_ahead(chunks)
         if len(chunks) < 2:
             return super().write_chunks(chunks, replace)
         return self._write_overlapped(chunks, replace)
 
-    def _publishes_ahead(self, items: DueItems, replace: bool) -> bool:
-        """Whether these timeouts may be handed to the broker before their rows commit (see
-        `_write_published_ahead`): all new, all due PUBLISH_AHEAD_MS or more from now, and the registry
-        on a database whose open transaction does not hold up other writers."""
+    def _publishes_ahead(self, chunks: Sequence[DueItems], replace: bool) -> bool:
+        """Whether the timeouts of these chunks may be handed to the broker before their rows commit
+        (see `_write_published_ahead`): all new, all due PUBLISH_AHEAD_MS or more from now, and the
+        registry on a database whose open transaction does not hold up other writers."""
         return (
             not replace
-            and bool(items)
+            and any(chunks)
             and not registry.one_writer_at_a_time(self.engine)
-            and min(due for _, due in items) - self.clock.now_ms() >= PUBLISH_AHEAD_MS
+            and min(due for chunk in chunks for _, due in chunk) - self.clock.now_ms() >= PUBLISH_AHEAD_MS
         )
 
     def _write_published_ahead(self, chunks: Sequence[DueItems]) -> dict[str, int]:
@@ -222,7 +222,7 @@ class AfterCommit(Outbox):
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="order-timeouts-publish") as publisher:
             publishing: Future[dict[str, int]] | None = None
             for chunk in chunks:
-                if not self._publishes_ahead(chunk, replace=False):
+                if not self._publishes_ahead([chunk], replace=False):
                     written.update(self.write(chunk, None, replace=False))
                     continue
                 conn = self.engine.connect()
