@@ -171,7 +171,16 @@ class AfterCommit(Outbox):
             registry.mark_published(conn, [(m.order_id, m.version) for m in messages], now=self.clock.now_ms())
 
     def relay(self, limit: int) -> int:
-        """Raises TransportUnavailable while the broker is down."""
+        """Raises TransportUnavailable while the broker is down.
+
+        A broker that lost its timers (BrokerTransport.lost_timers) gets every pending timeout again,
+        at once, instead of after the reconciler's grace: the rows become unpublished in the registry
+        first and the broker's marker is written after, so a crash in between only repeats the step."""
+        if self.transport.lost_timers():
+            with self.engine.begin() as conn:
+                again = registry.unpublish_pending(conn)
+            log.warning("the %s broker lost its timers: publishing all %d pending again", self.transport.name, again)
+            self.transport.timers_restored()
         with reading(self.engine) as conn:
             rows = registry.unpublished(conn, limit=limit)
         return self._publish_or_raise([TimerMessage(*row) for row in rows])

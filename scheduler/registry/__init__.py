@@ -33,6 +33,7 @@ from scheduler.registry.queries import (
     retry_later,
     revoke,
     stranded,
+    unpublish_pending,
     unpublished,
 )
 from scheduler.registry.schema import (
@@ -83,5 +84,6 @@ __all__ = [
     "stranded",
     "take_lease",
     "timeouts",
+    "unpublish_pending",
     "unpublished",
 ]

@@ -353,6 +353,15 @@ def unpublished(conn: Connection, *, limit: int) -> list[tuple[str, int, int]]:
     return [(order_id, due_ms, version) for order_id, due_ms, version in conn.execute(stmt)]
 
 
+def unpublish_pending(conn: Connection) -> int:
+    """Mark every pending row unpublished, so that the relay publishes it again; returns how many.
+
+    For a broker that lost its timers. Rows still unpublished are left as they are, so a repeat after
+    a crash costs only what is left."""
+    stmt = update(timeouts).where(is_pending, timeouts.c.published_ms.is_not(None)).values(published_ms=None)
+    return int(conn.execute(stmt).rowcount)
+
+
 def stranded(conn: Connection, *, before_ms: int, limit: int) -> list[tuple[str, int, int]]:
     """(order_id, due_ms, version) of pending rows due before `before_ms` whose last publish is also
     older than that: the broker had them long enough and they are still not finished. Oldest first.

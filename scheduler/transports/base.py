@@ -186,6 +186,21 @@ class BrokerTransport(Transport):
     def publish(self, messages: Sequence[TimerMessage]) -> None:
         """Hand timers to the broker and return once it has confirmed all of them (raise otherwise)."""
 
+    def lost_timers(self) -> bool:
+        """Whether the broker may have lost timers it once confirmed: it came back empty (a restart
+        without persistence, a node reset, a flush) or another node took over from one that had not
+        replicated everything (asynchronous replication). Read-only: answers the same until
+        `timers_restored`. Raise TransportUnavailable while the broker cannot be reached.
+
+        The relay asks before each run; on True it hands every pending timeout back to itself for
+        publishing (registry.unpublish_pending), then calls `timers_restored`. A broker that cannot
+        tell answers False and leaves such losses to the reconciler's grace period."""
+        return False
+
+    def timers_restored(self) -> None:
+        """Record on the broker that it holds its timers again (the marker `lost_timers` reads), so
+        that it answers False until the broker loses state again."""
+
     @abstractmethod
     def revoke(self, order_ids: Sequence[str]) -> None:
         """Best-effort removal of timers. The registry already says revoked, so a copy that still
