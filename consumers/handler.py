@@ -107,9 +107,9 @@ class Handler:
                 registry.finish(conn, outcomes, now=finished)
                 registry.retry_later(conn, retries, now=now, published=self._outbox.published_on_write)
                 registry.bury(conn, dead, now=finished)
-        except SQLAlchemyError:
-            log.exception("batch transaction failed; %d deliveries go back to the broker", len(batch.deliveries))
-            return Settlement(failed=list(batch.deliveries), rolled_back=True), report
+        except SQLAlchemyError as exc:
+            reason = f"registry database: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            return Settlement(failed=list(batch.deliveries), rolled_back=True, unavailable=reason), report
         for outcome in outcomes.values():
             if outcome is Outcome.CANCELLED:
                 report.cancelled += 1

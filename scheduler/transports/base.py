@@ -84,6 +84,9 @@ class Settlement:
     failed: list[Delivery] = field(default_factory=list)  #: the transaction failed: deliver again
     claimed: int = 0  #: registry rows this batch took
     rolled_back: bool = False  #: the batch transaction failed; nothing it decided holds
+    #: what could not be reached when the batch was handed back whole (the registry database, the order
+    #: store): an outage, which the worker backs off from; nothing was decided and no attempt counted
+    unavailable: str | None = None
 
 
 class Transport(ABC):
