@@ -23,6 +23,7 @@ from scheduler import registry
 from scheduler.clock import Clock, from_ms
 from scheduler.config import Settings
 from scheduler.errors import OrderStoreUnavailable
+from scheduler.outage import first_line
 from scheduler.outbox import Outbox
 from scheduler.registry import Claim, Outcome, Retry
 from scheduler.transports.base import Batch, Delivery, Settlement, TimerMessage
@@ -108,7 +109,7 @@ class Handler:
                 registry.retry_later(conn, retries, now=now, published=self._outbox.published_on_write)
                 registry.bury(conn, dead, now=finished)
         except SQLAlchemyError as exc:
-            reason = f"registry database: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            reason = f"registry database: {type(exc).__name__}: {first_line(exc)}"
             return Settlement(failed=list(batch.deliveries), rolled_back=True, unavailable=reason), report
         for outcome in outcomes.values():
             if outcome is Outcome.CANCELLED:

@@ -16,18 +16,19 @@ import time
 from dataclasses import dataclass, fields
 from types import FrameType
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from consumers.handler import BatchReport, Handler, RetryPolicy
 from consumers.orders import OrderStore, load_order_store
 from scheduler.api import OrderTimeouts
 from scheduler.errors import TransportUnavailable
 from scheduler.observability import WorkerMetrics
+from scheduler.outage import Outage, first_line
 
 log = logging.getLogger("order_timeouts.worker")
 
 #: longest a receive blocks, so that a stop request is seen within this time
 RECEIVE_SLICE_S = 1.0
-#: backoff bounds while the broker or the database is unreachable
-OUTAGE_BACKOFF_S = (0.2, 5.0)
 
 
 @dataclass
@@ -95,11 +96,12 @@ class Worker:
             self._batch_size,
             ", burst" if self._burst else "",
         )
-        backoff = OUTAGE_BACKOFF_S[0]
+        outage = Outage(log)
         while not self._stop.is_set():
             try:
                 batch = self._transport.receive(self._batch_size, 0.0 if self._burst else RECEIVE_SLICE_S)
                 if not batch:
+                    outage.recovered()
                     if self._burst:
                         break
                     continue
@@ -108,15 +110,18 @@ class Worker:
                 self._transport.settle(settlement)
                 self._outbox.rearmed([message for _, message in settlement.retry])
             except TransportUnavailable as exc:
-                log.warning("broker unavailable, retrying in %.1fs: %s", backoff, exc)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, OUTAGE_BACKOFF_S[1])
+                self._stop.wait(outage.failed(self._transport.component, str(exc)))
+                continue
+            except SQLAlchemyError as exc:
+                # Re-arming after the commit marks rows published in the registry; the timers are
+                # already re-armed, and a row left unmarked is only published once more by the relay.
+                self._stop.wait(outage.failed("the registry database", f"{type(exc).__name__}: {first_line(exc)}"))
                 continue
             if settlement.rolled_back:
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, OUTAGE_BACKOFF_S[1])
+                what, _, reason = (settlement.unavailable or "registry database: the batch rolled back").partition(": ")
+                self._stop.wait(outage.failed(f"the {what}", reason))
                 continue
-            backoff = OUTAGE_BACKOFF_S[0]
+            outage.recovered()
             self.totals.add(report)
             if self.metrics is not None:
                 self.metrics.observe(report, time.perf_counter() - started)

@@ -101,8 +101,8 @@ def database_url(raw: str) -> URL:
     from sqlalchemy.exc import ArgumentError
 
     try:
-        url = make_url(raw)
-    except ArgumentError:
+        url = make_url(_hosts_in_query(raw))
+    except (ArgumentError, ValueError):
         raise ConfigurationError(f"not a database URL: {redact(raw)}") from None
     if url.drivername in ("postgresql", "postgres"):
         url = url.set(drivername="postgresql+psycopg")
@@ -110,6 +110,19 @@ def database_url(raw: str) -> URL:
     if backend not in ("sqlite", "postgresql"):
         raise ConfigurationError(f"the registry needs SQLite or PostgreSQL, not {backend}: {redact(raw)}")
     return url
+
+
+def _hosts_in_query(raw: str) -> str:
+    """libpq's multi-host form `postgresql://u@h1:5432,h2:5433/db` as SQLAlchemy spells it,
+    `postgresql://u@/db?host=h1:5432&host=h2:5433`; any other URL unchanged."""
+    scheme, sep, rest = raw.partition("://")
+    authority, slash, tail = rest.partition("/")
+    credentials, at, hosts = authority.rpartition("@")
+    if not sep or "," not in hosts:
+        return raw
+    path, question, query = tail.partition("?")
+    given = "&".join(f"host={host}" for host in hosts.split(",") if host)
+    return f"{scheme}://{credentials}{at}{slash}{path}?{given}{'&' + query if question and query else ''}"
 
 
 def redact(url: str) -> str:

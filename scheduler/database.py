@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
@@ -14,6 +15,17 @@ _SQLITE_BEGIN = "order_timeouts_sqlite_begin"
 SQLITE_BUSY_TIMEOUT_S = 30.0
 
 
+#: see postgresql_connect_args
+POSTGRESQL_CONNECT_DEFAULTS = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+}
+IDLE_IN_TRANSACTION_TIMEOUT = "15s"
+
+
 def make_engine(url: str, *, pool_size: int = 5) -> Engine:
     parsed = database_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -24,7 +36,34 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
         )
         _configure_sqlite(engine)
         return engine
-    return create_engine(parsed, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    return create_engine(
+        parsed,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        connect_args=postgresql_connect_args(dict(parsed.query)),
+    )
+
+
+def postgresql_connect_args(query: Mapping[str, str | tuple[str, ...]]) -> dict[str, Any]:
+    """libpq settings that bound how long a lost server or a frozen client holds anything up; each
+    one that the URL's query string gives is left as the URL says.
+
+    - connect_timeout: a host that does not answer is given up (the next one of a multi-host URL is
+      tried) after this long;
+    - TCP keepalives: a connection to a server that vanished (a partition, a dead host) fails within
+      about 11 s instead of the kernel's two hours;
+    - idle_in_transaction_session_timeout: the server ends a session that sits in a transaction
+      without a word for this long. A worker frozen in its batch (SIGSTOP, a long GC pause, a paused
+      VM) or cut off by the network holds its claimed rows' locks no longer than that; then another
+      worker takes them, and the frozen worker's late commit fails and changes nothing.
+    """
+    args: dict[str, Any] = {key: value for key, value in POSTGRESQL_CONNECT_DEFAULTS.items() if key not in query}
+    options = query.get("options", "")
+    options = " ".join(options) if isinstance(options, tuple) else options
+    if "idle_in_transaction_session_timeout" not in options:
+        args["options"] = f"{options} -c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT}".strip()
+    return args
 
 
 def _configure_sqlite(engine: Engine) -> None:

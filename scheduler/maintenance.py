@@ -31,6 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from scheduler import registry
 from scheduler.api import OrderTimeouts
 from scheduler.errors import TransportUnavailable
+from scheduler.outage import Outage, first_line
 
 log = logging.getLogger("order_timeouts.maintain")
 
@@ -38,8 +39,6 @@ log = logging.getLogger("order_timeouts.maintain")
 MAINTENANCE_BATCH = 2000
 #: most rows one job run handles before giving the other job and the lease a turn
 MAX_ROWS_PER_RUN = 100_000
-#: longest backoff between relay attempts while the broker is down
-MAX_BACKOFF_S = 30.0
 #: how often `serve` looks whether it was asked to stop
 STOP_POLL_S = 0.2
 
@@ -65,7 +64,7 @@ class Maintenance:
         self.plan = plan or MaintenancePlan()
         self._holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"[:128]
         self._backoff_until: dict[str, float] = {}
-        self._backoff_s: dict[str, float] = {}
+        self._outages: dict[str, Outage] = {}
         self._stop = threading.Event()
 
     def relay(self) -> JobRun:
@@ -119,6 +118,7 @@ class Maintenance:
             run.skipped = True
             return run
         timeouts = self._timeouts
+        outage = self._outages.setdefault(job, Outage(logging.getLogger(f"order_timeouts.maintain.{job}")))
         # The lease outlives a few missed runs, so that a slow run keeps it, and a dead holder's
         # lease is free again soon after.
         ttl_ms = int(max(interval.total_seconds() * 3, 2.0) * 1000)
@@ -134,16 +134,13 @@ class Maintenance:
                     break
         except TransportUnavailable as exc:
             run.error = str(exc)
-            delay = min(self._backoff_s.get(job, 0.5) * 2, MAX_BACKOFF_S)
-            self._backoff_s[job] = delay
-            self._backoff_until[job] = time.monotonic() + delay
-            log.warning("%s: broker unavailable, next attempt in %.1fs: %s", job, delay, exc)
+            self._backoff_until[job] = time.monotonic() + outage.failed(timeouts.transport.component, run.error)
             return run
         except SQLAlchemyError as exc:
-            run.error = f"registry unavailable: {type(exc).__name__}"
-            log.warning("%s: %s", job, run.error)
+            run.error = f"registry unavailable: {type(exc).__name__}: {first_line(exc)}"
+            self._backoff_until[job] = time.monotonic() + outage.failed("the registry database", run.error)
             return run
-        self._backoff_s.pop(job, None)
+        outage.recovered()
         if run.rows:
             log.info("%s: published %d timeouts", job, run.rows)
         return run

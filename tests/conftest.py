@@ -51,20 +51,27 @@ class Stack:
     def env(self, **extra: str) -> dict[str, str]:
         return {**os.environ, ENV_DATABASE_URL: self.database_url, ENV_BROKER_URL: self.broker_url, **extra}
 
-    def start_worker(self, *args: str, capture: bool = False, **env: str) -> subprocess.Popen[str]:
+    def start_worker(
+        self, *args: str, capture: bool = False, log_to: Path | None = None, **env: str
+    ) -> subprocess.Popen[str]:
         """A worker process, returned once it is ready (signal handlers installed, loop started), so
-        that a SIGTERM sent from now on means "finish the batch and exit", never a kill at start-up."""
-        fd, name = tempfile.mkstemp(prefix="worker-", suffix=".log")
+        that a SIGTERM sent from now on means "finish the batch and exit", never a kill at start-up.
+        Its log (stderr) goes to `log_to` when given, for the test to read."""
+        if log_to is None:
+            fd, name = tempfile.mkstemp(prefix="worker-", suffix=".log")
+            path = Path(name)
+        else:
+            fd, path = os.open(log_to, os.O_WRONLY | os.O_CREAT | os.O_APPEND), log_to
         argv = [sys.executable, "-m", "scheduler", "-v", "worker", *args]
         out = subprocess.PIPE if capture else subprocess.DEVNULL
         process = subprocess.Popen(argv, env=self.env(**env), stdout=out, stderr=fd, text=True, cwd=ROOT)
         os.close(fd)
-        path = Path(name)
         try:
             wait_until(lambda: " ready: " in path.read_text() or process.poll() is not None, timeout=60)
         finally:
             log = path.read_text()
-            path.unlink()
+            if log_to is None:
+                path.unlink()
         assert process.poll() is None or "--burst" in args, log
         return process
 

@@ -22,16 +22,21 @@ from tests.services import POSTGRES_URL, require, unique
 
 
 @contextlib.contextmanager
-def postgres_schema() -> Iterator[str]:
-    """A fresh schema in the `test` database, selected through search_path; dropped afterwards."""
-    require("PostgreSQL", 5432)
+def postgres_schema(server: str = POSTGRES_URL, query: str = "") -> Iterator[str]:
+    """A fresh schema on `server` (by default the `test` database on 5432), selected through
+    search_path; dropped afterwards when the server is still there. `query` adds URL options."""
+    if server == POSTGRES_URL:
+        require("PostgreSQL", 5432)
     schema = unique("ot")
-    with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+    with psycopg.connect(psycopg_url(server), autocommit=True) as admin:
         admin.execute(f"CREATE SCHEMA {schema}")
     try:
-        yield f"{POSTGRES_URL}?options={quote(f'-csearch_path={schema}')}"
+        yield f"{server}{'&' if '?' in server else '?'}options={quote(f'-csearch_path={schema}')}{query}"
     finally:
-        with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+        with (
+            contextlib.suppress(psycopg.OperationalError),
+            psycopg.connect(psycopg_url(server), autocommit=True) as admin,
+        ):
             admin.execute(f"DROP SCHEMA {schema} CASCADE")
 
 

@@ -100,6 +100,11 @@ class Transport(ABC):
     #: short name shown by the CLI and the logs: sql, redis, rabbitmq, rq
     name: ClassVar[str]
 
+    @property
+    def component(self) -> str:
+        """What the logs call this transport when it cannot be reached."""
+        return f"the {self.name} broker"
+
     @classmethod
     @abstractmethod
     def from_url(cls, broker_url: str, engine: Engine, clock: Clock) -> Self:

@@ -7,18 +7,21 @@ which changes whenever another connection commits and costs no disk read.
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Self
 
 from sqlalchemy import Connection, Engine, text
+from sqlalchemy.exc import SQLAlchemyError
 
 from scheduler import registry
 from scheduler.clock import Clock
-from scheduler.database import reading
+from scheduler.database import postgresql_connect_args, reading
 from scheduler.errors import TransportUnavailable
 from scheduler.names import PG_WAKE_CHANNEL
+from scheduler.outage import first_line
 from scheduler.outbox import InRegistry, Outbox
 from scheduler.registry import Claim
 from scheduler.transports.base import Batch, Settlement, Transport
@@ -49,6 +52,7 @@ class DueRows(Batch):
 
 class SqlTransport(Transport):
     name = "sql"
+    component = "the registry database"
 
     @classmethod
     def from_url(cls, broker_url: str, engine: Engine, clock: Clock) -> Self:
@@ -91,6 +95,14 @@ class SqlTransport(Transport):
             # Due rows exist but other workers hold them all: give them a moment.
             self._contended = False
             self._pause.wait(min(CONTENDED_PAUSE_S, timeout))
+        try:
+            return self._wait_for_due(limit, deadline)
+        except (SQLAlchemyError, sqlite3.Error) as exc:
+            # The watching connection is dropped too: it is opened again on the next receive.
+            self.close()
+            raise TransportUnavailable(f"{type(exc).__name__}: {first_line(exc)}") from exc
+
+    def _wait_for_due(self, limit: int, deadline: float) -> Batch:
         self._start_watching()
         while True:
             with reading(self._engine) as conn:
@@ -127,17 +139,30 @@ class SqlTransport(Transport):
         if self._postgres and self._listener is None:
             import psycopg  # only a PostgreSQL registry needs it
 
-            url = self._engine.url.set(drivername="postgresql")
-            self._listener = psycopg.connect(url.render_as_string(hide_password=False), autocommit=True)
-            self._listener.execute(f"LISTEN {PG_WAKE_CHANNEL}")
+            # The engine's own connect arguments: the same hosts (a multi-host URL finds the primary),
+            # timeouts and keepalives as every other registry connection.
+            args, kwargs = self._engine.dialect.create_connect_args(self._engine.url)
+            kwargs.update(postgresql_connect_args(dict(self._engine.url.query)))
+            try:
+                self._listener = psycopg.connect(*args, **kwargs, autocommit=True)
+                self._listener.execute(f"LISTEN {PG_WAKE_CHANNEL}")
+            except psycopg.Error as exc:
+                self.close()
+                raise TransportUnavailable(f"{type(exc).__name__}: {first_line(exc)}") from exc
         elif not self._postgres and self._sqlite_watch is None:
             self._sqlite_watch = self._engine.raw_connection()
 
     def _sleep_until_change(self, seconds: float) -> None:
         if self._listener is not None:
+            import psycopg
+
             # Wakes on the first NOTIFY or at the deadline; several notifies at once drain together.
-            for _ in self._listener.notifies(timeout=seconds, stop_after=1):
-                pass
+            try:
+                for _ in self._listener.notifies(timeout=seconds, stop_after=1):
+                    pass
+            except psycopg.Error as exc:
+                self.close()
+                raise TransportUnavailable(f"{type(exc).__name__}: {first_line(exc)}") from exc
             return
         assert self._sqlite_watch is not None
         version = self._data_version()
