@@ -36,7 +36,8 @@ class InMemoryTransport(BrokerTransport):
     delivered once its due time has come by `clock` and never before; publishing again for an
     order replaces its timer (as a Redis sorted set does); a delivery stays in flight until
     `settle`; `crash()` hands every in-flight delivery back, counted, as a broker does when its
-    consumer dies; a body that is not a timer message is dead-lettered inside `receive`.
+    consumer dies; `lose_everything()` empties it as a restart without persistence does, and
+    `lost_timers` says so; a body that is not a timer message is dead-lettered inside `receive`.
 
     `receive` never waits: with a ManualClock, time moves only when the test moves it. Set
     `available = False` to simulate an outage: every call then raises TransportUnavailable.
@@ -58,6 +59,7 @@ class InMemoryTransport(BrokerTransport):
         self.published: list[TimerMessage] = []
         self.dead_letters: list[DeadLetter] = []
         self.available = True
+        self._marker = True  # a broker that has held its timers all along
 
     # -- producer side ---------------------------------------------------------------------------
 
@@ -130,6 +132,24 @@ class InMemoryTransport(BrokerTransport):
                 self._armed.setdefault(key, armed)
             self._in_flight.clear()
             return count
+
+    def lose_everything(self) -> None:
+        """What a restart without persistence does: every timer, every in-flight delivery and the
+        marker of `lost_timers` are gone."""
+        with self._lock:
+            self._armed.clear()
+            self._in_flight.clear()
+            self._marker = False
+
+    def lost_timers(self) -> bool:
+        with self._lock:
+            self._check()
+            return not self._marker
+
+    def timers_restored(self) -> None:
+        with self._lock:
+            self._check()
+            self._marker = True
 
     # -- inspection ------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy.orm import Session
 
 from scheduler import InvalidTimeout, ScheduleResult, TimeoutNotFound, TimeoutState
+from scheduler.errors import TransportUnavailable
 from scheduler.maintenance import Maintenance, MaintenancePlan
 from tests.unit.conftest import Shop
 
@@ -84,6 +85,39 @@ def test_the_reconciler_republishes_what_the_broker_lost_once_the_grace_has_pass
     shop.later(seconds=2)
     assert maintenance.reconcile().rows == 1
     assert shop.drain().cancelled == 1
+
+
+def test_a_broker_back_empty_gets_every_pending_timeout_again_from_the_next_relay_run(shop: Shop) -> None:
+    shop.add_orders("E-1", "E-2")
+    shop.timeouts.schedule("E-1", delay=timedelta(minutes=5))
+    shop.timeouts.schedule("E-2", delay=timedelta(hours=2))
+    shop.timeouts.schedule("E-done", delay=timedelta(minutes=1))
+    shop.timeouts.cancel("E-done")
+    shop.transport.lose_everything()
+
+    maintenance = Maintenance(shop.timeouts)
+    assert maintenance.relay().rows == 2, "not after the reconciler's grace: at once, and only what is pending"
+    assert sorted(shop.transport.armed()) == ["E-1", "E-2"]
+    assert maintenance.relay().rows == 0, "once restored, the broker counts as whole again"
+
+
+def test_a_relay_that_fails_after_taking_the_timeouts_back_publishes_them_next_time(
+    shop: Shop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shop.timeouts.schedule("F-1", delay=timedelta(minutes=5))
+    shop.transport.lose_everything()
+
+    def broker_gone_again() -> None:
+        raise TransportUnavailable("memory: gone again")
+
+    monkeypatch.setattr(shop.transport, "timers_restored", broker_gone_again)
+    first = Maintenance(shop.timeouts)
+    assert first.relay().error == "memory: gone again"
+    assert shop.transport.armed() == {}
+    monkeypatch.undo()
+    shop.later(seconds=4)  # that process backs off; once its lease has expired another one relays
+    assert Maintenance(shop.timeouts).relay().rows == 1
+    assert list(shop.transport.armed()) == ["F-1"]
 
 
 def test_one_maintenance_process_works_a_job_at_a_time_and_another_takes_over_when_its_lease_expires(
