@@ -7,10 +7,12 @@ Loaded by the CLI through the `order_timeouts.cli` entry point group (pyproject.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import sys
+import time
 from typing import Annotated
 
 import typer
@@ -20,6 +22,10 @@ from scheduler.cli.health import EXTRA_CHECKS, Probe
 from scheduler.cli.operate import MetricsPortOption
 from scheduler.cli.render import console
 from scheduler.config import ENV_BROKER_URL, ENV_DATABASE_URL, Settings, redact
+
+log = logging.getLogger("order_timeouts.worker")
+#: how often `worker --processes` looks whether a child died
+CHILD_POLL_S = 0.5
 
 
 def register(app: typer.Typer) -> None:
@@ -75,15 +81,24 @@ def _run_processes(count: int, batch_size: int, burst: bool, metrics_port: int |
     env = {**os.environ, ENV_DATABASE_URL: settings.database_url, ENV_BROKER_URL: settings.broker_url}
     ports = [[] if metrics_port is None else ["--metrics-port", str(metrics_port + i)] for i in range(count)]
     children = [subprocess.Popen([*argv, *port], env=env) for port in ports]
+    stopping: list[int] = []  # a plain flag: an Event set in a signal handler can deadlock its waiter
 
     def _forward(signum: int, _frame: object) -> None:
+        stopping.append(signum)
         for child in children:
             child.send_signal(signum)
 
     signal.signal(signal.SIGTERM, _forward)
     signal.signal(signal.SIGINT, _forward)
-    codes = [child.wait() for child in children]
-    return max(codes)
+    # A child that dies on its own (killed, out of memory) is started again, unless this is a burst
+    # run or a stop was asked: the group keeps its size, as a process manager would keep it.
+    while not burst and not stopping:
+        for i, child in enumerate(children):
+            if child.poll() is not None and not stopping:
+                log.error("worker process %d exited with %s; starting it again", child.pid, child.returncode)
+                children[i] = subprocess.Popen([*argv, *ports[i]], env=env)
+        time.sleep(CHILD_POLL_S)
+    return max(child.wait() for child in children)
 
 
 def demo(

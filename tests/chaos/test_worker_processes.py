@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -153,3 +156,28 @@ def test_payments_racing_the_timeout_never_cancel_a_paid_order(db_stack: Stack, 
         assert status[oid] == "CANCELLED" and counts[oid] == 1
         assert final[oid].outcome is Outcome.CANCELLED
     assert pay(db_stack.engine, ids[0]) is False, "a payment after the outcome changes nothing"
+
+
+def children_of(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_worker_processes_start_a_child_again_when_it_dies_and_stop_together(db_stack: Stack) -> None:
+    argv = [sys.executable, "-m", "scheduler", "worker", "--processes", "2"]
+    group = subprocess.Popen(argv, env=db_stack.env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: len(children_of(group.pid)) == 2, timeout=30)
+        victim = children_of(group.pid)[0]
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: len(children_of(group.pid)) == 2 and victim not in children_of(group.pid), timeout=30)
+
+        ids = [f"again-{i}" for i in range(20)]
+        add_orders(db_stack.engine, ids)
+        db_stack.timeouts().schedule_many(ids, due_at=datetime.now(UTC))
+        wait_until(lambda: pending_count(db_stack) == 0, timeout=30)
+        assert cancel_counts(db_stack.engine) == dict.fromkeys(ids, 1)
+    finally:
+        group.send_signal(signal.SIGTERM)
+        _, err = group.communicate(timeout=60)
+    assert group.returncode == 0, err[-2000:]
+    assert "exited with -9; starting it again" in err
