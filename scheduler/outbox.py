@@ -17,11 +17,13 @@ the order. What happens next depends on where the timer lives, and the transport
 from __future__ import annotations
 
 import logging
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import timedelta
+from time import monotonic
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, Engine, event
@@ -31,6 +33,7 @@ from scheduler import registry
 from scheduler.clock import Clock
 from scheduler.database import reading
 from scheduler.errors import TransportUnavailable
+from scheduler.outage import Outage
 from scheduler.transports.message import TimerMessage
 
 if TYPE_CHECKING:
@@ -143,6 +146,12 @@ class AfterCommit(Outbox):
     def __init__(self, transport: BrokerTransport, engine: Engine, clock: Clock) -> None:
         super().__init__(engine, clock)
         self.transport = transport
+        # While the broker is down, writes leave their timers to the relay without trying it for a
+        # while (one log line per outage): an order service's requests do not each wait for a
+        # connect timeout.
+        self._outage = Outage(log)
+        self._outage_lock = threading.Lock()
+        self._quiet_until = 0.0
 
     def written(self, conn: Connection, messages: Sequence[TimerMessage]) -> None:
         """Nothing inside the transaction: the broker must not see a timer before its row commits."""
@@ -161,7 +170,10 @@ class AfterCommit(Outbox):
             self.mark_published(messages)
 
     def publish(self, messages: Sequence[TimerMessage]) -> None:
-        """Publish and mark published; a broker that is down leaves the rows to the relay (logged)."""
+        """Publish and mark published; a broker that is down leaves the rows to the relay (logged
+        once per outage). During an outage's backoff a write does not try the broker at all."""
+        if monotonic() < self._quiet_until:
+            return
         if self._send(messages):
             self.mark_published(messages)
 
@@ -305,8 +317,14 @@ class AfterCommit(Outbox):
         try:
             self.transport.publish(messages)
         except TransportUnavailable as exc:
-            log.warning("broker unavailable, %d timeouts left for the relay: %s", len(messages), exc)
+            with self._outage_lock:
+                self._quiet_until = monotonic() + self._outage.failed(
+                    self.transport.component, f"{exc}; timeouts are left for the relay"
+                )
             return False
+        if self._outage.ongoing:
+            with self._outage_lock:
+                self._outage.recovered()
         return True
 
     def _publish_or_raise(self, messages: Sequence[TimerMessage]) -> int:
@@ -316,6 +334,8 @@ class AfterCommit(Outbox):
         return len(messages)
 
     def _remove_timers(self, order_ids: Sequence[str]) -> None:
+        if monotonic() < self._quiet_until:
+            return  # harmless, as below
         try:
             self.transport.revoke(order_ids)
         except TransportUnavailable as exc:

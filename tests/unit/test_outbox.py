@@ -3,14 +3,17 @@ relay or the reconciler publishes it later."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from datetime import timedelta
 
 import pytest
 from sqlalchemy.orm import Session
 
-from scheduler import InvalidTimeout, ScheduleResult, TimeoutNotFound, TimeoutState
+from scheduler import InvalidTimeout, ScheduleResult, TimeoutNotFound, TimeoutState, outbox
 from scheduler.errors import TransportUnavailable
 from scheduler.maintenance import Maintenance, MaintenancePlan
+from scheduler.transports.base import TimerMessage
 from tests.unit.conftest import Shop
 
 
@@ -72,6 +75,32 @@ def test_a_broker_outage_never_fails_the_order_and_the_relay_publishes_in_due_or
     assert Maintenance(shop.timeouts).relay().rows == 2
     assert published_ids(shop) == ["soon", "late"]
     assert all(r.published_ms is not None for r in map(shop.timeouts.get, ["soon", "late"]) if r)
+
+
+def test_during_a_broker_outage_writes_stop_trying_it_for_a_while_and_log_it_once(
+    shop: Shop, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    attempts: list[int] = []
+    publish = shop.transport.publish
+
+    def counted(messages: Sequence[TimerMessage]) -> None:
+        attempts.append(len(messages))
+        publish(messages)
+
+    monkeypatch.setattr(shop.transport, "publish", counted)
+    shop.transport.available = False
+    with caplog.at_level(logging.WARNING, logger="order_timeouts.outbox"):
+        for i in range(20):
+            shop.timeouts.schedule(f"O-{i}", delay=timedelta(minutes=5))
+        assert len(attempts) == 1, "the first write found the broker down; the next ones leave it to the relay"
+        shop.transport.available = True
+        later = outbox.monotonic() + 1  # past the first backoff (at most 0.2 s)
+        monkeypatch.setattr(outbox, "monotonic", lambda: later)
+        shop.timeouts.schedule("O-back", delay=timedelta(minutes=5))
+    assert len(attempts) == 2 and list(shop.transport.armed()) == ["O-back"]
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and "unavailable" in said[0] and "back after" in said[1]
+    assert Maintenance(shop.timeouts).relay().rows == 20
 
 
 def test_the_reconciler_republishes_what_the_broker_lost_once_the_grace_has_passed(shop: Shop) -> None:
