@@ -10,6 +10,16 @@ SIGKILLs and restarts workers at random, restarts the broker once, then checks t
 the registry: every order unpaid at its deadline cancelled exactly once, no paid order cancelled,
 nothing pending, no dead letters. Prints one summary line; exits 1 on any violation.
 
+With `--ha` the run uses local clusters instead (scripts/postgresql_standby.sh, scripts/redis_sentinel.sh,
+scripts/rabbitmq_cluster.sh): a PostgreSQL primary with a streaming standby as the registry, given to
+every process as one multi-host URL, and for redis/rq a Redis primary with a replica under Sentinel,
+for rabbitmq a 3-node cluster. No worker is killed; instead the broker node the clients use is killed
+a third into the run, and the PostgreSQL primary two thirds in, its standby promoted. On top of the
+usual checks, every process must still be running at the end. For each kill it prints the seconds to
+the first cancel after it, and the lateness p99 of the run.
+
+    python scripts/chaos.py --ha --transport redis
+
 Broker restarts: `redis` runs a private redis-server (no persistence, so the restart loses every
 timer and the reconciler must recover them); `rabbitmq` does `rabbitmqctl stop_app`/`start_app` on
 the broker of the URL (durable quorum queues survive); `sql` has no broker to restart.
@@ -18,6 +28,7 @@ the broker of the URL (durable quorum queues survive); `sql` has no broker to re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import shutil
@@ -29,12 +40,14 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 import psycopg
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 
 from scheduler import OrderTimeouts, Settings, TimeoutState
 from scheduler.config import ENV_BROKER_URL, ENV_DATABASE_URL
@@ -91,6 +104,36 @@ def restart_rabbitmq() -> None:
         subprocess.run(["rabbitmqctl", "start_app"], check=True, capture_output=True, timeout=120)
 
 
+SCRIPTS = Path(__file__).resolve().parent
+#: the registry of an --ha run: libpq picks whichever of the two takes writes
+HA_DATABASE_URL = "postgresql://postgres@127.0.0.1:5440,127.0.0.1:5441/postgres?target_session_attrs=read-write"
+HA_ADMIN_URL = "postgresql://postgres@127.0.0.1:5440/postgres"
+
+
+def script(name: str, *args: str) -> str:
+    done = subprocess.run(["bash", str(SCRIPTS / name), *args], capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise RuntimeError(f"scripts/{name} {' '.join(args)} failed: {done.stdout}{done.stderr}".strip())
+    return done.stdout
+
+
+class Kill:
+    """A node of a local cluster that an --ha run kills, when it was dead, and what a failover
+    manager would do next (promote a standby), at once."""
+
+    def __init__(self, name: str, kill: Callable[[], None], recover: Callable[[], None] | None = None) -> None:
+        self.name = name
+        self._kill = kill
+        self._recover = recover
+        self.at_ms: int | None = None
+
+    def __call__(self) -> None:
+        self._kill()
+        self.at_ms = int(time.time() * 1000)
+        if self._recover is not None:
+            self._recover()
+
+
 class Group:
     """Worker processes and one maintain process, restartable."""
 
@@ -115,6 +158,10 @@ class Group:
         self.kills += 1
         self.workers[index] = self._worker()
 
+    def exited(self) -> list[int]:
+        """Exit codes of the members that stopped on their own."""
+        return [code for member in [*self.workers, self.maintainer] if (code := member.poll()) is not None]
+
     def stop(self) -> list[int]:
         members = [*self.workers, self.maintainer]
         for member in members:
@@ -127,7 +174,22 @@ def run(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="order-timeouts-chaos-"))
     private_redis: PrivateRedis | None = None
     broker_url = args.broker_url
-    if args.transport == "redis" and not broker_url:
+    kills: list[Kill] = []
+    if args.ha:
+        script("postgresql_standby.sh", "stop")
+        script("postgresql_standby.sh", "start")
+        args.database_url = HA_ADMIN_URL
+        broker_url, broker_kill = ha_broker(args.transport)
+        if broker_kill is not None:
+            kills.append(broker_kill)
+        kills.append(
+            Kill(
+                "postgresql primary (standby promoted)",
+                lambda: script("postgresql_standby.sh", "kill"),
+                lambda: script("postgresql_standby.sh", "promote"),
+            )
+        )
+    elif args.transport == "redis" and not broker_url:
         private_redis = PrivateRedis(workdir)
         private_redis.start()
         broker_url = f"redis://127.0.0.1:{private_redis.port}/0?claim_idle_ms=2000"
@@ -142,6 +204,8 @@ def run(args: argparse.Namespace) -> int:
         schema = f"chaos_{uuid.uuid4().hex[:10]}"
         with psycopg.connect(_plain(database_url), autocommit=True) as admin:
             admin.execute(f"CREATE SCHEMA {schema}")
+        if args.ha:
+            database_url = HA_DATABASE_URL
         database_url += ("&" if "?" in database_url else "?") + f"options={quote(f'-csearch_path={schema}')}"
 
     settings = Settings(database_url=database_url, broker_url=broker_url)
@@ -164,16 +228,30 @@ def run(args: argparse.Namespace) -> int:
     refused: set[str] = set()
     payer_done = threading.Event()
 
+    def pay(oid: str) -> bool:
+        """The order service's payment: paid, or refused because the timeout cancelled the order first.
+        Tried again while the database is away, as a client would; a commit whose answer was lost is
+        found out by reading the order."""
+        while True:
+            try:
+                with engine.begin() as conn:
+                    ok = conn.execute(
+                        text("UPDATE orders SET status = 'PAID' WHERE id = :id AND status = 'PENDING'"), {"id": oid}
+                    ).rowcount
+                    if ok:
+                        timeouts.cancel(oid, connection=conn)
+                return bool(ok)
+            except OperationalError:
+                time.sleep(0.2)
+                with contextlib.suppress(OperationalError), engine.connect() as conn:
+                    status = conn.execute(text("SELECT status FROM orders WHERE id = :id"), {"id": oid}).scalar()
+                    if status == "PAID":
+                        return True
+
     def payer() -> None:
         for at, oid in plan:
             time.sleep(max(0.0, started + at - time.monotonic()))
-            with engine.begin() as conn:
-                ok = conn.execute(
-                    text("UPDATE orders SET status = 'PAID' WHERE id = :id AND status = 'PENDING'"), {"id": oid}
-                ).rowcount
-                if ok:
-                    timeouts.cancel(oid, connection=conn)
-            (paid if ok else refused).add(oid)
+            (paid if pay(oid) else refused).add(oid)
         payer_done.set()
 
     env = {**os.environ, ENV_DATABASE_URL: database_url, ENV_BROKER_URL: broker_url}
@@ -185,13 +263,19 @@ def run(args: argparse.Namespace) -> int:
     restart_at = started + spread / 2
     next_kill = started + rng.uniform(0.5, 2.0)
     deadline = started + spread + args.grace + 60
+    kill_at = [started + spread * (i + 1) / (len(kills) + 1) for i in range(len(kills))]
     finished = False
     while time.monotonic() < deadline:
         now = time.monotonic()
-        if now >= next_kill and now < started + spread:
+        for at, kill in zip(kill_at, kills, strict=True):
+            if kill.at_ms is None and now >= at:
+                kill()
+        if args.ha:
+            pass  # no worker kills and no broker restart: the nodes go instead
+        elif now >= next_kill and now < started + spread:
             group.kill_one(rng)
             next_kill = now + rng.uniform(0.5, 2.0)
-        if broker_restarts == 0 and now >= restart_at and args.transport != "sql":
+        if not args.ha and broker_restarts == 0 and now >= restart_at and args.transport != "sql":
             if private_redis is not None:
                 private_redis.restart()
             elif args.transport == "rabbitmq":
@@ -203,6 +287,7 @@ def run(args: argparse.Namespace) -> int:
             finished = True
             break
         time.sleep(0.2)
+    exited = group.exited()
     codes = group.stop()
     elapsed = time.monotonic() - started
 
@@ -224,12 +309,21 @@ def run(args: argparse.Namespace) -> int:
     dead = sum(1 for r in records.values() if r.state is TimeoutState.DEAD)
     if dead:
         violations.append(f"{dead} dead letters")
+    if args.ha and exited:
+        violations.append(f"{len(exited)} processes stopped on their own during the run (exit codes {exited})")
+    fired = sorted(r.fired_ms for r in records.values() if r.fired_ms is not None)
+    lateness = sorted(r.fired_ms - r.due_ms for r in records.values() if r.fired_ms is not None)
+    for kill in kills:
+        after = [f for f in fired if kill.at_ms is not None and f >= kill.at_ms]
+        first = f"{(after[0] - kill.at_ms) / 1000:.2f}s" if after and kill.at_ms is not None else "never"
+        print(f"chaos killed the {kill.name}: first cancel {first} after it")
 
     pending = sum(1 for r in records.values() if r.state is TimeoutState.PENDING)
     print(
         f"chaos transport={args.transport} orders={len(ids)} cancelled={sum(cancels.values())} paid={len(paid)} "
         f"late_payments_refused={len(refused)} pending={pending} "
         f"dead={dead} worker_kills={group.kills} broker_restarts={broker_restarts} elapsed={elapsed:.1f}s "
+        f"lateness_p99={lateness[int(len(lateness) * 0.99) - 1] / 1000 if lateness else 0:.2f}s "
         f"violations={len(violations)}"
     )
     for violation in violations[:10]:
@@ -238,10 +332,24 @@ def run(args: argparse.Namespace) -> int:
     if private_redis is not None:
         private_redis.stop()
     shutil.rmtree(workdir, ignore_errors=True)
-    if schema is not None:
+    if args.ha:
+        script("postgresql_standby.sh", "stop")
+        stop_ha_broker(args.transport)
+    elif schema is not None:
         with psycopg.connect(_plain(args.database_url), autocommit=True) as admin:
             admin.execute(f"DROP SCHEMA {schema} CASCADE")
     return 1 if violations else 0
+
+
+def ha_broker(transport: str) -> tuple[str, Kill | None]:
+    """The broker URL of an --ha run on a local cluster, and how to kill the node its clients use."""
+    if transport == "sql":
+        return "sql", None
+    raise SystemExit(f"--ha does not cover the {transport} transport yet")
+
+
+def stop_ha_broker(transport: str) -> None:
+    """Stop the local cluster that ha_broker started."""
 
 
 def _plain(url: str) -> str:
@@ -250,7 +358,7 @@ def _plain(url: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--transport", choices=["sql", "redis", "rabbitmq"], required=True)
+    parser.add_argument("--transport", choices=["sql", "redis", "rq", "rabbitmq"], required=True)
     parser.add_argument("--database-url", help="registry and orders (default: a fresh SQLite file)")
     parser.add_argument("--broker-url", help="default: a private redis-server, or the local RabbitMQ")
     parser.add_argument("--orders", type=int, default=2000)
@@ -258,6 +366,9 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=15.0, help="seconds over which timeouts fall due")
     parser.add_argument("--grace", type=float, default=3.0, help="reconciler grace period in seconds")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--ha", action="store_true", help="local clusters; kill the broker node in use, then fail PostgreSQL over"
+    )
     args = parser.parse_args()
     if urlsplit(args.broker_url or "").hostname not in (None, "127.0.0.1", "localhost", "::1"):
         parser.error("chaos only runs against loopback brokers")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A local PostgreSQL primary with a streaming standby, for the high-availability tests and for trying
-# a failover by hand: primary on 127.0.0.1:5440, standby on 127.0.0.1:5441 (trust auth on loopback,
-# no fsync: for tests only), files under $PG_HA_DIR (default /tmp/order-timeouts-pg-ha).
+# a failover by hand: primary on 127.0.0.1:5440, standby on 127.0.0.1:5441 streaming synchronously
+# (PG_HA_ASYNC=1: asynchronously), trust auth on loopback, no fsync (for tests only), files under
+# $PG_HA_DIR (default /tmp/order-timeouts-pg-ha).
 #
 #   scripts/postgresql_standby.sh [start]   start both, or check that they are up (idempotent)
 #   scripts/postgresql_standby.sh status    which port serves writes, which one streams from it
@@ -50,9 +51,13 @@ max_wal_senders = 5
 wal_keep_size = 256MB
 hot_standby = on
 fsync = off
-synchronous_commit = off
 full_page_writes = off
 EOF
+      # Synchronous replication: a commit returns once the standby has it, so a failover loses no
+      # committed write (the set-up docs/operations.md recommends). PG_HA_ASYNC=1 streams asynchronously.
+      if [ -z "${PG_HA_ASYNC:-}" ]; then
+        echo "synchronous_standby_names = '*'" >>"$dir/primary/postgresql.conf"
+      fi
     fi
     start_node primary "$primary_port"
     if [ ! -f "$dir/standby/PG_VERSION" ]; then
@@ -79,6 +84,9 @@ EOF
     ;;
   promote)
     ctl standby promote >/dev/null
+    # Alone now: waiting for a synchronous standby that no longer exists would block every commit.
+    "$bin/psql" -h 127.0.0.1 -p "$standby_port" -U postgres -d postgres -qAtc \
+      "ALTER SYSTEM SET synchronous_standby_names = ''" -c "SELECT pg_reload_conf()" >/dev/null
     log "standby on 127.0.0.1:$standby_port promoted"
     ;;
   stop)
