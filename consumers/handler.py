@@ -204,7 +204,7 @@ class Handler:
                 elif status is PaymentStatus.CANCELLED:
                     outcomes[oid] = Outcome.ALREADY_CANCELLED
                 else:
-                    unknown[oid] = "the order store answered unknown or left it out"
+                    unknown[oid] = "the order store does not know it (unknown, or not found)"
         retries: list[Retry] = []
         dead: dict[str, str] = {}
         attempts = {c.order_id: c.attempts for c in claims}
