@@ -6,6 +6,11 @@
 Exactly-once in effect comes from at-least-once delivery plus this idempotency: the claim only
 takes rows still pending and due, so a duplicate, revoked or stale delivery claims nothing and is
 acked; a crash before commit rolls everything back and the delivery comes again.
+
+An order store that cannot answer (unreachable, failing as a whole) is an outage, not an answer
+about the orders: the batch is rolled back and handed back whole, no attempt is spent and nothing
+is dead-lettered, and the worker backs off. Attempts count only answers about an order: the store
+answered, and said `unknown` for it (or left it out).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ log = logging.getLogger("order_timeouts.handler")
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Backoff for timeouts whose payment status is unknown."""
+    """Backoff for timeouts whose payment status the order store answered as unknown."""
 
     max_attempts: int = 5
     #: broker deliveries without an ack (the worker died handling it) before it is dead-lettered
@@ -47,6 +52,7 @@ class RetryPolicy:
             max_attempts=settings.max_attempts,
             max_deliveries=settings.max_deliveries,
             base_s=settings.retry_backoff.total_seconds(),
+            cap_s=settings.retry_backoff_cap.total_seconds(),
         )
 
     def delay_ms(self, attempts: int) -> int:
@@ -70,6 +76,10 @@ class BatchReport:
     early: int = 0
     #: claim time minus due time of each claimed timeout, for the lateness histogram
     lateness_ms: list[int] = field(default_factory=list)
+
+
+class _StoreOutage(Exception):
+    """Raised inside the batch transaction to roll it back: the order store did not answer."""
 
 
 class Handler:
@@ -108,6 +118,11 @@ class Handler:
                 registry.finish(conn, outcomes, now=finished)
                 registry.retry_later(conn, retries, now=now, published=self._outbox.published_on_write)
                 registry.bury(conn, dead, now=finished)
+        except _StoreOutage as outage:
+            # Rolled back, claim and cancel included: the rows stay pending and due, their attempts
+            # untouched. A cancel the store committed before failing is found `cancelled` next time.
+            reason = f"order store: {outage.__cause__}"
+            return Settlement(failed=list(batch.deliveries), rolled_back=True, unavailable=reason), report
         except SQLAlchemyError as exc:
             reason = f"registry database: {type(exc).__name__}: {first_line(exc)}"
             return Settlement(failed=list(batch.deliveries), rolled_back=True, unavailable=reason), report
@@ -163,38 +178,33 @@ class Handler:
     def _decide(
         self, conn: Connection, claims: Sequence[Claim], now: int
     ) -> tuple[dict[str, Outcome], list[Retry], dict[str, str]]:
+        """Outcomes of the orders the store answered about, retries and dead letters of the unknown.
+
+        Raises _StoreOutage when either call fails as a whole: nothing of the batch is decided.
+        """
         outcomes: dict[str, Outcome] = {}
         unknown: dict[str, str] = {}
         if claims:
             order_ids = [c.order_id for c in claims]
             try:
                 statuses = self._store.payment_status(conn, order_ids)
+                unpaid = [oid for oid in order_ids if statuses.get(oid) is PaymentStatus.UNPAID]
+                cancelled = self._store.cancel_unpaid(conn, unpaid, from_ms(now)) if unpaid else set()
             except OrderStoreUnavailable as exc:
-                statuses, reason = {}, str(exc)
-            else:
-                reason = "order not found in the order store"
-            unpaid = [oid for oid in order_ids if statuses.get(oid) is PaymentStatus.UNPAID]
-            cancelled: set[str] = set()
-            if unpaid:
-                try:
-                    cancelled = self._store.cancel_unpaid(conn, unpaid, from_ms(now))
-                except OrderStoreUnavailable as exc:
-                    for oid in unpaid:
-                        unknown[oid] = str(exc)
-                    unpaid = []
+                raise _StoreOutage from exc
             for oid in order_ids:
                 status = statuses.get(oid, PaymentStatus.UNKNOWN)
                 if oid in cancelled:
                     outcomes[oid] = Outcome.CANCELLED
-                elif status is PaymentStatus.UNPAID and oid in unpaid:
+                elif status is PaymentStatus.UNPAID:
                     # Unpaid when we looked, not pending when we cancelled: the payment won the race.
                     outcomes[oid] = Outcome.PAID
                 elif status is PaymentStatus.PAID:
                     outcomes[oid] = Outcome.PAID
                 elif status is PaymentStatus.CANCELLED:
                     outcomes[oid] = Outcome.ALREADY_CANCELLED
-                elif oid not in unknown:
-                    unknown[oid] = reason
+                else:
+                    unknown[oid] = "the order store does not know it (unknown, or not found)"
         retries: list[Retry] = []
         dead: dict[str, str] = {}
         attempts = {c.order_id: c.attempts for c in claims}

@@ -11,11 +11,14 @@ they are, and cancel orders whose customers still have time to pay.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
+
+from scheduler.errors import InvalidTimeout
 
 log = logging.getLogger("order_timeouts.clock")
 
@@ -113,6 +116,19 @@ def to_ms(moment: datetime) -> int:
 def duration_ms(delta: timedelta) -> int:
     """The duration in whole ms, rounded up, computed exactly (a float of seconds is not)."""
     return -(-delta // _MS)
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(text: str, what: str = "duration") -> timedelta:
+    """'90s', '30m', '2h', '1d', '500ms'; a bare number is seconds. The CLI's options and the
+    environment's durations read the same way."""
+    match = _DURATION.match(text)
+    if not match:
+        raise InvalidTimeout(f"{what} {text!r} is not a duration like 90s, 30m, 2h or 1d")
+    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
 
 
 def from_ms(ms: int) -> datetime:

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from scheduler.errors import ConfigurationError
+from scheduler.clock import parse_duration
+from scheduler.errors import ConfigurationError, InvalidTimeout
 from scheduler.names import DEFAULT_SQLITE_FILE
 
 if TYPE_CHECKING:
@@ -19,6 +20,10 @@ ENV_ORDER_STORE = "ORDER_TIMEOUTS_ORDER_STORE"
 ENV_MAX_DELAY = "ORDER_TIMEOUTS_MAX_DELAY_SECONDS"
 ENV_MAX_ATTEMPTS = "ORDER_TIMEOUTS_MAX_ATTEMPTS"
 ENV_MAX_CLOCK_SKEW = "ORDER_TIMEOUTS_MAX_CLOCK_SKEW"
+ENV_RETRY_BACKOFF = "ORDER_TIMEOUTS_RETRY_BACKOFF"
+
+#: the longest first retry delay or cap ORDER_TIMEOUTS_RETRY_BACKOFF accepts
+MAX_RETRY_BACKOFF = timedelta(days=1)
 
 
 @dataclass(frozen=True)
@@ -44,8 +49,9 @@ class Settings:
     max_delay: timedelta = timedelta(days=30)
     #: attempts with payment status UNKNOWN before the timeout is dead-lettered
     max_attempts: int = 5
-    #: first retry delay for UNKNOWN payment status; doubles per attempt up to 5 minutes
+    #: first retry delay for UNKNOWN payment status; doubles per attempt up to `retry_backoff_cap`
     retry_backoff: timedelta = timedelta(seconds=2)
+    retry_backoff_cap: timedelta = timedelta(minutes=5)
     #: a broker delivery seen this many times without an ack (workers crashing on it) is dead-lettered
     max_deliveries: int = 10
     #: a process whose clock is further off the registry's than this is reported (log, metric, check)
@@ -55,12 +61,15 @@ class Settings:
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
         env = os.environ
+        backoff, backoff_cap = _backoff(env, ENV_RETRY_BACKOFF, cls.retry_backoff, cls.retry_backoff_cap)
         settings = cls(
             database_url=env.get(ENV_DATABASE_URL) or cls.database_url,
             broker_url=env.get(ENV_BROKER_URL) or cls.broker_url,
             order_store=env.get(ENV_ORDER_STORE, ""),
             max_delay=timedelta(seconds=_positive_int(env, ENV_MAX_DELAY, 30 * 86400)),
             max_attempts=_positive_int(env, ENV_MAX_ATTEMPTS, 5),
+            retry_backoff=backoff,
+            retry_backoff_cap=backoff_cap,
             max_clock_skew=_seconds(env, ENV_MAX_CLOCK_SKEW, timedelta(seconds=1)),
         )
         given = {key: value for key, value in overrides.items() if value is not None}
@@ -91,6 +100,28 @@ def _seconds(env: os._Environ[str], name: str, default: timedelta) -> timedelta:
     if not 0 < value < 86400:
         raise ConfigurationError(f"{name} must be a number of seconds above 0 and below a day, got {raw!r}")
     return timedelta(seconds=value)
+
+
+def _backoff(env: os._Environ[str], name: str, base: timedelta, cap: timedelta) -> tuple[timedelta, timedelta]:
+    """`2s` (the first retry delay; the cap stays `cap`) or `2s..10m` (first delay..cap), in the
+    duration forms of the CLI's --delay."""
+    raw = env.get(name)
+    if not raw:
+        return base, cap
+    first, dots, longest = raw.partition("..")
+    usage = f"{name} must be a duration like 2s, or first..longest like 2s..10m, each above 0 and at most a day"
+    try:
+        base = parse_duration(first)
+        if dots:
+            cap = parse_duration(longest)
+    except InvalidTimeout:
+        raise ConfigurationError(f"{usage}; got {raw!r}") from None
+    if not timedelta(0) < base <= MAX_RETRY_BACKOFF or not timedelta(0) < cap <= MAX_RETRY_BACKOFF:
+        raise ConfigurationError(f"{usage}; got {raw!r}")
+    if base > cap:
+        longest = longest.strip() or f"{cap.total_seconds():g}s (the default)"
+        raise ConfigurationError(f"{name}: the first retry delay {first.strip()} is longer than the longest, {longest}")
+    return base, cap
 
 
 def database_url(raw: str) -> URL:

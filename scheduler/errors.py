@@ -24,7 +24,8 @@ class TransportUnavailable(OrderTimeoutsError):
 
 
 class OrderStoreUnavailable(OrderTimeoutsError):
-    """The order store could not answer; payment status is unknown, so nothing is cancelled."""
+    """The order store could not answer at all: an outage, not an answer about the orders. The batch
+    is handed back whole: nothing is cancelled or decided, and no attempt is spent."""
 
 
 class MalformedMessage(OrderTimeoutsError):

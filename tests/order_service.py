@@ -3,7 +3,8 @@
 Its orders are in a database of its own (a SQLite file with an `orders` table and the demo's
 cancel log), apart from the registry, as a real order service's are: a cancel commits in the
 service, not in the worker's batch transaction. It records each request, and a test can make it
-fail, pause, or do something (a payment) just before it cancels.
+fail, pause, do something (a payment) just before it cancels, or go away and come back on the same
+port (`stop`, `start`: connections are refused meanwhile).
 """
 
 from __future__ import annotations
@@ -46,6 +47,22 @@ class OrderService:
     #: set once a cancel has committed; the answer then waits `hold_s` seconds
     cancelled: threading.Event = field(default_factory=threading.Event)
     hold_s: float = 0.0
+    #: serves on 127.0.0.1:`port` while started
+    serve: Callable[[], ThreadingHTTPServer] | None = None
+    server: ThreadingHTTPServer | None = None
+
+    def start(self) -> None:
+        """Listen (again, after `stop`) on the service's port."""
+        assert self.serve is not None and self.server is None
+        self.server = self.serve()
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        """Close the listening socket: connections are refused until `start`."""
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
 
     def answer(self, path: str, body: Any) -> tuple[int, Any]:
         store = SqlOrderStore(OrdersTableNames(), engine=self.engine)
@@ -96,14 +113,20 @@ def order_service(directory: Path, base_path: str = "/api/order-timeouts") -> It
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    service.url = f"http://127.0.0.1:{server.server_address[1]}{base_path}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    port = 0
+
+    def serve() -> ThreadingHTTPServer:
+        nonlocal port
+        server = ThreadingHTTPServer(("127.0.0.1", port), Handler)  # reuses the address: a restart binds
+        server.daemon_threads = True
+        port = server.server_address[1]
+        return server
+
+    service.serve = serve
+    service.start()
+    service.url = f"http://127.0.0.1:{port}{base_path}"
     try:
         yield service
     finally:
-        server.shutdown()
-        server.server_close()
+        service.stop()
         engine.dispose()

@@ -26,7 +26,7 @@ class PaymentStatus(StrEnum):
     UNPAID = "unpaid"  #: still waiting for payment: the timeout cancels it
     PAID = "paid"  #: paid, or moved on past payment (shipped, refunded, ...): never cancelled
     CANCELLED = "cancelled"  #: already cancelled by someone else
-    UNKNOWN = "unknown"  #: the store cannot say (order missing, service down): retried, never cancelled
+    UNKNOWN = "unknown"  #: the store answered but cannot say for this order (missing): retried, never cancelled
 
 
 class OrderStore(Protocol):
@@ -34,20 +34,25 @@ class OrderStore(Protocol):
 
     `conn` is the registry's open batch transaction. A store on the same database should use it,
     so that the cancel and the registry outcome commit together; any other store may ignore it.
+
+    Raise OrderStoreUnavailable when the store cannot answer at all (unreachable, an error of the
+    whole request, an answer it cannot read). That is an outage, not an answer: the handler rolls
+    the batch back and hands it back whole, spends no attempt and dead-letters nothing, and the
+    worker backs off. Only an answer about an order (UNKNOWN for it) spends one of its attempts.
+    Both calls should give up well within a few seconds: a worker holds its batch meanwhile.
     """
 
     def payment_status(self, conn: Connection, order_ids: Sequence[str]) -> dict[str, PaymentStatus]:
-        """Status of each order; an id missing from the answer counts as UNKNOWN.
-
-        Raise OrderStoreUnavailable when the store cannot answer at all.
-        """
+        """Status of each order; an id missing from the answer counts as UNKNOWN."""
         ...
 
     def cancel_unpaid(self, conn: Connection, order_ids: Sequence[str], now: datetime) -> set[str]:
         """Cancel the orders that are still unpaid, conditionally, and return the ids cancelled.
 
         An order paid between `payment_status` and this call must stay paid: the payment wins.
-        Must be idempotent: cancelling an already cancelled order changes nothing.
+        Must be idempotent: cancelling an already cancelled order changes nothing. After a failure
+        of this call the whole batch is asked again (status, then cancel): a cancel that took effect
+        before the failure is then seen as CANCELLED.
         """
         ...
 

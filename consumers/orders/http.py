@@ -2,6 +2,7 @@
 
     ORDER_TIMEOUTS_ORDER_STORE=https://orders.internal/order-timeouts
     ORDER_TIMEOUTS_ORDER_STORE_TOKEN=…        # optional: sent as `Authorization: Bearer …`
+    ORDER_TIMEOUTS_ORDER_STORE_TIMEOUT=4s     # optional: the longest wait to connect, send or read
 
 For an order service that owns its orders behind an API (its own database, its own side effects
 of a cancel: stock, e-mails, refunds). The service implements two endpoints under that base URL:
@@ -23,10 +24,17 @@ registry committed hands the batch on, and the same order ids come again. The se
 `cancelled` at its status query. The Idempotency-Key (the same for the same orders) lets a service
 that keeps keys answer a repeated request as it answered the first.
 
-What the worker does with the answers is the handler's: unknown, a 5xx, a timeout or a refused
-connection are never a reason to cancel; the timeout is retried with backoff, then dead-lettered.
-A 4xx is the same, with the service's own words in the reason. `http://user:password@host/…`
-sends basic auth; the password and the token never appear in logs or output.
+What the worker does with the answers is the handler's. Nothing but an answer is a reason to
+cancel. A request that fails as a whole (refused or reset connection, timeout, any status but 200,
+an answer that is not this protocol) raises OrderStoreUnavailable: an outage, after which the batch
+is handed back whole, spends no attempt, and the worker backs off; the reason quotes the service's
+own words. Only `unknown` for an order (or the order left out) spends one of its attempts.
+`http://user:password@host/…` sends basic auth; the password and the token never appear in logs or
+output.
+
+A batch makes at most two requests, each giving up after the timeout, with one immediate retry of
+a connection that could not be made: with the default 4 s a batch waits on the service for about
+8 s at worst, well within the 15 s a worker may hold its batch before another takes it over.
 """
 
 from __future__ import annotations
@@ -42,17 +50,21 @@ import httpx
 from sqlalchemy import Connection
 
 from consumers.orders import PaymentStatus
+from scheduler.clock import parse_duration
 from scheduler.config import redact
-from scheduler.errors import ConfigurationError, OrderStoreUnavailable
+from scheduler.errors import ConfigurationError, InvalidTimeout, OrderStoreUnavailable
 
 #: the logger's name is part of the output that operators filter on
 log = logging.getLogger("order_timeouts.orders_http")
 
 ENV_ORDER_STORE_TOKEN = "ORDER_TIMEOUTS_ORDER_STORE_TOKEN"
-#: seconds for each request, connection included; a batch waits at most this long per step
-TIMEOUT_S = 10.0
-#: a refused or reset connection is tried again this often before the store gives up on the batch
-CONNECT_RETRIES = 2
+ENV_ORDER_STORE_TIMEOUT = "ORDER_TIMEOUTS_ORDER_STORE_TIMEOUT"
+#: the longest wait for each phase of a request (connect, send, each read of the answer)
+TIMEOUT_S = 4.0
+#: the longest timeout ORDER_TIMEOUTS_ORDER_STORE_TIMEOUT accepts
+MAX_TIMEOUT_S = 60.0
+#: a connection that could not be made is tried again this often, at once, before the request fails
+CONNECT_RETRIES = 1
 #: the longest answer excerpt quoted in a reason
 EXCERPT = 200
 CANCEL_REASON = "payment timeout"
@@ -61,7 +73,13 @@ CANCEL_REASON = "payment timeout"
 class HttpOrderStore:
     """Payment status and conditional cancel through the order service's HTTP API (module docstring)."""
 
-    def __init__(self, base_url: str, token: str | None = None, transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        transport: httpx.BaseTransport | None = None,
+        timeout_s: float = TIMEOUT_S,
+    ) -> None:
         try:
             url = httpx.URL(base_url)
             valid = url.scheme in ("http", "https") and bool(url.host) and 0 < (url.port or 80) < 65536
@@ -76,7 +94,7 @@ class HttpOrderStore:
         self._client = httpx.Client(
             base_url=url.copy_with(path=url.path.rstrip("/") + "/"),
             headers=headers,
-            timeout=TIMEOUT_S,
+            timeout=timeout_s,
             transport=transport or httpx.HTTPTransport(retries=CONNECT_RETRIES),
         )
 
@@ -139,5 +157,22 @@ def idempotency_key(order_ids: Sequence[str]) -> str:
 
 
 def from_env(base_url: str) -> HttpOrderStore:
-    """The store of ORDER_TIMEOUTS_ORDER_STORE=http(s)://…, with the token from the environment."""
-    return HttpOrderStore(base_url, token=os.environ.get(ENV_ORDER_STORE_TOKEN) or None)
+    """The store of ORDER_TIMEOUTS_ORDER_STORE=http(s)://…, with the token and timeout from the environment."""
+    return HttpOrderStore(base_url, token=os.environ.get(ENV_ORDER_STORE_TOKEN) or None, timeout_s=timeout_from_env())
+
+
+def timeout_from_env() -> float:
+    """ORDER_TIMEOUTS_ORDER_STORE_TIMEOUT in seconds (a duration like the CLI's --delay: 4s, 1500ms)."""
+    raw = os.environ.get(ENV_ORDER_STORE_TIMEOUT)
+    if not raw:
+        return TIMEOUT_S
+    try:
+        seconds = parse_duration(raw).total_seconds()
+    except InvalidTimeout:
+        seconds = 0.0
+    if not 0 < seconds <= MAX_TIMEOUT_S:
+        raise ConfigurationError(
+            f"{ENV_ORDER_STORE_TIMEOUT} must be a duration like 4s or 1500ms, above 0 and at most "
+            f"{MAX_TIMEOUT_S:g}s; got {raw!r}"
+        )
+    return seconds

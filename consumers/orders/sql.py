@@ -21,6 +21,9 @@ class SqlOrderStore:
     handler's batch transaction. With an engine of its own, the cancel commits first and the
     registry outcome after; a crash in between is harmless because the retry finds the order
     already cancelled.
+
+    A database error is the store failing as a whole (OrderStoreUnavailable): the handler rolls the
+    batch transaction back, so no savepoint is needed to keep it usable, and none costs a round trip.
     """
 
     def __init__(self, names: OrdersTableNames, engine: Engine | None = None) -> None:
@@ -37,10 +40,7 @@ class SqlOrderStore:
         stmt = select(self._id, self._status).where(self._id.in_(order_ids))
         try:
             if self._engine is None:
-                # A savepoint, so that a broken orders table fails only this step: the batch
-                # transaction stays usable and records the retry (PostgreSQL would abort it).
-                with conn.begin_nested():
-                    rows = conn.execute(stmt).all()
+                rows = conn.execute(stmt).all()
             else:
                 with self._engine.connect() as own:
                     rows = own.execute(stmt).all()
@@ -62,8 +62,7 @@ class SqlOrderStore:
         )
         try:
             if self._engine is None:
-                with conn.begin_nested():
-                    return set(conn.execute(stmt).scalars())
+                return set(conn.execute(stmt).scalars())
             with self._engine.begin() as own:
                 return set(own.execute(stmt).scalars())
         except SQLAlchemyError as exc:

@@ -15,12 +15,12 @@ from scheduler.cli.render import (
     human,
     instant_ms,
     iso,
-    parse_duration,
     print_json,
     record_json,
     relative,
     timeouts_table,
 )
+from scheduler.clock import parse_duration
 from scheduler.errors import InvalidTimeout, TimeoutNotFound
 
 dead_app = typer.Typer(help="Dead-lettered timeouts: list them, replay them.", no_args_is_help=True)

@@ -9,7 +9,8 @@ from typing import Annotated
 import typer
 
 from scheduler.cli import Context, app
-from scheduler.cli.render import console, parse_duration, parse_instant, print_json, record_json
+from scheduler.cli.render import console, parse_instant, print_json, record_json
+from scheduler.clock import parse_duration
 from scheduler.config import redact
 from scheduler.errors import InvalidTimeout
 

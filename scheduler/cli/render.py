@@ -1,12 +1,11 @@
-"""Parsing and printing for the CLI: durations, instants, tables for people, JSON for scripts."""
+"""Parsing and printing for the CLI: instants, tables for people, JSON for scripts."""
 
 from __future__ import annotations
 
 import json
-import re
 import sys
 from dataclasses import asdict
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -19,16 +18,6 @@ if TYPE_CHECKING:
     from scheduler.registry import TimeoutRecord
 
 console = Console()
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
-
-
-def parse_duration(text: str, what: str = "duration") -> timedelta:
-    """'90s', '30m', '2h', '1d', '500ms'; a bare number is seconds."""
-    match = _DURATION.match(text)
-    if not match:
-        raise InvalidTimeout(f"{what} {text!r} is not a duration like 90s, 30m, 2h or 1d")
-    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
 
 
 def parse_instant(text: str, what: str = "time") -> datetime:

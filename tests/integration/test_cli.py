@@ -205,3 +205,28 @@ def test_a_registry_without_its_tables_is_one_line_naming_init_db_not_a_tracebac
         )
         assert done.returncode == 1, done.stderr
         assert done.stderr == "error: the registry database: registry tables missing: run `order-timeouts init-db`\n"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("ORDER_TIMEOUTS_RETRY_BACKOFF", "10m..2s"),
+        ("ORDER_TIMEOUTS_RETRY_BACKOFF", "soon"),
+        ("ORDER_TIMEOUTS_ORDER_STORE_TIMEOUT", "2m"),
+    ],
+)
+def test_a_worker_with_a_bad_retry_or_order_store_setting_exits_2_with_one_line_naming_it(
+    tmp_path: Path, variable: str, value: str
+) -> None:
+    env = {
+        **os.environ,
+        "ORDER_TIMEOUTS_DATABASE_URL": f"sqlite:///{tmp_path / 'registry.sqlite3'}",
+        "ORDER_TIMEOUTS_BROKER_URL": "sql",
+        "ORDER_TIMEOUTS_ORDER_STORE": "http://127.0.0.1:9/api",
+        variable: value,
+    }
+    argv = [sys.executable, "-m", "scheduler", "worker", "--burst"]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == ""
+    assert done.stderr.startswith(f"error: {variable}") and len(done.stderr.strip().splitlines()) == 1

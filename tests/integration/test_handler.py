@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from consumers.handler import Handler
 from consumers.orders.sql import SqlOrderStore
@@ -15,32 +15,29 @@ from tests.conftest import Stack
 from tests.support import add_orders, cancel_counts, order_status
 
 
-def test_a_broken_order_store_retries_then_dead_letters_and_cancels_nothing(db_stack: Stack) -> None:
+def test_a_database_error_of_the_orders_table_is_an_outage_that_spends_no_attempt(db_stack: Stack) -> None:
     add_orders(db_stack.engine, ["s-1", "s-2"])
-    base = db_stack.timeouts().settings
     # The orders table is misnamed: every payment query fails inside the batch transaction.
-    broken = db_stack.timeouts(
-        orders=replace(OrdersTableNames(), table="no_such_orders"),
-        max_attempts=2,
-        retry_backoff=timedelta(milliseconds=100),
-    )
-    assert base.orders.table == "orders"
+    broken = db_stack.timeouts(orders=replace(OrdersTableNames(), table="no_such_orders"), max_attempts=1)
     broken.schedule_many(["s-1", "s-2"], due_at=datetime.now(UTC))
+    store = SqlOrderStore(broken.settings.orders)
+    handler = Handler(broken.engine, store, clock=broken.clock, worker_id="t", outbox=broken.outbox)
 
-    first = db_stack.drain(broken)
-    assert (first.claimed, first.retried, first.cancelled) == (2, 2, 0)
-    record = broken.get("s-1")
-    assert record is not None and record.state is TimeoutState.PENDING and record.attempts == 1
-    assert record.error and "orders table unreadable" in record.error
+    for _ in range(3):  # more batches than attempts allowed
+        settlement, _ = handler.handle(DueRows(limit=10))
+        assert settlement.rolled_back and (settlement.done, settlement.retry, settlement.dead) == ([], [], [])
+        assert settlement.unavailable is not None and "order store: orders table unreadable" in settlement.unavailable
+    for order_id in ("s-1", "s-2"):
+        record = broken.get(order_id)
+        assert record is not None and (record.state, record.attempts, record.error) == (TimeoutState.PENDING, 0, None)
 
-    def both_dead() -> bool:
-        return all(broken.get(oid).state is TimeoutState.DEAD for oid in ("s-1", "s-2"))  # type: ignore[union-attr]
-
-    db_stack.drain_until(both_dead, client=broken)
-    record = broken.get("s-1")
-    assert record is not None and record.attempts == 2
-    assert order_status(db_stack.engine) == {"s-1": "PENDING", "s-2": "PENDING"}
-    assert cancel_counts(db_stack.engine) == {}
+    # The table is back (its names fixed): the same rows are due and are decided on their first attempt.
+    fixed = SqlOrderStore(OrdersTableNames())
+    handler = Handler(broken.engine, fixed, clock=broken.clock, worker_id="t", outbox=broken.outbox)
+    settlement, report = handler.handle(DueRows(limit=10))
+    assert report.cancelled == 2 and not settlement.rolled_back
+    assert order_status(db_stack.engine) == {"s-1": "CANCELLED", "s-2": "CANCELLED"}
+    assert cancel_counts(db_stack.engine) == {"s-1": 1, "s-2": 1}
 
 
 class SteppingClock:

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from consumers.handler import Handler
 from consumers.orders import PaymentStatus, load_order_store
 from consumers.orders.http import ENV_ORDER_STORE_TOKEN, HttpOrderStore, idempotency_key
-from scheduler import Outcome, Settings, TimeoutState
+from scheduler import OrderTimeouts, Outcome, Settings, TimeoutState
 from scheduler.config import ENV_ORDER_STORE
 from scheduler.errors import ConfigurationError, OrderStoreUnavailable
+from scheduler.transports.sql.adapter import DueRows
 from tests.conftest import ROOT, Stack, open_stack
 from tests.order_service import OrderService, order_service
 from tests.stacks import DATABASES
@@ -25,6 +27,11 @@ from tests.support import add_orders, cancel_counts, free_port, order_status, pa
 @pytest.fixture(params=sorted(DATABASES))
 def sql(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
     yield from open_stack(request.param, DATABASES, tmp_path)
+
+
+def handler_of(client: OrderTimeouts, store: HttpOrderStore) -> Handler:
+    """The handler a worker of `client` runs, for a test that drives one batch by hand."""
+    return Handler(client.engine, store, clock=client.clock, worker_id="test", outbox=client.outbox)
 
 
 @pytest.fixture
@@ -75,31 +82,74 @@ def test_a_payment_that_wins_the_race_at_the_service_is_recorded_as_paid(sql: St
     [
         ((503, "upstream overloaded"), "HTTP 503: upstream overloaded"),
         ((401, '{"error": "bad token"}'), 'HTTP 401: {"error": "bad token"}'),
+        ((404, "no such route"), "HTTP 404: no such route"),
         ((200, "<html>a proxy's page</html>"), "the answer has no 'orders' dict"),
     ],
-    ids=["5xx", "4xx", "not-json"],
+    ids=["5xx", "401", "404", "not-json"],
 )
-def test_an_order_service_that_cannot_answer_cancels_nothing_and_the_timeout_is_retried(
+def test_an_order_service_that_cannot_answer_is_an_outage_that_decides_nothing_and_spends_no_attempt(
     sql: Stack, service: OrderService, failing: tuple[int, str], reason: str
 ) -> None:
-    add_orders(service.engine, ["o-1"])
-    client = sql.timeouts(order_store=service.url)
-    client.schedule("o-1", due_at=datetime.now(UTC))
+    add_orders(service.engine, ["o-1", "p-1"])
+    pay(service.engine, "p-1")
+    client = sql.timeouts(order_store=service.url, max_attempts=1)
+    client.schedule_many(["o-1", "p-1"], due_at=datetime.now(UTC))
     service.failing = failing
+    handler = handler_of(client, HttpOrderStore(service.url))
+
+    for _ in range(3):  # more batches than attempts allowed: an outage spends none
+        settlement, _ = handler.handle(DueRows(limit=10))
+        assert settlement.rolled_back and settlement.unavailable is not None
+        assert settlement.unavailable.startswith("order store: ") and reason in settlement.unavailable
+        assert (settlement.done, settlement.retry, settlement.dead) == ([], [], [])
+    records = registry_records(sql.engine)
+    assert {(r.state, r.attempts, r.outcome) for r in records.values()} == {(TimeoutState.PENDING, 0, None)}
+    assert order_status(service.engine) == {"o-1": "PENDING", "p-1": "PAID"}
+
+    service.failing = None
+    totals = sql.drain(client)
+    assert (totals.cancelled, totals.paid, totals.retried, totals.dead) == (1, 1, 0, 0)
+    assert cancel_counts(service.engine) == {"o-1": 1}
+    assert registry_records(sql.engine)["o-1"].attempts == 1
+
+
+def test_a_cancel_that_fails_as_a_whole_decides_nothing_and_the_repeat_finds_the_order_cancelled(
+    sql: Stack, service: OrderService
+) -> None:
+    add_orders(service.engine, ["c-1", "c-2", "p-1"])
+    pay(service.engine, "p-1")
+    client = sql.timeouts(order_store=service.url, max_attempts=1)
+    client.schedule_many(["c-1", "c-2", "p-1"], due_at=datetime.now(UTC))
+    service.hold_s = 1.0  # the service cancels, then answers too late for the worker
+    handler = handler_of(client, HttpOrderStore(service.url, timeout_s=0.3))
+
+    settlement, _ = handler.handle(DueRows(limit=10))
+
+    assert settlement.rolled_back and settlement.unavailable is not None and "cancel" in settlement.unavailable
+    assert cancel_counts(service.engine) == {"c-1": 1, "c-2": 1}, "the service did cancel"
+    records = registry_records(sql.engine)
+    assert {(r.state, r.attempts) for r in records.values()} == {(TimeoutState.PENDING, 0)}, "even p-1 is undecided"
+
+    service.hold_s = 0.0
+    totals = sql.drain(client)
+    assert (totals.already_cancelled, totals.paid, totals.cancelled) == (2, 1, 0)
+    assert cancel_counts(service.engine) == {"c-1": 1, "c-2": 1}
+    assert len(service.of("cancel")) == 1, "the repeat asks for the status and needs no cancel"
+
+
+def test_an_order_the_service_answers_unknown_spends_an_attempt_and_the_others_are_decided(
+    sql: Stack, service: OrderService
+) -> None:
+    add_orders(service.engine, ["known"])
+    client = sql.timeouts(order_store=service.url, max_attempts=2)
+    client.schedule_many(["known", "missing"], due_at=datetime.now(UTC))
 
     totals = sql.drain(client)
 
-    assert totals.retried == 1 and totals.cancelled == 0
-    record = registry_records(sql.engine)["o-1"]
+    assert (totals.cancelled, totals.retried, totals.dead) == (1, 1, 0)
+    record = registry_records(sql.engine)["missing"]
     assert record.state is TimeoutState.PENDING and record.attempts == 1
-    assert record.error is not None and reason in record.error
-    assert order_status(service.engine) == {"o-1": "PENDING"}
-
-    service.failing = None
-    client.reschedule("o-1", due_at=datetime.now(UTC))  # the backoff, skipped
-    sql.drain(client)
-    assert registry_records(sql.engine)["o-1"].outcome is Outcome.CANCELLED
-    assert cancel_counts(service.engine) == {"o-1": 1}
+    assert record.error is not None and "payment status unknown" in record.error
 
 
 def test_statuses_the_service_does_not_know_are_unknown_never_a_cancel(tmp_path: Path) -> None:
