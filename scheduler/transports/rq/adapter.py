@@ -111,10 +111,12 @@ from sqlalchemy import Engine
 from scheduler.clock import Clock
 from scheduler.errors import MalformedMessage, TransportUnavailable
 from scheduler.transports.base import FAILED_REDELIVERY_MS, Batch, BrokerTransport, Delivery, Settlement, TimerMessage
+from scheduler.transports.redis.lineage import LineageMarkers
 from scheduler.transports.redis.options import MAX_BLOCK_MS, RedisOptions, connect
+from scheduler.transports.redis.sentinel import connect_sentinel, is_sentinel_url, parse_sentinel_url
 from scheduler.transports.rq.executions import Executions
 from scheduler.transports.rq.jobs import ARM_SCRIPT, JobTemplate, seconds
-from scheduler.transports.rq.keys import RQ_JOB_FUNCTION, RQ_META_DELIVERIES, rq_job_id, rq_order_id
+from scheduler.transports.rq.keys import RQ_JOB_FUNCTION, RQ_META_DELIVERIES, rq_job_id, rq_lineage_key, rq_order_id
 from scheduler.transports.rq.options import parse_url
 
 log = logging.getLogger("order_timeouts.transports.rq")
@@ -191,6 +193,7 @@ class RQTransport(BrokerTransport):
         self._executions: Executions | None = None
         self._maintainer: SimpleWorker | None = None
         self._next_maintenance = 0.0
+        self._markers = LineageMarkers([rq_lineage_key(self.options.queue)])
         self._name = f"order-timeouts:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
     def job_id(self, order_id: str) -> str:
@@ -203,6 +206,16 @@ class RQTransport(BrokerTransport):
         latest = {m.order_id: m for m in messages}  # one job per order: the last message wins
         with self._edge("publish"):
             self._arm(self._redis(), list(latest.values()))
+
+    def lost_timers(self) -> bool:
+        """The queue's marker is missing or names another replication ID than the server's
+        (scheduler/transports/redis/lineage.py)."""
+        with self._edge("lineage"):
+            return self._markers.lost(self._redis())
+
+    def timers_restored(self) -> None:
+        with self._edge("lineage"):
+            self._markers.restore(self._redis())
 
     def revoke(self, order_ids: Sequence[str]) -> None:
         """Delete the jobs (`Job.delete`: hash, registries, queue entry)."""
@@ -374,7 +387,10 @@ class RQTransport(BrokerTransport):
         self._next_maintenance = time.monotonic() + self.options.maintenance_interval
         if self._maintainer is None:
             # Its own connection: RQ's worker raises the socket timeout of the connection it is given.
-            client = redis.Redis.from_url(self._url, socket_connect_timeout=2.0)
+            if is_sentinel_url(self._url):
+                client = connect_sentinel(parse_sentinel_url(self._url), socket_connect_timeout=2.0)
+            else:
+                client = redis.Redis.from_url(self._url, socket_connect_timeout=2.0)
             self._maintainer = SimpleWorker(
                 [Queue(self.options.queue, connection=client, serializer=JSONSerializer)],
                 name=self._name,

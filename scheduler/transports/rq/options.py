@@ -12,6 +12,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from scheduler.config import bounded_int, redact
 from scheduler.errors import ConfigurationError
+from scheduler.transports.redis.sentinel import is_sentinel_url, parse_sentinel_url
 from scheduler.transports.rq.keys import RQ_DEFAULT_JOB_PREFIX, RQ_DEFAULT_QUEUE, RQ_JOB_ID_CHARACTERS
 
 
@@ -42,8 +43,10 @@ _LIMITS = {
 def parse_url(broker_url: str) -> tuple[str, RQOptions]:
     """The redis:// URL redis-py gets, and our options; bad options raise ConfigurationError."""
     scheme, sep, rest = broker_url.partition("://")
-    if not sep or scheme.lower() not in ("rq+redis", "rq+rediss"):
-        raise ConfigurationError(f"not an rq broker URL (rq+redis:// or rq+rediss://): {redact(broker_url)}")
+    if not sep or scheme.lower() not in ("rq+redis", "rq+rediss", "rq+redis+sentinel"):
+        raise ConfigurationError(
+            f"not an rq broker URL (rq+redis://, rq+rediss:// or rq+redis+sentinel://): {redact(broker_url)}"
+        )
     parts = urlsplit(f"{scheme.lower().removeprefix('rq+')}://{rest}")
     ours: dict[str, Any] = {}
     passed: list[tuple[str, str]] = []
@@ -64,4 +67,7 @@ def parse_url(broker_url: str) -> tuple[str, RQOptions]:
         # A deployment of its own: a shared queue would hand its jobs to another deployment's
         # workers, which dead-letter them as not theirs (the job id has the wrong prefix).
         ours["queue"] = f"{RQ_DEFAULT_QUEUE}_{ours['prefix']}"
-    return urlunsplit(parts._replace(query=urlencode(passed))), RQOptions(**ours)
+    url = urlunsplit(parts._replace(query=urlencode(passed)))
+    if is_sentinel_url(url):
+        parse_sentinel_url(url)  # a bad form fails here, at start-up, not on first use
+    return url, RQOptions(**ours)
