@@ -633,9 +633,11 @@ def test_a_redis_that_stalls_during_the_execution_check_is_retried_not_taken_for
 
 
 def test_the_url_options_are_checked() -> None:
-    url, options = parse_url("rq+rediss://:pw@host:6380/2?queue=q1&prefix=p-1&job_timeout=30&ssl_cert_reqs=none")
+    url, options = parse_url(
+        "rq+rediss://:pw@host:6380/2?queue=q1&prefix=p-1&job_timeout=30&worker_lease=20&ssl_cert_reqs=none"
+    )
     assert url == "rediss://:pw@host:6380/2?ssl_cert_reqs=none"
-    assert (options.queue, options.prefix, options.job_timeout, options.lease_s) == ("q1", "p-1", 30, 90)
+    assert (options.queue, options.prefix, options.job_timeout, options.lease_s) == ("q1", "p-1", 30, 20)
     for bad in ("prefix=a:b", "queue=", "job_timeout=0", "failure_ttl=x"):
         with pytest.raises(ConfigurationError):
             parse_url(f"rq+redis://host/0?{bad}")

@@ -31,8 +31,8 @@ Options:
 - `shards` (default 1): sorted-set/stream pairs the timers are spread over (crc32 of the order id).
   Each shard hashes to its own cluster slot, so on Redis Cluster the shards spread over the nodes.
   Changing it strands timers on shards no longer read: the reconciler republishes them.
-- `claim_idle_ms` (default 15000): an entry delivered and left unacked this long is taken over by
-  another worker: how long a frozen or partitioned worker holds its timeouts. Keep it well above the
+- `claim_idle_ms` (default 12000): an entry delivered and left unacked this long is taken over by
+  another worker, within 2 s more: how long a frozen or partitioned worker holds its timeouts. Keep it well above the
   time one batch takes, or a slow batch is handled a second time meanwhile (the registry makes that
   second run a no-op, but it is work done twice).
 - `cluster` (default 0): `1` connects through redis.cluster.RedisCluster; the host is a seed node.
@@ -118,7 +118,9 @@ class RedisTransport(BrokerTransport):
         self._consumed = False
         self._claim_cursors = ["0-0"] * self.options.shards
         self._next_claim_at = 0.0
-        self._claim_every_s = min(max(self.options.claim_idle_ms / 4000, 0.05), 5.0)
+        # Every worker looks for idle entries this often, so a frozen worker's entries are taken over
+        # at most claim_idle_ms + this (+ one receive) after they were delivered.
+        self._claim_every_s = min(max(self.options.claim_idle_ms / 4000, 0.05), 2.0)
         self._earliest_shard = 0  # where a cluster worker blocks: the shard of the earliest timer
         self._first_shard = 0  # rotates, so that no shard's stream waits behind the others
 

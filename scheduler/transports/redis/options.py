@@ -32,7 +32,7 @@ MAX_BLOCK_MS = 2000
 class RedisOptions:
     prefix: str = REDIS_DEFAULT_PREFIX
     shards: int = 1
-    claim_idle_ms: int = 15_000
+    claim_idle_ms: int = 12_000
     cluster: bool = False
     move_batch: int = 1000
     dead_maxlen: int = 100_000

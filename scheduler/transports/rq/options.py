@@ -23,13 +23,14 @@ class RQOptions:
     job_timeout: int = 60
     failure_ttl: int = 7 * 86_400
     move_batch: int = 1000
-    maintenance_interval: int = 30
+    maintenance_interval: int = 3
+    worker_lease: int = 10
 
     @property
     def lease_s(self) -> int:
-        """How long a job stays in the StartedJobRegistry before RQ's cleanup treats it as abandoned:
-        what RQ's SimpleWorker gives a job (its timeout + 60 s)."""
-        return self.job_timeout + 60
+        """How long a job our Worker took stays in the StartedJobRegistry before RQ's cleanup treats
+        it as abandoned and re-queues it (rq workers give their jobs RQ's own lease instead)."""
+        return self.worker_lease
 
 
 _LIMITS = {
@@ -37,6 +38,7 @@ _LIMITS = {
     "failure_ttl": (1, 10 * 365 * 86_400),
     "move_batch": (1, 10_000),
     "maintenance_interval": (1, 86_400),
+    "worker_lease": (1, 86_400),
 }
 
 
