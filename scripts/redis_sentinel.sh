@@ -123,21 +123,28 @@ EOF
   wait_up "$port" sentinel
 done
 
-# Ready when every sentinel agrees on a live primary and knows the other sentinels.
+# Ready when every sentinel agrees on a live primary, knows the other sentinels and every replica,
+# and every replica is in sync: then a failover can start at once.
 ready() {
   local port agreed=""
   for port in "${sentinels[@]}"; do
     local info
     info=$(cli "$port" sentinel master "$service" 2>/dev/null | paste - - ) || return 1
     grep -q "^num-other-sentinels	$((${#sentinels[@]} - 1))$" <<<"$info" || return 1
+    grep -q "^num-slaves	$((${#servers[@]} - 1))$" <<<"$info" || return 1
+    cli "$port" sentinel replicas "$service" 2>/dev/null | grep -q 's_down' && return 1
     local addr
     addr=$(cli "$port" sentinel get-master-addr-by-name "$service" 2>/dev/null | sed -n 2p)
     [ -n "$addr" ] || return 1
     [ -z "$agreed" ] || [ "$agreed" = "$addr" ] || return 1
     agreed=$addr
   done
-  [ "$(role "$agreed")" = master ]
+  [ "$(role "$agreed")" = master ] || return 1
+  for port in "${servers[@]}"; do
+    [ "$port" = "$agreed" ] && continue
+    cli "$port" info replication 2>/dev/null | grep -q '^master_link_status:up' || return 1
+  done
 }
-for _ in $(seq 1 150); do ready && break; sleep 0.1; done
+for _ in $(seq 1 300); do ready && break; sleep 0.1; done
 ready || { log "the sentinels do not agree on a primary yet; 'scripts/redis_sentinel.sh status'"; exit 1; }
 log "Redis primary on 127.0.0.1:$(primary), replica(s) and sentinels on ${sentinels[*]} (service $service)"

@@ -495,7 +495,9 @@ def test_an_rq_worker_killed_mid_job_cancels_nothing_and_rqs_cleanup_brings_the_
     assert StartedJobRegistry(queue=queue(rq, client)).get_job_ids(cleanup=False) == [job_id]
 
     # RQ's abandoned-job cleanup, as any rq worker runs it once the lease is over, re-queues the job.
-    StartedJobRegistry(queue=queue(rq, client)).cleanup(timestamp=time.time() + transport(rq).options.lease_s + 1)
+    # The lease is RQ's own for an rq worker's job (its heartbeat TTL), within job_timeout + 60 s.
+    rq_lease_s = transport(rq).options.job_timeout + 60
+    StartedJobRegistry(queue=queue(rq, client)).cleanup(timestamp=time.time() + rq_lease_s + 1)
     assert queue(rq, client).job_ids == [job_id]
     run_rq_worker(rq, "-c", "consumers.rq_settings", name="w2")
     assert cancel_counts(rq.engine) == {"k-1": 1}

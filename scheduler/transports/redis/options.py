@@ -43,7 +43,10 @@ _LIMITS = {"shards": (1, 16384), "claim_idle_ms": (1, 86_400_000), "move_batch":
 
 def parse_url(broker_url: str) -> tuple[str, RedisOptions]:
     """Split a broker URL into the URL redis-py gets and our options; bad options raise ConfigurationError."""
-    parts = urlsplit(broker_url)
+    try:
+        parts = urlsplit(broker_url)
+    except ValueError as exc:  # an unbalanced IPv6 bracket
+        raise ConfigurationError(f"bad redis URL {redact(broker_url)!r}: {exc}") from None
     ours: dict[str, Any] = {}
     passed: list[tuple[str, str]] = []
     for key, value in parse_qsl(parts.query, keep_blank_values=True):

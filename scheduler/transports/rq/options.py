@@ -49,7 +49,10 @@ def parse_url(broker_url: str) -> tuple[str, RQOptions]:
         raise ConfigurationError(
             f"not an rq broker URL (rq+redis://, rq+rediss:// or rq+redis+sentinel://): {redact(broker_url)}"
         )
-    parts = urlsplit(f"{scheme.lower().removeprefix('rq+')}://{rest}")
+    try:
+        parts = urlsplit(f"{scheme.lower().removeprefix('rq+')}://{rest}")
+    except ValueError as exc:  # an unbalanced IPv6 bracket
+        raise ConfigurationError(f"bad rq broker URL {redact(broker_url)!r}: {exc}") from None
     ours: dict[str, Any] = {}
     passed: list[tuple[str, str]] = []
     for key, value in parse_qsl(parts.query, keep_blank_values=True):
