@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
 import pytest
@@ -161,20 +162,24 @@ def redis_cluster_with_replicas() -> str:
 # -- a deployment under test ---------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(eq=False)
 class Deployment:
     """Worker processes and a maintain process on one stack, and the orders they work on."""
 
     stack: Stack
     processes: list[subprocess.Popen[str]] = field(default_factory=list)
 
-    def start(self, workers: int = 2) -> None:
+    def start(self, workers: int = 2, maintain: bool = True) -> None:
         for _ in range(workers):
             self.processes.append(self.stack.start_worker("--batch-size", "100"))
+        if not maintain:
+            return
         argv = [sys.executable, "-m", "scheduler", "maintain", "--grace", "60s"]
         # The reconciler's grace stays at 60 s: whatever is republished sooner, the marker found.
         self.processes.append(
-            subprocess.Popen(argv, env=self.stack.env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.Popen(
+                argv, env=self.stack.env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True
+            )
         )
 
     def schedule(self, count: int, first_due_in: float, every: float, per_due: int = 10, first: int = 0) -> list[str]:
@@ -200,9 +205,15 @@ class Deployment:
         with reading(self.stack.engine) as conn:
             return count_pending(conn)
 
+    def all_finished(self) -> bool:
+        return self.pending() == 0
+
+    def all_published(self) -> bool:
+        return all(r.published_ms for r in registry_records(self.stack.engine).values())
+
     def check(self, ids: list[str], paid: set[str], failed_at_ms: int, within: float) -> dict[str, float]:
         """Wait for every timeout to finish, then check the outcome; returns the figures."""
-        wait_until(lambda: self.pending() == 0, timeout=within + 15)
+        wait_until(self.all_finished, timeout=within + 15)
         assert all(p.poll() is None for p in self.processes), "every process survived"
         records = registry_records(self.stack.engine)
         counts = cancel_counts(self.stack.engine)
@@ -247,65 +258,85 @@ def deployment(tmp: Path, database_url: str, broker: str) -> Iterator[Deployment
             run.stop()
 
 
+@contextlib.contextmanager
+def side_by_side(
+    tmp: Path, brokers: dict[str, str], database_url: Callable[[], Any] = postgres_schema
+) -> Iterator[dict[str, Deployment]]:
+    """A deployment per transport (its own registry schema and namespace), all through one failure."""
+    with contextlib.ExitStack() as stack:
+        runs = {}
+        for name, broker in brokers.items():
+            url = stack.enter_context(database_url())
+            runs[name] = stack.enter_context(deployment(tmp / name, url, broker))
+        yield runs
+
+
+def both(base: str) -> dict[str, str]:
+    """A redis and an rq broker URL on `base`, each with a key prefix or queue of its own."""
+    name = unique("ha")
+    return {"redis": broker_url(name, base), "rq": rq_broker_url(name, base)}
+
+
 def report(name: str, figures: dict[str, float]) -> None:
     log.info("%s: %s", name, ", ".join(f"{k}={v:.2f}" for k, v in figures.items()))
-
-
-def ha_broker(transport: str, base: str) -> str:
-    """A broker URL with a key prefix (redis) or queue (rq) of our own on one of our servers."""
-    name = unique("ha")
-    return broker_url(name, base) if transport == "redis" else rq_broker_url(name, base)
 
 
 # -- Redis restarted empty -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("transport", ["redis", "rq"])
-def test_a_redis_restarted_empty_is_refilled_by_the_relay_within_seconds(transport: str, tmp_path: Path) -> None:
+def test_a_redis_restarted_empty_is_refilled_by_the_relay_within_seconds(tmp_path: Path) -> None:
     with (
         plain_redis(tmp_path) as restart,
-        postgres_schema() as database_url,
-        deployment(tmp_path, database_url, ha_broker(transport, f"redis://127.0.0.1:{PLAIN_PORT}/0")) as run,
+        side_by_side(tmp_path, both(f"redis://127.0.0.1:{PLAIN_PORT}/0")) as runs,
     ):
-        run.start()
-        ids = run.schedule(200, first_due_in=2.0, every=0.2)
-        paid = run.pay(ids[::10])
-        wait_until(lambda: all(r.published_ms for r in registry_records(run.stack.engine).values()), timeout=10)
+        orders = {}
+        for run in runs.values():
+            run.start()
+            ids = run.schedule(200, first_due_in=2.5, every=0.2)
+            orders[run] = (ids, run.pay(ids[::10]))
+        for run in runs.values():
+            wait_until(run.all_published, timeout=10)
         time.sleep(3.0)  # timeouts are coming due and being cancelled
-        failed_at = run.now_ms()
+        failed_at = next(iter(runs.values())).now_ms()
         restart()  # every timer still waiting in Redis is gone
-        figures = run.check(ids, paid, failed_at, within=6.0)
-        report(f"{transport}: Redis restarted empty", figures)
-        assert figures["lateness_max_s"] < 10, "refilled by the marker, not after the reconciler's 60 s grace"
+        for name, run in runs.items():
+            figures = run.check(*orders[run], failed_at, within=6.0)
+            report(f"{name}: Redis restarted empty", figures)
+            assert figures["lateness_max_s"] < 10, "refilled through the marker, not after the reconciler's 60 s grace"
 
 
 # -- Sentinel ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("transport", "failure"), [("redis", "demote"), ("redis", "kill"), ("rq", "kill")])
+@pytest.mark.parametrize("failure", ["demote", "kill"])
 def test_workers_maintain_and_the_api_follow_a_sentinel_failover(
-    transport: str, failure: str, sentinel_set: Path, tmp_path: Path
+    failure: str, sentinel_set: Path, tmp_path: Path
 ) -> None:
     # A server killed by the test before comes back as a replica, and the sentinels see it again.
     script("redis_sentinel.sh", "start", REDIS_SENTINEL_DIR=str(sentinel_set))
-    with (
-        postgres_schema() as database_url,
-        deployment(tmp_path, database_url, ha_broker(transport, SENTINEL_URL)) as run,
-    ):
-        run.start()
-        ids = run.schedule(200, first_due_in=1.5, every=0.2)
-        paid = run.pay(ids[::10])
-        time.sleep(2.5)  # timeouts are coming due and being cancelled
+    with side_by_side(tmp_path, both(SENTINEL_URL)) as runs:
+        orders = {}
+        for run in runs.values():
+            run.start()
+            ids = run.schedule(200, first_due_in=2.5, every=0.2)
+            orders[run] = (ids, run.pay(ids[::10]))
+        time.sleep(3.0)  # timeouts are coming due and being cancelled
         old = sentinel_primary()
-        failed_at = run.now_ms()
+        failed_at = next(iter(runs.values())).now_ms()
         if failure == "kill":
             kill_server(sentinel_set / str(old) / "redis.pid")
         else:  # the old primary stays up, as a replica: a write to it fails with READONLY
             redis.Redis(port=SENTINEL_PORTS[0]).sentinel_failover(SENTINEL_SERVICE)
-        late = run.schedule(40, first_due_in=1.0, every=0.1, first=len(ids))  # the API during the failover
-        figures = run.check(ids + late, paid, failed_at, within=10.0)
+        for run in runs.values():
+            ids, paid = orders[run]
+            orders[run] = (
+                ids + run.schedule(20, first_due_in=1.0, every=0.1, first=len(ids)),
+                paid,
+            )  # the API, meanwhile
+        for name, run in runs.items():
+            figures = run.check(*orders[run], failed_at, within=10.0)
+            report(f"{name}: Sentinel failover ({failure})", figures)
         assert sentinel_primary() != old
-        report(f"{transport}: Sentinel failover ({failure})", figures)
 
 
 # -- Redis Cluster -------------------------------------------------------------------------------
@@ -316,13 +347,11 @@ def test_the_redis_transport_follows_a_cluster_failover(redis_cluster_with_repli
     prefix = unique("ha")
     cluster_url = broker_url(prefix, redis_cluster_with_replicas, cluster=1, shards=3)
     try:
-        with (
-            postgres_schema() as database_url,
-            deployment(tmp_path, database_url, cluster_url) as run,
-        ):
+        with side_by_side(tmp_path, {"redis": cluster_url}) as runs:
+            run = runs["redis"]
             victim = seed.get_node_from_key(redis_timers_key(prefix, 0))
             run.start()
-            ids = run.schedule(300, first_due_in=2.0, every=0.2)
+            ids = run.schedule(200, first_due_in=2.0, every=0.2)
             paid = run.pay(ids[::10])
             time.sleep(3.0)
             failed_at = run.now_ms()
@@ -342,44 +371,57 @@ def test_the_redis_transport_follows_a_cluster_failover(redis_cluster_with_repli
 
 
 @contextlib.contextmanager
-def frozen_transactions_end(seconds: int) -> Iterator[str]:
-    """A registry schema whose sessions PostgreSQL ends when they stay idle in a transaction this long:
+def frozen_transactions_end() -> Iterator[str]:
+    """A registry schema whose sessions PostgreSQL ends when they stay idle in a transaction for 3 s:
     a frozen worker's open batch transaction would otherwise hold its rows' locks, and the worker
     that takes its timeouts over would wait on them (docs/operations.md)."""
     with postgres_schema() as url:
         options = parse_qs(urlsplit(url).query)["options"][0]
-        timeout = f"-cidle_in_transaction_session_timeout={seconds * 1000}"
-        yield f"{POSTGRES_URL}?options={quote(f'{options} {timeout}')}"
+        yield f"{POSTGRES_URL}?options={quote(f'{options} -cidle_in_transaction_session_timeout=3000')}"
 
 
-@pytest.mark.parametrize("transport", ["redis", "rq"])
-def test_a_frozen_worker_holds_its_timeouts_for_at_most_15_seconds(transport: str, tmp_path: Path) -> None:
-    namespace = redis_prefix() if transport == "redis" else rq_namespace()
-    with frozen_transactions_end(3) as database_url, namespace as name:
-        broker = broker_url(name) if transport == "redis" else rq_broker_url(name)
-        with deployment(tmp_path, database_url, broker) as run:
-            ids = run.schedule(40, first_due_in=0.5, every=0.1)
-            marker = tmp_path / "mid-batch"
-            frozen = run.stack.start_worker(
+def test_a_frozen_worker_holds_its_timeouts_for_at_most_15_seconds(tmp_path: Path) -> None:
+    with (
+        redis_prefix() as prefix,
+        rq_namespace() as queue,
+        side_by_side(
+            tmp_path, {"redis": broker_url(prefix), "rq": rq_broker_url(queue)}, frozen_transactions_end
+        ) as runs,
+    ):
+        frozen: dict[str, tuple[subprocess.Popen[str], float]] = {}
+        orders = {}
+        for name, run in runs.items():
+            run.start(workers=0)
+            # The relay's first run finds no marker and publishes every pending timeout again, which
+            # would hand the frozen worker's timeouts over at once: let it happen before they exist.
+            broker_side = run.stack.timeouts().transport
+            assert isinstance(broker_side, RedisTransport | RQTransport)
+            wait_until(lambda side=broker_side: not side.lost_timers(), timeout=10)
+            orders[name] = run.schedule(40, first_due_in=0.5, every=0.1)
+            marker = tmp_path / f"{name}-mid-batch"
+            worker = run.stack.start_worker(
                 "--batch-size", "100", **pausing_after_cancel(marker), ORDER_TIMEOUTS_TEST_PAUSE_S="1"
             )
-            run.processes.append(frozen)
+            run.processes.append(worker)
             wait_until(marker.exists, timeout=20, interval=0.005)
-            frozen.send_signal(signal.SIGSTOP)  # inside its batch: cancels made, not committed, nothing acked
-            frozen_at = time.monotonic()
-            held = marker.read_text().split(",")
-            assert held and held[0], "the frozen worker took timeouts"
-            run.start(workers=1)
-            wait_until(lambda: run.pending() == 0, timeout=TAKEOVER_BOUND_S + 10)
-            taken_over_s = time.monotonic() - frozen_at
-            assert taken_over_s <= TAKEOVER_BOUND_S, f"taken over after {taken_over_s:.1f}s"
+            worker.send_signal(signal.SIGSTOP)  # inside its batch: cancels made, not committed, nothing acked
+            frozen[name] = (worker, time.monotonic())
+            assert marker.read_text(), "the frozen worker took timeouts"
+        for run in runs.values():
+            run.start(workers=1, maintain=False)
+        for name, run in runs.items():
+            wait_until(run.all_finished, timeout=TAKEOVER_BOUND_S + 10)
+            taken_over_s = time.monotonic() - frozen[name][1]
+            report(f"{name}: frozen worker", {"taken_over_after_s": taken_over_s})
+            assert taken_over_s <= TAKEOVER_BOUND_S, f"{name}: taken over after {taken_over_s:.1f}s"
 
-            frozen.send_signal(signal.SIGCONT)  # its commit fails (session ended), its settle is late
-            time.sleep(3.0)
-            assert cancel_counts(run.stack.engine) == dict.fromkeys(ids, 1), "nothing cancelled twice"
+        for worker, _ in frozen.values():
+            worker.send_signal(signal.SIGCONT)  # its commit fails (session ended), its settle comes late
+        time.sleep(3.0)
+        for name, run in runs.items():
+            assert cancel_counts(run.stack.engine) == dict.fromkeys(orders[name], 1), "nothing cancelled twice"
             assert all(p.poll() is None for p in run.processes), "the woken worker carries on"
             assert run.pending() == 0
-            report(f"{transport}: frozen worker", {"taken_over_after_s": taken_over_s})
 
 
 # -- the sentinel URL ----------------------------------------------------------------------------
