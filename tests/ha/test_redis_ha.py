@@ -292,6 +292,7 @@ def test_a_redis_restarted_empty_is_refilled_by_the_relay_within_seconds(tmp_pat
         orders = {}
         for run in runs.values():
             run.start()
+        for run in runs.values():
             ids = run.schedule(200, first_due_in=2.5, every=0.2)
             orders[run] = (ids, run.pay(ids[::10]))
         for run in runs.values():
@@ -318,6 +319,7 @@ def test_workers_maintain_and_the_api_follow_a_sentinel_failover(
         orders = {}
         for run in runs.values():
             run.start()
+        for run in runs.values():
             ids = run.schedule(200, first_due_in=2.5, every=0.2)
             orders[run] = (ids, run.pay(ids[::10]))
         time.sleep(3.0)  # timeouts are coming due and being cancelled
