@@ -2,13 +2,21 @@
 # A local Redis Cluster for the tests and the bench: 3 masters on 127.0.0.1:7000-7002 (no replicas,
 # no persistence), their files under $REDIS_CLUSTER_DIR (default /tmp/order-timeouts-redis-cluster).
 #
-#   scripts/redis_cluster.sh         start it, or check that it is up (idempotent)
+#   scripts/redis_cluster.sh         start it, or check that it is up (idempotent); a node that was
+#                                    killed starts again and rejoins (as a replica, if its replica
+#                                    took over meanwhile)
 #   scripts/redis_cluster.sh stop    shut its servers down and remove their files
 #
 # REDIS_CLUSTER_PORTS="7000 7001 7002" picks other ports (at least 3: Redis Cluster's minimum of masters).
+# REDIS_CLUSTER_REPLICAS=1 gives each master that many replicas, for failover: the ports then count
+# masters × (1 + replicas), e.g. the HA tests' cluster
+#   REDIS_CLUSTER_PORTS="7010 7011 7012 7013 7014 7015" REDIS_CLUSTER_REPLICAS=1 \
+#   REDIS_CLUSTER_DIR=/tmp/order-timeouts-redis-cluster-ha scripts/redis_cluster.sh
+# A replica takes over from a master that does not answer for the node timeout (2 s).
 set -euo pipefail
 
 read -r -a ports <<<"${REDIS_CLUSTER_PORTS:-7000 7001 7002}"
+replicas=${REDIS_CLUSTER_REPLICAS:-0}
 dir=${REDIS_CLUSTER_DIR:-${TMPDIR:-/tmp}/order-timeouts-redis-cluster}
 log() { echo "redis_cluster: $*"; }
 cli() { redis-cli -h 127.0.0.1 -p "$1" "${@:2}"; }
@@ -46,7 +54,7 @@ if ! state_ok "${ports[0]}"; then
   if [ "$known" = 1 ]; then
     addresses=()
     for port in "${ports[@]}"; do addresses+=("127.0.0.1:$port"); done
-    redis-cli --cluster create "${addresses[@]}" --cluster-replicas 0 --cluster-yes >/dev/null
+    redis-cli --cluster create "${addresses[@]}" --cluster-replicas "$replicas" --cluster-yes >/dev/null
   fi
 fi
 for port in "${ports[@]}"; do

@@ -53,6 +53,11 @@ if ! redis_up; then
   fi
   wait_for Redis redis_up || missing+=("Redis on 127.0.0.1:6379 (apt-get install redis-server)")
 fi
+# The HA tests run Redis under Sentinel (scripts/redis_sentinel.sh). Debian ships redis-sentinel
+# apart from redis-server; the script falls back to `redis-server --sentinel`, the same program.
+if have redis-server && ! have redis-sentinel; then
+  apt_install redis-sentinel || log "redis-sentinel is not installed: scripts/redis_sentinel.sh runs 'redis-server --sentinel'"
+fi
 
 # --- RabbitMQ --------------------------------------------------------------------------------
 rabbit_up() { port_open 5672 && { ! have rabbitmq-diagnostics || rabbitmq-diagnostics -q check_running >/dev/null 2>&1; }; }

@@ -495,7 +495,9 @@ def test_an_rq_worker_killed_mid_job_cancels_nothing_and_rqs_cleanup_brings_the_
     assert StartedJobRegistry(queue=queue(rq, client)).get_job_ids(cleanup=False) == [job_id]
 
     # RQ's abandoned-job cleanup, as any rq worker runs it once the lease is over, re-queues the job.
-    StartedJobRegistry(queue=queue(rq, client)).cleanup(timestamp=time.time() + transport(rq).options.lease_s + 1)
+    # The lease is RQ's own for an rq worker's job (its heartbeat TTL), within job_timeout + 60 s.
+    rq_lease_s = transport(rq).options.job_timeout + 60
+    StartedJobRegistry(queue=queue(rq, client)).cleanup(timestamp=time.time() + rq_lease_s + 1)
     assert queue(rq, client).job_ids == [job_id]
     run_rq_worker(rq, "-c", "consumers.rq_settings", name="w2")
     assert cancel_counts(rq.engine) == {"k-1": 1}
@@ -633,9 +635,11 @@ def test_a_redis_that_stalls_during_the_execution_check_is_retried_not_taken_for
 
 
 def test_the_url_options_are_checked() -> None:
-    url, options = parse_url("rq+rediss://:pw@host:6380/2?queue=q1&prefix=p-1&job_timeout=30&ssl_cert_reqs=none")
+    url, options = parse_url(
+        "rq+rediss://:pw@host:6380/2?queue=q1&prefix=p-1&job_timeout=30&worker_lease=20&ssl_cert_reqs=none"
+    )
     assert url == "rediss://:pw@host:6380/2?ssl_cert_reqs=none"
-    assert (options.queue, options.prefix, options.job_timeout, options.lease_s) == ("q1", "p-1", 30, 90)
+    assert (options.queue, options.prefix, options.job_timeout, options.lease_s) == ("q1", "p-1", 30, 20)
     for bad in ("prefix=a:b", "queue=", "job_timeout=0", "failure_ttl=x"):
         with pytest.raises(ConfigurationError):
             parse_url(f"rq+redis://host/0?{bad}")

@@ -13,20 +13,32 @@ earliest timer is due (or its timeout): it wakes on time without polling. It wak
 another worker moves timers into the stream, or when a publish makes a timer the shard's earliest
 (the publisher moves a timer that is already due, or adds a wake-up entry for one due soon).
 
+A Redis that lost timers it had confirmed (restarted empty, flushed, or replaced by a replica that
+had not received the last writes) is noticed by a marker per shard (lineage.py), and the relay then
+publishes every pending timeout again.
+
 The registry is authoritative: the set holds only the order id, which keeps each pending timeout
 small in Redis (the bytes per timeout are in docs/performance.md), so stream messages carry
 version 0 and the handler's conditional claim decides what a delivery means.
 
-URL: `redis://[[user]:password@]host[:port][/db][?option=value&...]`, `rediss://` for TLS. Options:
+URL: `redis://[[user]:password@]host[:port][/db][?option=value&...]`, `rediss://` for TLS, or under
+Sentinel `redis+sentinel://[[user]:password@]h1:26379,h2:26379/SERVICE[/DB][?option=value&...]`
+(sentinel.py: every connection goes to the primary the sentinels name, and follows a failover).
+Options:
 
 - `prefix` (default `order_timeouts`): first part of every key; one per deployment. No `{` or `}`:
   it sits inside the per-shard hash tag `{<prefix>:<shard>}`.
 - `shards` (default 1): sorted-set/stream pairs the timers are spread over (crc32 of the order id).
   Each shard hashes to its own cluster slot, so on Redis Cluster the shards spread over the nodes.
   Changing it strands timers on shards no longer read: the reconciler republishes them.
-- `claim_idle_ms` (default 30000): an entry delivered and left unacked this long is taken over by
-  another worker. Keep it well above the time one batch takes.
+- `claim_idle_ms` (default 12000): an entry delivered and left unacked this long is taken over by
+  another worker, within 2 s more: how long a frozen or partitioned worker holds its timeouts. Keep it well above the
+  time one batch takes, or a slow batch is handled a second time meanwhile (the registry makes that
+  second run a no-op, but it is work done twice).
 - `cluster` (default 0): `1` connects through redis.cluster.RedisCluster; the host is a seed node.
+  redis-py follows a failover in the cluster (a replica promoted in place of a lost primary).
+- `sentinel_auth` (default 0, sentinel URLs only): `1` sends the URL's user and password to the
+  sentinels as well as to the Redis servers.
 - `move_batch` (default 1000): most timers one mover call moves per shard (bounds its run time).
 - `dead_maxlen` (default 100000): the dead-letter stream is trimmed to about this many entries
   (the registry keeps every dead timeout regardless).
@@ -59,8 +71,10 @@ from scheduler.transports.redis.keys import (
     REDIS_GROUP,
     redis_dead_key,
     redis_due_key,
+    redis_lineage_key,
     redis_timers_key,
 )
+from scheduler.transports.redis.lineage import LineageMarkers
 from scheduler.transports.redis.options import MAX_BLOCK_MS, connect, parse_url
 
 MOVE_SCRIPT = files("scheduler.transports.redis").joinpath("move.lua").read_text()
@@ -96,12 +110,17 @@ class RedisTransport(BrokerTransport):
         self._streams = [redis_due_key(self.options.prefix, n) for n in shards]
         self._shard_of_stream = {key.encode(): n for n, key in enumerate(self._streams)}
         self._dead = redis_dead_key(self.options.prefix)
+        self._markers = LineageMarkers(
+            [redis_lineage_key(self.options.prefix, n) for n in shards], cluster=self.options.cluster
+        )
         self._consumer = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._groups_ready = False
         self._consumed = False
         self._claim_cursors = ["0-0"] * self.options.shards
         self._next_claim_at = 0.0
-        self._claim_every_s = min(max(self.options.claim_idle_ms / 4000, 0.05), 5.0)
+        # Every worker looks for idle entries this often, so a frozen worker's entries are taken over
+        # at most claim_idle_ms + this (+ one receive) after they were delivered.
+        self._claim_every_s = min(max(self.options.claim_idle_ms / 4000, 0.05), 2.0)
         self._earliest_shard = 0  # where a cluster worker blocks: the shard of the earliest timer
         self._first_shard = 0  # rotates, so that no shard's stream waits behind the others
 
@@ -127,6 +146,15 @@ class RedisTransport(BrokerTransport):
             # ZADD replies with a count, ZRANGE with a list: the lists are the heads, in shard order.
             heads = [reply for reply in pipe.execute() if isinstance(reply, list)]
             self._wake_for(due_by_shard, heads)
+
+    def lost_timers(self) -> bool:
+        """A shard's marker is missing or names another replication ID than its server's (lineage.py)."""
+        with self._edge("lineage"):
+            return self._markers.lost(self._redis())
+
+    def timers_restored(self) -> None:
+        with self._edge("lineage"):
+            self._markers.restore(self._redis())
 
     def revoke(self, order_ids: Sequence[str]) -> None:
         by_shard: dict[int, list[str]] = {}

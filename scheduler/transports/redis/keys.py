@@ -25,3 +25,8 @@ def redis_due_key(prefix: str, shard: int) -> str:
 def redis_dead_key(prefix: str) -> str:
     """Stream of dead letters (malformed entries, poison deliveries, given-up timeouts) with their reason."""
     return f"{{{prefix}}}:dead"
+
+
+def redis_lineage_key(prefix: str, shard: int) -> str:
+    """The shard's marker: the replication ID of the data that holds its timers (lineage.py)."""
+    return f"{{{prefix}:{shard}}}:lineage"

@@ -18,6 +18,7 @@ from redis.retry import Retry
 from scheduler.config import bounded_int, redact
 from scheduler.errors import ConfigurationError
 from scheduler.transports.redis.keys import REDIS_DEFAULT_PREFIX
+from scheduler.transports.redis.sentinel import connect_sentinel, is_sentinel_url, parse_sentinel_url
 
 #: seconds to wait for a TCP connection; a dead broker must not stall schedule() for long
 CONNECT_TIMEOUT_S = 2.0
@@ -31,7 +32,7 @@ MAX_BLOCK_MS = 2000
 class RedisOptions:
     prefix: str = REDIS_DEFAULT_PREFIX
     shards: int = 1
-    claim_idle_ms: int = 30_000
+    claim_idle_ms: int = 12_000
     cluster: bool = False
     move_batch: int = 1000
     dead_maxlen: int = 100_000
@@ -42,7 +43,10 @@ _LIMITS = {"shards": (1, 16384), "claim_idle_ms": (1, 86_400_000), "move_batch":
 
 def parse_url(broker_url: str) -> tuple[str, RedisOptions]:
     """Split a broker URL into the URL redis-py gets and our options; bad options raise ConfigurationError."""
-    parts = urlsplit(broker_url)
+    try:
+        parts = urlsplit(broker_url)
+    except ValueError as exc:  # an unbalanced IPv6 bracket
+        raise ConfigurationError(f"bad redis URL {redact(broker_url)!r}: {exc}") from None
     ours: dict[str, Any] = {}
     passed: list[tuple[str, str]] = []
     for key, value in parse_qsl(parts.query, keep_blank_values=True):
@@ -58,11 +62,17 @@ def parse_url(broker_url: str) -> tuple[str, RedisOptions]:
             ours[key] = bounded_int("redis", key, value, _LIMITS[key])
         else:
             passed.append((key, value))
-    return urlunsplit(parts._replace(query=urlencode(passed))), RedisOptions(**ours)
+    url = urlunsplit(parts._replace(query=urlencode(passed)))
+    if is_sentinel_url(url):
+        if ours.get("cluster"):
+            raise ConfigurationError(f"redis option cluster=1 does not go with a sentinel URL: {redact(url)}")
+        parse_sentinel_url(url)  # a bad form fails here, at start-up, not on first use
+    return url, RedisOptions(**ours)
 
 
 def connect(url: str, options: RedisOptions) -> Any:
-    """A client for the URL; connections are opened on first use, so a dead broker fails later, per call.
+    """A client for the URL (one server, a Redis Cluster, or the primary a Sentinel names); connections
+    are opened on first use, so a dead broker fails later, per call.
 
     Typed Any: redis-py declares every reply as `Awaitable[Any] | Any` (sync and async share stubs).
     """
@@ -79,6 +89,8 @@ def connect(url: str, options: RedisOptions) -> Any:
             return RedisCluster.from_url(seed, **defaults)
         # A couple of quick reconnects ride over a dropped connection; a dead broker fails within a second.
         retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), 2)
+        if is_sentinel_url(url):
+            return connect_sentinel(parse_sentinel_url(url), retry=retry, **defaults)
         return redis.Redis.from_url(url, retry=retry, **defaults)
     except ValueError as exc:  # redis-py's URL parser
         raise ConfigurationError(f"bad redis URL {redact(url)!r}: {exc}") from None

@@ -35,10 +35,13 @@ worker or ours.
 
 Crashes. Every job carries `Retry(max=CRASH_RETRIES)`, so RQ's own recovery re-queues it:
 - an rq worker's horse that dies (OOM, SIGKILL) fails the job in the worker, which re-queues it;
-- an rq worker, or our Worker, that dies altogether leaves the job in the StartedJobRegistry until
-  its lease (job_timeout + 60 s) runs out; then RQ's abandoned-job cleanup
-  (`StartedJobRegistry.cleanup`, run by every rq worker's maintenance and every
-  `maintenance_interval` seconds by our Worker) re-queues it;
+- our Worker that dies or freezes leaves its jobs in the StartedJobRegistry until their lease
+  (`worker_lease`) runs out; then RQ's abandoned-job cleanup (`StartedJobRegistry.cleanup`, run
+  every `maintenance_interval` seconds by each of our Workers and by every rq worker's maintenance)
+  re-queues them. Another Worker takes them within worker_lease + maintenance_interval + 2 s (RQ
+  keeps the lease in whole seconds; a receive lasts up to a second);
+- an rq worker that dies or freezes leaves its job there until RQ's own lease runs out (its
+  heartbeat TTL, a minute or more) and an rq worker's maintenance or one of our Workers cleans up;
 - a job left in the intermediate list (dequeued, never registered) is failed, hence re-queued, by
   RQ's intermediate-queue cleanup after a minute (the same maintenance).
 Each run counts itself in the job's meta: a job that keeps killing its worker is dead-lettered by
@@ -72,11 +75,15 @@ URL: `rq+redis://[[user]:password@]host[:port][/db][?option=value&...]`, `rq+red
 - `queue`: the RQ queue; give the rq workers the same name. Default `order_timeouts`, or
   `order_timeouts_<prefix>` with another prefix, so that deployments sharing a Redis never share
   a queue (a worker dead-letters a job whose id does not carry its prefix).
-- `job_timeout` (default 60): RQ's timeout of one job, in seconds; a batch of our Worker must also
-  settle within it. A job is abandoned (re-queued) after job_timeout + 60 s in the StartedJobRegistry.
+- `job_timeout` (default 60): RQ's timeout of one job run by an rq worker, in seconds.
+- `worker_lease` (default 10): seconds a job taken by our Worker may stay unsettled before RQ's
+  cleanup re-queues it for another worker: how long a frozen Worker holds its timeouts. Keep it well
+  above the time one batch takes, or a slow batch is handled a second time meanwhile (a no-op in
+  effect: the registry's conditional claim, but work done twice).
 - `failure_ttl` (default 604800): seconds a failed (dead-lettered) job stays in the FailedJobRegistry.
 - `move_batch` (default 1000): most due jobs one call of the mover moves.
-- `maintenance_interval` (default 30): seconds between our Worker's runs of RQ's registry cleanup.
+- `maintenance_interval` (default 3): seconds between our Worker's runs of RQ's registry cleanup
+  (one worker at a time cleans, under RQ's lock on the queue).
 
 Other query options go to redis-py unchanged (`socket_timeout`, `ssl_ca_certs`, ...).
 """
@@ -111,10 +118,12 @@ from sqlalchemy import Engine
 from scheduler.clock import Clock
 from scheduler.errors import MalformedMessage, TransportUnavailable
 from scheduler.transports.base import FAILED_REDELIVERY_MS, Batch, BrokerTransport, Delivery, Settlement, TimerMessage
+from scheduler.transports.redis.lineage import LineageMarkers
 from scheduler.transports.redis.options import MAX_BLOCK_MS, RedisOptions, connect
+from scheduler.transports.redis.sentinel import connect_sentinel, is_sentinel_url, parse_sentinel_url
 from scheduler.transports.rq.executions import Executions
 from scheduler.transports.rq.jobs import ARM_SCRIPT, JobTemplate, seconds
-from scheduler.transports.rq.keys import RQ_JOB_FUNCTION, RQ_META_DELIVERIES, rq_job_id, rq_order_id
+from scheduler.transports.rq.keys import RQ_JOB_FUNCTION, RQ_META_DELIVERIES, rq_job_id, rq_lineage_key, rq_order_id
 from scheduler.transports.rq.options import parse_url
 
 log = logging.getLogger("order_timeouts.transports.rq")
@@ -191,6 +200,7 @@ class RQTransport(BrokerTransport):
         self._executions: Executions | None = None
         self._maintainer: SimpleWorker | None = None
         self._next_maintenance = 0.0
+        self._markers = LineageMarkers([rq_lineage_key(self.options.queue)])
         self._name = f"order-timeouts:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
     def job_id(self, order_id: str) -> str:
@@ -203,6 +213,16 @@ class RQTransport(BrokerTransport):
         latest = {m.order_id: m for m in messages}  # one job per order: the last message wins
         with self._edge("publish"):
             self._arm(self._redis(), list(latest.values()))
+
+    def lost_timers(self) -> bool:
+        """The queue's marker is missing or names another replication ID than the server's
+        (scheduler/transports/redis/lineage.py)."""
+        with self._edge("lineage"):
+            return self._markers.lost(self._redis())
+
+    def timers_restored(self) -> None:
+        with self._edge("lineage"):
+            self._markers.restore(self._redis())
 
     def revoke(self, order_ids: Sequence[str]) -> None:
         """Delete the jobs (`Job.delete`: hash, registries, queue entry)."""
@@ -374,7 +394,10 @@ class RQTransport(BrokerTransport):
         self._next_maintenance = time.monotonic() + self.options.maintenance_interval
         if self._maintainer is None:
             # Its own connection: RQ's worker raises the socket timeout of the connection it is given.
-            client = redis.Redis.from_url(self._url, socket_connect_timeout=2.0)
+            if is_sentinel_url(self._url):
+                client = connect_sentinel(parse_sentinel_url(self._url), socket_connect_timeout=2.0)
+            else:
+                client = redis.Redis.from_url(self._url, socket_connect_timeout=2.0)
             self._maintainer = SimpleWorker(
                 [Queue(self.options.queue, connection=client, serializer=JSONSerializer)],
                 name=self._name,

@@ -15,6 +15,13 @@ RQ_JOB_FUNCTION = "consumers.rq_job.fire_timeout"
 #: job meta field: deliveries since the job was last armed, for the handler's poison check
 RQ_META_DELIVERIES = "deliveries"
 
+
+def rq_lineage_key(queue: str) -> str:
+    """The queue's marker: the replication ID of the data that holds its jobs (redis/lineage.py).
+    Under RQ's `rq:` namespace, beside the queue's own keys."""
+    return f"rq:order_timeouts:lineage:{queue}"
+
+
 #: the characters RQ accepts in a job id
 RQ_JOB_ID_CHARACTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 

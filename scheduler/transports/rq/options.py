@@ -12,6 +12,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from scheduler.config import bounded_int, redact
 from scheduler.errors import ConfigurationError
+from scheduler.transports.redis.sentinel import is_sentinel_url, parse_sentinel_url
 from scheduler.transports.rq.keys import RQ_DEFAULT_JOB_PREFIX, RQ_DEFAULT_QUEUE, RQ_JOB_ID_CHARACTERS
 
 
@@ -22,13 +23,14 @@ class RQOptions:
     job_timeout: int = 60
     failure_ttl: int = 7 * 86_400
     move_batch: int = 1000
-    maintenance_interval: int = 30
+    maintenance_interval: int = 3
+    worker_lease: int = 10
 
     @property
     def lease_s(self) -> int:
-        """How long a job stays in the StartedJobRegistry before RQ's cleanup treats it as abandoned:
-        what RQ's SimpleWorker gives a job (its timeout + 60 s)."""
-        return self.job_timeout + 60
+        """How long a job our Worker took stays in the StartedJobRegistry before RQ's cleanup treats
+        it as abandoned and re-queues it (rq workers give their jobs RQ's own lease instead)."""
+        return self.worker_lease
 
 
 _LIMITS = {
@@ -36,15 +38,21 @@ _LIMITS = {
     "failure_ttl": (1, 10 * 365 * 86_400),
     "move_batch": (1, 10_000),
     "maintenance_interval": (1, 86_400),
+    "worker_lease": (1, 86_400),
 }
 
 
 def parse_url(broker_url: str) -> tuple[str, RQOptions]:
     """The redis:// URL redis-py gets, and our options; bad options raise ConfigurationError."""
     scheme, sep, rest = broker_url.partition("://")
-    if not sep or scheme.lower() not in ("rq+redis", "rq+rediss"):
-        raise ConfigurationError(f"not an rq broker URL (rq+redis:// or rq+rediss://): {redact(broker_url)}")
-    parts = urlsplit(f"{scheme.lower().removeprefix('rq+')}://{rest}")
+    if not sep or scheme.lower() not in ("rq+redis", "rq+rediss", "rq+redis+sentinel"):
+        raise ConfigurationError(
+            f"not an rq broker URL (rq+redis://, rq+rediss:// or rq+redis+sentinel://): {redact(broker_url)}"
+        )
+    try:
+        parts = urlsplit(f"{scheme.lower().removeprefix('rq+')}://{rest}")
+    except ValueError as exc:  # an unbalanced IPv6 bracket
+        raise ConfigurationError(f"bad rq broker URL {redact(broker_url)!r}: {exc}") from None
     ours: dict[str, Any] = {}
     passed: list[tuple[str, str]] = []
     for key, value in parse_qsl(parts.query, keep_blank_values=True):
@@ -64,4 +72,7 @@ def parse_url(broker_url: str) -> tuple[str, RQOptions]:
         # A deployment of its own: a shared queue would hand its jobs to another deployment's
         # workers, which dead-letter them as not theirs (the job id has the wrong prefix).
         ours["queue"] = f"{RQ_DEFAULT_QUEUE}_{ours['prefix']}"
-    return urlunsplit(parts._replace(query=urlencode(passed))), RQOptions(**ours)
+    url = urlunsplit(parts._replace(query=urlencode(passed)))
+    if is_sentinel_url(url):
+        parse_sentinel_url(url)  # a bad form fails here, at start-up, not on first use
+    return url, RQOptions(**ours)
