@@ -23,7 +23,7 @@ POSTGRESQL_CONNECT_DEFAULTS = {
     "keepalives_interval": 2,
     "keepalives_count": 3,
 }
-IDLE_IN_TRANSACTION_TIMEOUT = "15s"
+IDLE_IN_TRANSACTION_TIMEOUT = "12s"
 
 
 def make_engine(url: str, *, pool_size: int = 5) -> Engine:

@@ -345,11 +345,23 @@ def ha_broker(transport: str) -> tuple[str, Kill | None]:
     """The broker URL of an --ha run on a local cluster, and how to kill the node its clients use."""
     if transport == "sql":
         return "sql", None
+    if transport in ("redis", "rq"):
+        script("redis_sentinel.sh", "stop")
+        script("redis_sentinel.sh", "start")
+        sentinels = "127.0.0.1:26390,127.0.0.1:26391,127.0.0.1:26392"
+        scheme = "redis+sentinel" if transport == "redis" else "rq+redis+sentinel"
+        prefix = f"chaos{uuid.uuid4().hex[:8]}"
+        options = f"prefix={prefix}" if transport == "redis" else f"queue={prefix}&prefix={prefix}"
+        return f"{scheme}://{sentinels}/order-timeouts?{options}", Kill(
+            "redis primary (the sentinels promote the replica)", lambda: script("redis_sentinel.sh", "kill")
+        )
     raise SystemExit(f"--ha does not cover the {transport} transport yet")
 
 
 def stop_ha_broker(transport: str) -> None:
     """Stop the local cluster that ha_broker started."""
+    if transport in ("redis", "rq"):
+        script("redis_sentinel.sh", "stop")
 
 
 def _plain(url: str) -> str:

@@ -6,6 +6,7 @@
 #
 #   scripts/redis_sentinel.sh [start]   start it, or check that it is up (idempotent)
 #   scripts/redis_sentinel.sh status    which server is the primary, and who answers
+#   scripts/redis_sentinel.sh kill      SIGKILL the current primary (the sentinels then promote the replica)
 #   scripts/redis_sentinel.sh stop      shut everything down and remove the files
 #
 #   REDIS_SENTINEL_PORTS="6390 6391"              the primary's and the replica's ports
@@ -61,9 +62,16 @@ case "${1:-start}" in
     [ -n "$current" ] && up "$current"
     exit
     ;;
+  kill)
+    current=$(primary)
+    [ -n "$current" ] && [ -f "$dir/$current/redis.pid" ] || { log "no primary to kill"; exit 1; }
+    kill -9 "$(cat "$dir/$current/redis.pid")"
+    log "primary on port $current killed"
+    exit 0
+    ;;
   start) ;;
   *)
-    echo "usage: $0 [start|status|stop]" >&2
+    echo "usage: $0 [start|status|kill|stop]" >&2
     exit 2
     ;;
 esac

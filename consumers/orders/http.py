@@ -34,7 +34,7 @@ output.
 
 A batch makes at most two requests, each giving up after the timeout, with one immediate retry of
 a connection that could not be made: with the default 4 s a batch waits on the service for about
-8 s at worst, well within the 15 s a worker may hold its batch before another takes it over.
+8 s at worst, within the 12 s after which PostgreSQL ends an idle batch transaction.
 """
 
 from __future__ import annotations

@@ -188,7 +188,7 @@ def add_orders_when_up(stack: Stack, order_id: str) -> None:
 
 def test_a_frozen_worker_holds_its_batch_only_until_the_server_ends_its_transaction(tmp_path: Path) -> None:
     """SIGSTOP inside the batch transaction: the server ends the idle transaction (3 s here, through the
-    URL; 15 s by default), another worker takes the rows, and the frozen one's late commit changes nothing."""
+    URL; 12 s by default), another worker takes the rows, and the frozen one's late commit changes nothing."""
     ids = [f"z-{i:03d}" for i in range(40)]
     query = "%20-c%20idle_in_transaction_session_timeout%3D3s"
     with postgres_schema(query=query) as url:
@@ -234,7 +234,7 @@ def test_every_registry_connection_bounds_idle_transactions_and_dead_peers() -> 
                 keepalives = conn.connection.dbapi_connection.info.get_parameters()  # type: ignore[union-attr]
         finally:
             client.close()
-    assert settings["idle_in_transaction_session_timeout"] == "15s"
+    assert settings["idle_in_transaction_session_timeout"] == "12s"
     assert settings["search_path"].startswith("ot_"), "the URL's own options are kept"
     assert keepalives.get("keepalives_idle") == "5"
 
