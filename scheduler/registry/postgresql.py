@@ -9,6 +9,7 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Engine,
+    Select,
     Text,
     and_,
     any_,
@@ -123,6 +124,13 @@ def claim_where(order_ids: Sequence[str], *, now: int) -> tuple[ColumnElement[bo
     # had to wait for.
     still_due = and_(is_pending, timeouts.c.due_ms <= now)
     return among, still_due.is_(true())
+
+
+def among(chosen: Select[tuple[str]]) -> ColumnElement[bool]:
+    # `order_id = ANY(ARRAY(subquery))`: the subquery runs once, and its ids are looked up in the
+    # primary key. Written as `IN (subquery)` the planner may hash-join it against a scan of the
+    # whole table when it expects many rows to match.
+    return timeouts.c.order_id == any_(func.array(chosen.scalar_subquery()))
 
 
 def finish(conn: Connection, outcomes: dict[str, Outcome], *, now: int) -> None:
