@@ -177,19 +177,28 @@ def maintain(
     relay_interval: Annotated[str, typer.Option(help="How often unpublished timeouts go to the broker.")] = "1s",
     sweep_interval: Annotated[str, typer.Option(help="How often the reconciler looks for stranded ones.")] = "15s",
     grace: Annotated[str, typer.Option(help="Overdue by more than this and unfinished: publish again.")] = "60s",
+    purge_interval: Annotated[
+        str, typer.Option(help="How often finished timeouts older than ORDER_TIMEOUTS_RETENTION are purged.")
+    ] = "1m",
     once: Annotated[bool, typer.Option("--once", help="Run each job once and exit (cron, tests).")] = False,
     metrics_port: MetricsPortOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Run the outbox relay and the reconciler (several processes may run; leases keep them apart)."""
-    from scheduler.maintenance import Maintenance, MaintenancePlan
+    """Run the outbox relay, the reconciler and the purge (several processes may run; leases keep them apart)."""
+    from scheduler.maintenance import JOB_VERBS, Maintenance, MaintenancePlan
 
     plan = MaintenancePlan(
         relay_interval=parse_duration(relay_interval, "--relay-interval"),
         sweep_interval=parse_duration(sweep_interval, "--sweep-interval"),
         grace=parse_duration(grace, "--grace"),
+        purge_interval=parse_duration(purge_interval, "--purge-interval"),
     )
-    for name, value in (("--relay-interval", plan.relay_interval), ("--sweep-interval", plan.sweep_interval)):
+    intervals = {
+        "--relay-interval": plan.relay_interval,
+        "--sweep-interval": plan.sweep_interval,
+        "--purge-interval": plan.purge_interval,
+    }
+    for name, value in intervals.items():
         if value.total_seconds() <= 0:
             raise InvalidTimeout(f"{name} must be positive")
     timeouts = ctx.ensure_object(Context).timeouts()
@@ -209,6 +218,6 @@ def maintain(
     else:
         for run in runs:
             state = "skipped" if run.skipped else (f"error: {run.error}" if run.error else "ok")
-            console.print(f"{run.job}: {run.rows} published ({state})", highlight=False)
+            console.print(f"{run.job}: {run.rows} {JOB_VERBS[run.job]} ({state})", highlight=False)
     if any(run.error for run in runs):
         raise typer.Exit(1)
