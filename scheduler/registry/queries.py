@@ -64,9 +64,11 @@ class FastPaths(Protocol):
         """The WHERE of `claim`: the rows among `order_ids` still pending and due by `now`."""
         ...
 
-    def among(self, chosen: Select[tuple[str]]) -> ColumnElement[bool]:
-        """The WHERE that matches the rows whose order ids `chosen` selects, each looked up by
-        primary key (the retention purge's delete)."""
+    def purge_where(
+        self, chosen: Select[tuple[str]], still_purgeable: ColumnElement[bool]
+    ) -> tuple[ColumnElement[bool], ...]:
+        """The WHERE of the retention purge's DELETE: the rows whose order ids `chosen` selects, each
+        looked up by primary key, that are `still_purgeable` when the DELETE reaches them."""
         ...
 
     def finish(self, conn: Connection, outcomes: dict[str, Outcome], *, now: int) -> None:

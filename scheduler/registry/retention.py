@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import ColumnElement, Connection, delete, func, select
+from sqlalchemy import ColumnElement, Connection, and_, delete, func, select
 
 from scheduler.registry.queries import fast_paths
 from scheduler.registry.schema import TimeoutState, is_finished, timeouts
@@ -34,8 +34,8 @@ def purge_finished(conn: Connection, *, before_ms: int, state: TimeoutState, lim
 
     One state at a time, in finish order: the rows are the first entries of that state's range of
     the finished index, whatever else the table holds, and an interrupted purge has removed the
-    oldest history first. They are deleted by primary key (`fast_paths().among`). The outer WHERE
-    repeats the condition: a row re-armed (`schedule(replace=True)`, `dead replay`) after it was
+    oldest history first. They are deleted by primary key (`fast_paths().purge_where`), which
+    re-checks the condition: a row re-armed (`schedule(replace=True)`, `dead replay`) after it was
     chosen is pending when PostgreSQL re-reads it under its row lock, and stays. SKIP LOCKED leaves
     a row another transaction is changing right now to a later purge instead of waiting for it.
     """
@@ -47,7 +47,7 @@ def purge_finished(conn: Connection, *, before_ms: int, state: TimeoutState, lim
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
-    result = conn.execute(delete(timeouts).where(fast_paths(conn).among(chosen), *where))
+    result = conn.execute(delete(timeouts).where(*fast_paths(conn).purge_where(chosen, and_(*where))))
     return int(result.rowcount)
 
 

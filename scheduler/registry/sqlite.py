@@ -113,9 +113,12 @@ def claim_where(order_ids: Sequence[str], *, now: int) -> tuple[ColumnElement[bo
     return timeouts.c.order_id.in_(order_ids), and_(is_pending, timeouts.c.due_ms <= now)
 
 
-def among(chosen: Select[tuple[str]]) -> ColumnElement[bool]:
-    # SQLite runs an IN subquery once into a list and looks each id up in the primary key.
-    return timeouts.c.order_id.in_(chosen.scalar_subquery())
+def purge_where(chosen: Select[tuple[str]], still_purgeable: ColumnElement[bool]) -> tuple[ColumnElement[bool], ...]:
+    # SQLite runs an IN subquery once into a list and looks each id up in the primary key. No
+    # re-check: nothing changes a row between the subquery and the delete, as the transaction holds
+    # the write lock. Stated, the planner may answer it from the finished index instead, and walk
+    # all the purgeable rows for each batch.
+    return (timeouts.c.order_id.in_(chosen.scalar_subquery()),)
 
 
 def finish(conn: Connection, outcomes: dict[str, Outcome], *, now: int) -> None:
