@@ -139,6 +139,12 @@ class Maintenance:
         for job, step, interval in self.jobs:
             scheduler.add_job(step, "interval", seconds=interval.total_seconds(), id=job, next_run_time=first)
         scheduler.start()
+        keep = self._timeouts.settings.retention
+        log.info(
+            "maintenance ready: %s; retention %s",
+            ", ".join(f"{job} every {interval.total_seconds():g}s" for job, _, interval in self.jobs),
+            "off" if keep is None else f"{keep.total_seconds():g}s",
+        )
         try:
             # Polled, not Event.wait(): a signal handler that sets an Event the main thread is waiting
             # on can deadlock on the Event's own lock.
