@@ -21,7 +21,10 @@ ENV_MAX_DELAY = "ORDER_TIMEOUTS_MAX_DELAY_SECONDS"
 ENV_MAX_ATTEMPTS = "ORDER_TIMEOUTS_MAX_ATTEMPTS"
 ENV_MAX_CLOCK_SKEW = "ORDER_TIMEOUTS_MAX_CLOCK_SKEW"
 ENV_RETRY_BACKOFF = "ORDER_TIMEOUTS_RETRY_BACKOFF"
+ENV_RETENTION = "ORDER_TIMEOUTS_RETENTION"
 
+#: ORDER_TIMEOUTS_RETENTION's value that keeps every finished timeout
+RETENTION_OFF = "off"
 #: the longest first retry delay or cap ORDER_TIMEOUTS_RETRY_BACKOFF accepts
 MAX_RETRY_BACKOFF = timedelta(days=1)
 
@@ -56,6 +59,8 @@ class Settings:
     max_deliveries: int = 10
     #: a process whose clock is further off the registry's than this is reported (log, metric, check)
     max_clock_skew: timedelta = timedelta(seconds=1)
+    #: finished timeouts (done, revoked) older than this are purged by `maintain`; None keeps them all
+    retention: timedelta | None = timedelta(days=7)
     orders: OrdersTableNames = field(default_factory=OrdersTableNames)
 
     @classmethod
@@ -71,6 +76,7 @@ class Settings:
             retry_backoff=backoff,
             retry_backoff_cap=backoff_cap,
             max_clock_skew=_seconds(env, ENV_MAX_CLOCK_SKEW, timedelta(seconds=1)),
+            retention=_retention(env, ENV_RETENTION, cls.retention),
         )
         given = {key: value for key, value in overrides.items() if value is not None}
         return replace(settings, **given)  # type: ignore[arg-type]
@@ -122,6 +128,22 @@ def _backoff(env: os._Environ[str], name: str, base: timedelta, cap: timedelta) 
         longest = longest.strip() or f"{cap.total_seconds():g}s (the default)"
         raise ConfigurationError(f"{name}: the first retry delay {first.strip()} is longer than the longest, {longest}")
     return base, cap
+
+
+def _retention(env: os._Environ[str], name: str, default: timedelta | None) -> timedelta | None:
+    """A duration in the forms of the CLI's --delay, above 0, or `off` (keep every finished timeout)."""
+    raw = env.get(name)
+    if not raw:
+        return default
+    if raw.strip().lower() == RETENTION_OFF:
+        return None
+    try:
+        value = parse_duration(raw)
+    except InvalidTimeout:
+        value = timedelta(0)
+    if value <= timedelta(0):
+        raise ConfigurationError(f"{name} must be a duration above 0 like 12h or 7d, or {RETENTION_OFF}; got {raw!r}")
+    return value
 
 
 def database_url(raw: str) -> URL:

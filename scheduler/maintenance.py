@@ -1,10 +1,15 @@
-"""`order-timeouts maintain`: the outbox relay and the reconciler, as APScheduler interval jobs.
+"""`order-timeouts maintain`: the outbox relay, the reconciler and the purge, as APScheduler interval jobs.
 
 - relay: registry rows the broker has not confirmed go to the broker, in due order, in batches,
   with backoff while the broker is down. This is what makes `schedule()` safe during an outage.
 - reconciler: pending rows overdue by more than a grace period are published again, so a broker
   that lost everything (FLUSHALL, deleted queues) still ends with every timeout handled within
   the grace period plus one sweep.
+- purge: finished timeouts (done, revoked) older than ORDER_TIMEOUTS_RETENTION leave the registry,
+  at most MAX_PURGE_ROWS_PER_RUN per run in small transactions (scheduler/retention.py), so a
+  backlog (retention just turned on, or shortened) goes over several runs and never holds the
+  lease or the database for long. Dead timeouts stay for a person to look at. Off with
+  ORDER_TIMEOUTS_RETENTION=off.
 
 Jobs never overlap (max_instances=1) and missed runs coalesce. Several `maintain` processes may
 run: each job takes a lease row in the registry first, so only one process works on it at a time,
@@ -28,7 +33,7 @@ from types import FrameType
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.exc import SQLAlchemyError
 
-from scheduler import registry
+from scheduler import registry, retention
 from scheduler.api import OrderTimeouts
 from scheduler.errors import TransportUnavailable
 from scheduler.outage import Outage, first_line
@@ -39,6 +44,11 @@ log = logging.getLogger("order_timeouts.maintain")
 MAINTENANCE_BATCH = 2000
 #: most rows one job run handles before giving the other job and the lease a turn
 MAX_ROWS_PER_RUN = 100_000
+#: most rows one purge run deletes: a few seconds of work at most, far more than finish in an interval
+#: at the design's rates (500 a second is 30,000 a minute)
+MAX_PURGE_ROWS_PER_RUN = 100_000
+#: what each job's rows are, for its log line and `maintain --once`
+JOB_VERBS = {"relay": "published", "reconciler": "published", "purge": "purged"}
 #: how often `serve` looks whether it was asked to stop
 STOP_POLL_S = 0.2
 
@@ -48,6 +58,7 @@ class MaintenancePlan:
     relay_interval: timedelta = timedelta(seconds=1)
     sweep_interval: timedelta = timedelta(seconds=15)
     grace: timedelta = timedelta(seconds=60)
+    purge_interval: timedelta = timedelta(minutes=1)
 
 
 @dataclass
@@ -68,15 +79,43 @@ class Maintenance:
         self._stop = threading.Event()
 
     def relay(self) -> JobRun:
-        return self._run("relay", self.plan.relay_interval, self._timeouts.publish_unpublished)
+        return self._run("relay", self.plan.relay_interval, lambda: _in_batches(self._timeouts.publish_unpublished))
 
     def reconcile(self) -> JobRun:
         return self._run(
-            "reconciler", self.plan.sweep_interval, lambda n: self._timeouts.republish_stranded(self.plan.grace, n)
+            "reconciler",
+            self.plan.sweep_interval,
+            lambda: _in_batches(lambda n: self._timeouts.republish_stranded(self.plan.grace, n)),
         )
 
+    def purge(self) -> JobRun:
+        """Delete finished timeouts older than the retention (skipped when it is off)."""
+        keep = self._timeouts.settings.retention
+        if keep is None:
+            return JobRun("purge", skipped=True)
+        timeouts = self._timeouts
+
+        def step() -> int:
+            # The cutoff is read once the lease is ours, from the registry's clock.
+            before = retention.cutoff_ms(timeouts.clock.now_ms(), keep)
+            states = registry.PURGED_STATES
+            return retention.purge(timeouts.engine, before_ms=before, states=states, max_rows=MAX_PURGE_ROWS_PER_RUN)
+
+        return self._run("purge", self.plan.purge_interval, step)
+
+    @property
+    def jobs(self) -> list[tuple[str, Callable[[], JobRun], timedelta]]:
+        """(name, run, interval) of every job this process runs: the purge only with a retention."""
+        jobs = [
+            ("relay", self.relay, self.plan.relay_interval),
+            ("reconciler", self.reconcile, self.plan.sweep_interval),
+        ]
+        if self._timeouts.settings.retention is not None:
+            jobs.append(("purge", self.purge, self.plan.purge_interval))
+        return jobs
+
     def run_once(self) -> list[JobRun]:
-        return [self.relay(), self.reconcile()]
+        return [run() for _, run, _ in self.jobs]
 
     def install_signal_handlers(self) -> None:
         """From now on SIGTERM/SIGINT stop `serve`: the job runs in progress finish, the leases go.
@@ -94,15 +133,18 @@ class Maintenance:
         self._stop.set()
 
     def serve(self) -> None:
-        """Run both jobs, the first time at once, until `stop()` (a signal, once installed)."""
+        """Run every job, the first time at once, until `stop()` (a signal, once installed)."""
         scheduler = BackgroundScheduler(job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": 30})
         first = datetime.now(UTC)  # a pass at start instead of after one interval
-        for job, step, interval in (
-            ("relay", self.relay, self.plan.relay_interval),
-            ("reconciler", self.reconcile, self.plan.sweep_interval),
-        ):
+        for job, step, interval in self.jobs:
             scheduler.add_job(step, "interval", seconds=interval.total_seconds(), id=job, next_run_time=first)
         scheduler.start()
+        keep = self._timeouts.settings.retention
+        log.info(
+            "maintenance ready: %s; retention %s",
+            ", ".join(f"{job} every {interval.total_seconds():g}s" for job, _, interval in self.jobs),
+            "off" if keep is None else f"{keep.total_seconds():g}s",
+        )
         try:
             # Polled, not Event.wait(): a signal handler that sets an Event the main thread is waiting
             # on can deadlock on the Event's own lock.
@@ -112,7 +154,8 @@ class Maintenance:
             scheduler.shutdown(wait=True)  # the runs in progress finish first
             self._release_all()
 
-    def _run(self, job: str, interval: timedelta, step: Callable[[int], int]) -> JobRun:
+    def _run(self, job: str, interval: timedelta, step: Callable[[], int]) -> JobRun:
+        """One run of `job` under its lease: `step` does the run's work and returns its rows."""
         run = JobRun(job)
         if time.monotonic() < self._backoff_until.get(job, 0.0):
             run.skipped = True
@@ -127,11 +170,7 @@ class Maintenance:
                 if not registry.take_lease(conn, job, self._holder, now=timeouts.clock.now_ms(), ttl_ms=ttl_ms):
                     run.skipped = True
                     return run
-            while run.rows < MAX_ROWS_PER_RUN:
-                done = step(MAINTENANCE_BATCH)
-                run.rows += done
-                if done < MAINTENANCE_BATCH:
-                    break
+            run.rows = step()
         except TransportUnavailable as exc:
             run.error = str(exc)
             self._backoff_until[job] = time.monotonic() + outage.failed(timeouts.transport.component, run.error)
@@ -142,13 +181,24 @@ class Maintenance:
             return run
         outage.recovered()
         if run.rows:
-            log.info("%s: published %d timeouts", job, run.rows)
+            log.info("%s: %s %d timeouts", job, JOB_VERBS[job], run.rows)
         return run
 
     def _release_all(self) -> None:
         try:
             with self._timeouts.engine.begin() as conn:
-                for job in ("relay", "reconciler"):
+                for job in JOB_VERBS:
                     registry.release_lease(conn, job, self._holder)
         except SQLAlchemyError:
             pass  # the leases expire on their own
+
+
+def _in_batches(step: Callable[[int], int]) -> int:
+    """Call `step(MAINTENANCE_BATCH)` until it does less than a batch, or MAX_ROWS_PER_RUN rows are done."""
+    rows = 0
+    while rows < MAX_ROWS_PER_RUN:
+        done = step(MAINTENANCE_BATCH)
+        rows += done
+        if done < MAINTENANCE_BATCH:
+            break
+    return rows

@@ -124,6 +124,7 @@ def stats(ctx: typer.Context, as_json: JsonOption = False) -> None:
     from scheduler import registry
     from scheduler.cli.health import clock_offset_ms
     from scheduler.database import reading
+    from scheduler.registry import TimeoutState
 
     timeouts = ctx.ensure_object(Context).timeouts()
     now = timeouts.clock.now_ms()
@@ -133,6 +134,9 @@ def stats(ctx: typer.Context, as_json: JsonOption = False) -> None:
         next_due = registry.next_due_ms(conn)
         last_minute = registry.finished_between(conn, now - 60_000, now)
         last_5_minutes = registry.finished_between(conn, now - 300_000, now)
+        oldest_finished = registry.oldest_finished_ms(conn, registry.PURGED_STATES)
+        oldest_dead = registry.oldest_finished_ms(conn, [TimeoutState.DEAD])
+    retention = timeouts.settings.retention
     lag_s = (now - next_due) / 1000 if next_due is not None and next_due <= now else 0.0
     offset_ms = clock_offset_ms(timeouts.clock)
     data: dict[str, Any] = {
@@ -145,6 +149,11 @@ def stats(ctx: typer.Context, as_json: JsonOption = False) -> None:
         "finished_per_second_5m": round(last_5_minutes / 300, 2),
         "broker": timeouts.transport.figures(),
         "clock_offset_seconds": None if offset_ms is None else offset_ms / 1000,
+        # What `maintain` purges (done and revoked rows) and how far back the registry goes; null: off
+        "retention_seconds": None if retention is None else retention.total_seconds(),
+        "oldest_finished_at": iso(oldest_finished),
+        "oldest_finished_age_seconds": None if oldest_finished is None else round((now - oldest_finished) / 1000, 3),
+        "oldest_dead_at": iso(oldest_dead),
     }
     if as_json:
         print_json(data)
@@ -160,6 +169,9 @@ def stats(ctx: typer.Context, as_json: JsonOption = False) -> None:
     table.add_row("finished/s (1m, 5m)", f"{data['finished_per_second_1m']}, {data['finished_per_second_5m']}")
     for key, value in data["broker"].items():
         table.add_row(f"broker {key}", str(value))
+    table.add_row("retention (done, revoked)", "off" if retention is None else human(retention.total_seconds()))
+    table.add_row("oldest finished (done, revoked)", relative(oldest_finished, now))
+    table.add_row("oldest dead", relative(oldest_dead, now))
     if offset_ms is not None:
         table.add_row("this clock vs the registry's", f"{offset_ms / 1000:+.3f} s")
     console.print(table)

@@ -1,15 +1,23 @@
-"""Commands that change things: init-db, schedule, cancel, reschedule, fire, maintain.
+"""Commands that change things: init-db, schedule, cancel, reschedule, fire, purge, maintain.
 
 `worker` and `demo` come from the consumer side's plug-in (consumers/cli.py)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from scheduler.registry import TimeoutState
+
 from scheduler.cli import Context, app
-from scheduler.cli.render import console, parse_instant, print_json, record_json
+from scheduler.cli.render import console, iso, parse_instant, print_json, record_json
 from scheduler.clock import parse_duration
 from scheduler.config import redact
 from scheduler.errors import InvalidTimeout
@@ -106,24 +114,91 @@ def fire(ctx: typer.Context, order_id: str) -> None:
 
 
 @app.command()
+def purge(
+    ctx: typer.Context,
+    older_than: Annotated[
+        str, typer.Option("--older-than", help="Finished longer ago than this: 12h, 7d, 90d.", show_default=False)
+    ],
+    include_dead: Annotated[bool, typer.Option("--include-dead", help="Dead-lettered timeouts too.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what would go; delete nothing.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Delete finished timeouts (done, revoked) older than --older-than, a few thousand rows per
+    transaction while everything else runs. Pending timeouts are never touched; dead ones stay
+    unless --include-dead."""
+    age = parse_duration(older_than, "--older-than")
+    if age <= timedelta(0):
+        raise InvalidTimeout(f"--older-than must be above 0, got {older_than!r}")
+    from scheduler import retention
+    from scheduler.registry import purged_states
+
+    timeouts = ctx.ensure_object(Context).timeouts()
+    states = purged_states(include_dead=include_dead)
+    before = retention.cutoff_ms(timeouts.clock.now_ms(), age)
+    started = time.perf_counter()
+    if dry_run:
+        count = retention.count(timeouts.engine, before_ms=before, states=states)
+    elif console.is_terminal and not as_json:
+        count = _purge_with_progress(timeouts.engine, before, states)
+    else:
+        count = retention.purge(timeouts.engine, before_ms=before, states=states)
+    seconds = time.perf_counter() - started
+    names = [state.value for state in states]
+    if as_json:
+        data = {"dry_run": dry_run, "count": count, "finished_before": iso(before), "states": names}
+        print_json({**data, "seconds": round(seconds, 3)})
+        return
+    verb = "would delete" if dry_run else "deleted"
+    console.print(
+        f"{verb} {count} timeouts ({', '.join(names)}) finished before {iso(before)} in {seconds:.1f}s",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _purge_with_progress(engine: Engine, before: int, states: Sequence[TimeoutState]) -> int:
+    """The purge with a progress bar for a person at a terminal; its total is counted first."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from scheduler import retention
+
+    total = retention.count(engine, before_ms=before, states=states)
+    columns = (BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("purge", total=total)
+        return retention.purge(
+            engine, before_ms=before, states=states, deleted=lambda count: progress.advance(task, count)
+        )
+
+
+@app.command()
 def maintain(
     ctx: typer.Context,
     relay_interval: Annotated[str, typer.Option(help="How often unpublished timeouts go to the broker.")] = "1s",
     sweep_interval: Annotated[str, typer.Option(help="How often the reconciler looks for stranded ones.")] = "15s",
     grace: Annotated[str, typer.Option(help="Overdue by more than this and unfinished: publish again.")] = "60s",
+    purge_interval: Annotated[
+        str, typer.Option(help="How often finished timeouts older than ORDER_TIMEOUTS_RETENTION are purged.")
+    ] = "1m",
     once: Annotated[bool, typer.Option("--once", help="Run each job once and exit (cron, tests).")] = False,
     metrics_port: MetricsPortOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Run the outbox relay and the reconciler (several processes may run; leases keep them apart)."""
-    from scheduler.maintenance import Maintenance, MaintenancePlan
+    """Run the outbox relay, the reconciler and the purge (several processes may run; leases keep them apart)."""
+    from scheduler.maintenance import JOB_VERBS, Maintenance, MaintenancePlan
 
     plan = MaintenancePlan(
         relay_interval=parse_duration(relay_interval, "--relay-interval"),
         sweep_interval=parse_duration(sweep_interval, "--sweep-interval"),
         grace=parse_duration(grace, "--grace"),
+        purge_interval=parse_duration(purge_interval, "--purge-interval"),
     )
-    for name, value in (("--relay-interval", plan.relay_interval), ("--sweep-interval", plan.sweep_interval)):
+    intervals = {
+        "--relay-interval": plan.relay_interval,
+        "--sweep-interval": plan.sweep_interval,
+        "--purge-interval": plan.purge_interval,
+    }
+    for name, value in intervals.items():
         if value.total_seconds() <= 0:
             raise InvalidTimeout(f"{name} must be positive")
     timeouts = ctx.ensure_object(Context).timeouts()
@@ -143,6 +218,6 @@ def maintain(
     else:
         for run in runs:
             state = "skipped" if run.skipped else (f"error: {run.error}" if run.error else "ok")
-            console.print(f"{run.job}: {run.rows} published ({state})", highlight=False)
+            console.print(f"{run.job}: {run.rows} {JOB_VERBS[run.job]} ({state})", highlight=False)
     if any(run.error for run in runs):
         raise typer.Exit(1)

@@ -3,8 +3,8 @@
 Every statement that touches the table lives in this package, as SQLAlchemy Core close to the SQL
 it sends: `schema` is the tables (a documented contract, docs/registry.md), `queries` the statements
 that are the same on every database, `postgresql` and `sqlite` each database's own ways of the
-others, `leases` the maintenance leases. Callers use the names below:
-`from scheduler import registry; registry.claim(conn, ...)`.
+others, `retention` the purge of finished rows, `leases` the maintenance leases. Callers use the
+names below: `from scheduler import registry; registry.claim(conn, ...)`.
 """
 
 from scheduler.registry.leases import release_lease, take_lease
@@ -36,6 +36,13 @@ from scheduler.registry.queries import (
     unpublish_pending,
     unpublished,
 )
+from scheduler.registry.retention import (
+    PURGED_STATES,
+    count_finished_before,
+    oldest_finished_ms,
+    purge_finished,
+    purged_states,
+)
 from scheduler.registry.schema import (
     MAX_ORDER_ID_LENGTH,
     PENDING_DUE_INDEX,
@@ -51,6 +58,7 @@ from scheduler.registry.schema import (
 __all__ = [
     "MAX_ORDER_ID_LENGTH",
     "PENDING_DUE_INDEX",
+    "PURGED_STATES",
     "Claim",
     "Outcome",
     "Retry",
@@ -60,6 +68,7 @@ __all__ = [
     "bury",
     "claim",
     "claim_due",
+    "count_finished_before",
     "count_pending",
     "counts",
     "database_now_ms",
@@ -74,9 +83,12 @@ __all__ = [
     "metadata",
     "move_due",
     "next_due_ms",
+    "oldest_finished_ms",
     "one_writer_at_a_time",
     "pending",
     "pending_after",
+    "purge_finished",
+    "purged_states",
     "release_lease",
     "replay_dead",
     "retry_later",

@@ -9,6 +9,7 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Engine,
+    Select,
     Text,
     and_,
     any_,
@@ -123,6 +124,15 @@ def claim_where(order_ids: Sequence[str], *, now: int) -> tuple[ColumnElement[bo
     # had to wait for.
     still_due = and_(is_pending, timeouts.c.due_ms <= now)
     return among, still_due.is_(true())
+
+
+def purge_where(chosen: Select[tuple[str]], still_purgeable: ColumnElement[bool]) -> tuple[ColumnElement[bool], ...]:
+    # `order_id = ANY(ARRAY(subquery))`: the subquery runs once, and its ids are looked up in the
+    # primary key. Written as `IN (subquery)` the planner may hash-join it against a scan of the
+    # whole table when it expects many rows to match. `IS TRUE` keeps the re-check out of index
+    # matching (as in claim_where), so that no plan walks the finished index's whole range again
+    # for each batch; PostgreSQL still re-checks it on a row changed since the subquery read it.
+    return timeouts.c.order_id == any_(func.array(chosen.scalar_subquery())), still_purgeable.is_(true())
 
 
 def finish(conn: Connection, outcomes: dict[str, Outcome], *, now: int) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
-from sqlalchemy import ColumnElement, Connection, Engine, bindparam, func, select, update
+from sqlalchemy import ColumnElement, Connection, Engine, Select, bindparam, func, select, update
 
 from scheduler.registry import postgresql, sqlite
 from scheduler.registry.schema import (
@@ -62,6 +62,13 @@ class FastPaths(Protocol):
 
     def claim_where(self, order_ids: Sequence[str], *, now: int) -> tuple[ColumnElement[bool], ...]:
         """The WHERE of `claim`: the rows among `order_ids` still pending and due by `now`."""
+        ...
+
+    def purge_where(
+        self, chosen: Select[tuple[str]], still_purgeable: ColumnElement[bool]
+    ) -> tuple[ColumnElement[bool], ...]:
+        """The WHERE of the retention purge's DELETE: the rows whose order ids `chosen` selects, each
+        looked up by primary key, that are `still_purgeable` when the DELETE reaches them."""
         ...
 
     def finish(self, conn: Connection, outcomes: dict[str, Outcome], *, now: int) -> None:

@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from sqlalchemy import ColumnElement, Connection, Engine, and_, bindparam, text, update
+from sqlalchemy import ColumnElement, Connection, Engine, Select, and_, bindparam, text, update
 from sqlalchemy.dialects.sqlite import insert
 
 from scheduler.names import REGISTRY_TABLE
@@ -111,6 +111,14 @@ def claim_due(conn: Connection, *, limit: int, now: int, worker: str) -> list[Cl
 
 def claim_where(order_ids: Sequence[str], *, now: int) -> tuple[ColumnElement[bool], ...]:
     return timeouts.c.order_id.in_(order_ids), and_(is_pending, timeouts.c.due_ms <= now)
+
+
+def purge_where(chosen: Select[tuple[str]], still_purgeable: ColumnElement[bool]) -> tuple[ColumnElement[bool], ...]:
+    # SQLite runs an IN subquery once into a list and looks each id up in the primary key. No
+    # re-check: nothing changes a row between the subquery and the delete, as the transaction holds
+    # the write lock. Stated, the planner may answer it from the finished index instead, and walk
+    # all the purgeable rows for each batch.
+    return (timeouts.c.order_id.in_(chosen.scalar_subquery()),)
 
 
 def finish(conn: Connection, outcomes: dict[str, Outcome], *, now: int) -> None:

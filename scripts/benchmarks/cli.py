@@ -40,6 +40,13 @@ def bench(
     pending: Annotated[
         int | None, typer.Option(help="Far-off timeouts pending for the loaded figures; 0 skips them.", min=0)
     ] = None,
+    purge: Annotated[
+        int | None, typer.Option(help="Finished timeouts purged for the purge rate (sql-* systems); 0 skips it.", min=0)
+    ] = None,
+    purge_load: Annotated[
+        int | None,
+        typer.Option(help="Finished timeouts purged during a steady load, against one without (e.g. 1000000).", min=0),
+    ] = None,
     workers: Annotated[int | None, typer.Option(help="Worker processes per system.", min=1, max=16)] = None,
     batch_size: Annotated[int | None, typer.Option(help="Timeouts per worker transaction.", **_SIZE)] = None,
     postgres_url: Annotated[str, typer.Option(help="PostgreSQL for registries and orders (own schemas).")] = (
@@ -52,8 +59,8 @@ def bench(
     output: Annotated[Path, typer.Option(help="Folder for the JSON document and the plot.")] = Path("bench-results"),
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON document instead of the table.")] = False,
 ) -> None:
-    """Bulk schedule, schedule() latency, burst and steady lateness, Redis bytes, 1M-pending load:
-    the product's transports against RQ and APScheduler on this machine."""
+    """Bulk schedule, schedule() latency, burst and steady lateness, Redis bytes, 1M-pending load, purge
+    rate: the product's transports against RQ and APScheduler on this machine."""
     configure_logging(verbose=False, json_format=False)
     profile = "quick" if quick else profile
     if profile not in PROFILES:
@@ -75,6 +82,8 @@ def bench(
         steady_rate=steady_rate,
         steady_seconds=steady_seconds,
         pending=pending,
+        purge=purge,
+        purge_load=purge_load,
         workers=workers,
         batch_size=batch_size,
     )

@@ -38,6 +38,10 @@ class Sizes:
     steady_seconds: float
     #: far-future timeouts kept pending for the loaded measurement; 0 skips it
     pending: int
+    #: finished timeouts made in SQL and purged, for the purge rate (the `sql-*` systems: one per registry database)
+    purge: int = 0
+    #: finished timeouts purged while a second steady load runs, against a third without the purge; 0 skips it
+    purge_load: int = 0
     #: worker processes of the consumer group (RQ: SimpleWorkers)
     workers: int = 2
     #: timeouts per worker transaction
@@ -55,6 +59,7 @@ PROFILES: dict[str, Sizes] = {
         steady_rate=500,
         steady_seconds=20.0,
         pending=1_000_000,
+        purge=300_000,
     ),
     "quick": Sizes(
         bulk=10_000,
@@ -64,6 +69,7 @@ PROFILES: dict[str, Sizes] = {
         steady_rate=500,
         steady_seconds=2.0,
         pending=20_000,
+        purge=50_000,
         worker_start_s=1.5,
     ),
     # For the test suite: every figure, in a few seconds per system.
@@ -75,6 +81,8 @@ PROFILES: dict[str, Sizes] = {
         steady_rate=200,
         steady_seconds=1.0,
         pending=1000,
+        purge=2000,
+        purge_load=2000,
         worker_start_s=1.0,
     ),
 }
@@ -133,6 +141,8 @@ TARGETS: tuple[Target, ...] = (
     Target("redis_bytes_per_timeout", "max", 150.0, ("redis",), "≤ 150 B"),
     Target("loaded_schedule_ratio", "min", 0.8, _ALL, "within 20 % of empty"),
     Target("loaded_fire_ratio", "min", 0.8, _ALL, "within 20 % of empty"),
+    Target("purge_rate", "min", 50_000, ("sql-postgresql",), "≥ 50k rows/s on PostgreSQL"),
+    Target("steady_purge_ratio", "max", 2.0, _ALL, "≤ 2x without the purge"),
 )
 
 

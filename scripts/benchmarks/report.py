@@ -53,9 +53,21 @@ FIGURES: tuple[Figure, ...] = (
     Figure("loaded_schedule_ratio", "schedule rate, loaded / empty", _times, None),
     Figure("loaded_schedule_ratio_at_fill", "schedule rate, loaded / empty, right after the fill", _times, None),
     Figure("loaded_fire_ratio", "fire rate, loaded / empty", _times, None),
+    Figure("purge_rate", "purge of finished timeouts", lambda v: _rate(v).replace("/s", " rows/s"), None),
+    Figure("steady_history_p99_ms", "steady lateness p99, history to purge present", _ms, None),
+    Figure("steady_purge_p99_ms", "steady lateness p99, while it is purged", _ms, None),
+    Figure("steady_purge_ratio", "steady p99, while purging / not", _times, None),
 )
+#: figures of the registry database alone, measured on the `sql-*` systems (the others' registry is PostgreSQL too)
+REGISTRY_FIGURES = ("purge_rate",)
+#: figures of the steady load during a purge, measured only when asked (--purge-load)
+PURGE_LOAD_FIGURES = ("steady_history_p99_ms", "steady_purge_p99_ms", "steady_purge_ratio")
 #: figures every product system reports (Redis bytes only where Redis holds the timers)
-PRODUCT_FIGURES = tuple(f.key for f in FIGURES if f.key != "redis_bytes_per_timeout")
+PRODUCT_FIGURES = tuple(
+    f.key
+    for f in FIGURES
+    if f.key != "redis_bytes_per_timeout" and f.key not in REGISTRY_FIGURES and f.key not in PURGE_LOAD_FIGURES
+)
 BASELINE_FIGURES = tuple(f.key for f in FIGURES if f.better is not None and f.key != "redis_bytes_per_timeout")
 
 

@@ -14,6 +14,9 @@ registry showed nothing pending up to the due time.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -24,9 +27,11 @@ from sqlalchemy import Engine, func, insert, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from benchmarks.history import add_finished
 from benchmarks.measure import Lateness, ProcessGroup, SystemResult, now_ms, percentile, rate, wait_for
 from benchmarks.plan import Services, Sizes
 from benchmarks.sandbox import Deployment, deployment, finish_rehashing, redis_client
+from scheduler import registry, retention
 from scheduler.api import OrderTimeouts
 from scheduler.clock import from_ms
 from scheduler.config import ENV_BROKER_URL, ENV_DATABASE_URL, Settings
@@ -45,6 +50,9 @@ FILL_CHUNK = 100_000
 POLL_S = 0.02
 #: seconds to allow a worker process to start (imports, connections) on a busy machine
 WORKER_START_S = 2.0
+#: the systems whose registry databases differ: the purge rate is measured on these
+REGISTRY_SYSTEMS = ("sql-sqlite", "sql-postgresql")
+HOUR_MS = 3_600_000
 #: rate assumed for the lead time of the first burst when no bulk rate was measured
 FALLBACK_RATE = 5000.0
 
@@ -148,6 +156,9 @@ class _Drains:
         self.progress = progress
         self.client = _client(target)
         self.engine = self.client.engine
+        self.env = {ENV_DATABASE_URL: target.database_url, ENV_BROKER_URL: target.broker_url}
+        #: what the command run beside the last steady load printed
+        self.beside_output = ""
 
     def pending_up_to(self, due_ms: int) -> int:
         with reading(self.engine) as conn:
@@ -266,19 +277,65 @@ class _Drains:
             rates.append(rate(size, time.perf_counter() - started))
         return max(rates)
 
-    def steady(self, workers: ProcessGroup) -> None:
+    def steady(self, workers: ProcessGroup, prefix: str = "steady", beside: list[str] | None = None) -> Lateness:
+        """`steady_rate` timeouts due a second for `steady_seconds`; with `beside`, that command runs
+        from the first due time until it exits (after the drain at the latest)."""
         per_second, seconds = self.sizes.steady_rate, self.sizes.steady_seconds
         count = int(per_second * seconds)
-        ids = [f"steady-{i:06d}" for i in range(count)]
+        ids = [f"{prefix}-{i:06d}" for i in range(count)]
         add_orders(self.engine, ids, self.client.settings)
         first = now_ms() + lead_ms(count, self.result.figures.get("bulk_rate"), 0.5)
         due = [first + int(i * 1000 / per_second) for i in range(count)]
         self.client.schedule_many([(oid, from_ms(at)) for oid, at in zip(ids, due, strict=True)])
+        command = None
+        shown = " ".join((beside or [])[2:])  # without the interpreter and `-m`
+        if beside is not None:
+            time.sleep(max(first - now_ms(), 0) / 1000)
+            env = {**os.environ, **self.env}
+            command = subprocess.Popen(beside, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.wait_drained(due[-1], workers, timeout=seconds + 60.0 + (first - now_ms()) / 1000)
-        lateness = self.lateness("steady")
-        self.result.figures["steady_p50_ms"] = percentile(lateness.samples, 0.50)
-        self.result.figures["steady_p99_ms"] = percentile(lateness.samples, 0.99)
-        self.result.lateness["steady"] = lateness.samples
+        if command is not None:
+            out, err = command.communicate(timeout=600)
+            self.beside_output = out
+            if command.returncode != 0:
+                self.result.notes.append(f"{self.target.system}: {shown} failed: {err[-500:]}")
+        lateness = self.lateness(prefix)
+        self.result.lateness[prefix] = lateness.samples
+        return lateness
+
+    def purge_rate(self) -> None:
+        """Rows a second of a purge of `purge` finished timeouts made in SQL, among what the earlier
+        steps left (pending timeouts included), through the registry's own purge as `purge` runs it."""
+        count = self.sizes.purge
+        now = registry.database_now_ms(self.engine)
+        add_finished(self.engine, count, prefix="history", finished_ms=now - 2 * HOUR_MS, spread_ms=HOUR_MS // 2)
+        self.analyze()
+        started = time.perf_counter()
+        purged = retention.purge(self.engine, before_ms=now - HOUR_MS, states=registry.PURGED_STATES)
+        self.result.figures["purge_rate"] = rate(purged, time.perf_counter() - started)
+        if purged != count:
+            self.result.notes.append(f"{self.target.system}: the purge deleted {purged:,} rows of {count:,}")
+
+    def steady_during_purge(self, workers: ProcessGroup) -> None:
+        """The steady load twice, each with `purge_load` finished rows waiting in the registry: first
+        alone, then while `order-timeouts purge` deletes them (in a process of its own, as an admin
+        or `maintain` would)."""
+        figures = self.result.figures
+        count = self.sizes.purge_load
+        now = registry.database_now_ms(self.engine)
+        add_finished(self.engine, count, prefix="load-history", finished_ms=now - 2 * HOUR_MS, spread_ms=HOUR_MS // 2)
+        self.analyze()
+        alone = self.steady(workers, "steady-history")
+        purge = [sys.executable, "-m", "scheduler", "purge", "--older-than", "1h", "--json"]
+        during = self.steady(workers, "steady-purge", beside=purge)
+        figures["steady_history_p99_ms"] = percentile(alone.samples, 0.99)
+        figures["steady_purge_p99_ms"] = percentile(during.samples, 0.99)
+        figures["steady_purge_ratio"] = _ratio(figures["steady_purge_p99_ms"], figures["steady_history_p99_ms"])
+        if self.beside_output:
+            report = json.loads(self.beside_output)
+            figures["purge_load_rows"] = report["count"]
+            figures["purge_load_seconds"] = report["seconds"]
+            figures["purge_load_rate"] = rate(report["count"], report["seconds"])
 
     def fill(self, count: int) -> None:
         """Far-off pending timeouts (no orders rows needed: they never fire during the bench)."""
@@ -321,7 +378,9 @@ def _drains(target: Deployment, sizes: Sizes, result: SystemResult, progress: Pr
         if empty_again:
             figures["burst_verified"] = bool(figures["burst_verified"]) and bool(empty_again.get("verified"))
         progress(f"{target.system}: steady {sizes.steady_rate}/s for {sizes.steady_seconds:g}s")
-        steps.steady(workers)
+        steady = steps.steady(workers)
+        figures["steady_p50_ms"] = percentile(steady.samples, 0.50)
+        figures["steady_p99_ms"] = percentile(steady.samples, 0.99)
         if sizes.pending:
             progress(f"{target.system}: {sizes.pending:,} far-off timeouts pending, then the burst again")
             steps.fill(sizes.pending)
@@ -344,6 +403,12 @@ def _drains(target: Deployment, sizes: Sizes, result: SystemResult, progress: Pr
             figures["loaded_schedule_ratio"] = _ratio(loaded_rate, empty_rate)
             figures["loaded_schedule_ratio_at_fill"] = _ratio(at_fill_rate, empty_rate)
             figures["loaded_fire_ratio"] = _ratio(loaded_fire, empty_fire)
+        if sizes.purge and target.system in REGISTRY_SYSTEMS:
+            progress(f"{target.system}: purge of {sizes.purge:,} finished timeouts")
+            steps.purge_rate()
+        if sizes.purge_load:
+            progress(f"{target.system}: steady {sizes.steady_rate}/s while {sizes.purge_load:,} finished are purged")
+            steps.steady_during_purge(workers)
     finally:
         workers.stop()
         steps.close()

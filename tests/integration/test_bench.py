@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from benchmarks import BULK_ROUNDS
 from benchmarks.cli import app
-from benchmarks.report import PRODUCT_FIGURES
+from benchmarks.report import PRODUCT_FIGURES, PURGE_LOAD_FIGURES, REGISTRY_FIGURES
 from benchmarks.sandbox import finish_rehashing, redis_keys
 from tests.redis_support import redis_prefix
 from tests.services import POSTGRES_URL, REDIS_URL, require
@@ -33,7 +33,9 @@ def test_tiny_profile_reports_every_figure_for_the_sql_systems(tmp_path: Path) -
     assert set(document["systems"]) == {"sql-sqlite", "sql-postgresql"}
     for system, entry in document["systems"].items():
         figures = entry["figures"]
-        missing = [key for key in PRODUCT_FIGURES if figures.get(key) is None]
+        missing = [
+            key for key in (*PRODUCT_FIGURES, *REGISTRY_FIGURES, *PURGE_LOAD_FIGURES) if figures.get(key) is None
+        ]
         assert not missing, f"{system} lacks {missing}; notes: {entry['notes']}"
         assert figures["burst_verified"] is True and figures["loaded_verified"] is True
         assert figures["bulk_rate"] > 0 and figures["burst_p99_ms"] >= figures["burst_p50_ms"]
@@ -41,6 +43,8 @@ def test_tiny_profile_reports_every_figure_for_the_sql_systems(tmp_path: Path) -
         assert len(figures["bulk_rates"]) == BULK_ROUNDS + 1 and figures["bulk_rate"] == max(figures["bulk_rates"])
         # the fire rates are the better of two bursts each: the first burst's is one of the empty two
         assert figures["empty_fire_rate"] >= figures["burst_drain_rate"]
+        # the tiny profile's purges: the one timed, and the one run beside the steady load, each of it all
+        assert figures["purge_rate"] > 0 and figures["purge_load_rows"] == 2000
     assert any(check["figure"] == "steady_p99_ms" for check in document["targets"])
     for when in ("cpu_before", "cpu_after"):  # how far this machine's own speed moved, for the reader
         steadiness = document["machine"][when]
