@@ -26,8 +26,8 @@ class History:
 
     #: rows that left `pending`: every 1000th dead, every 10th otherwise revoked, the rest done
     finished: int
-    #: rows still pending, due one after another over `pending_span_ms` from `now_ms`, except the
-    #: first `overdue` ones, due before `now_ms`
+    #: rows still pending, due one after another over `pending_span_ms` after `now_ms`, the first
+    #: one step after it; the `overdue` ones before them are due before `now_ms`
     pending: int
     #: the epoch ms the history ends at
     now_ms: int
@@ -97,7 +97,7 @@ FROM {source}
 """
 _PENDING = """
 SELECT {order_id},
-    :now + (i - 1 - :overdue) * :pending_step,
+    :now + (i - :overdue) * :pending_step - CASE WHEN i <= :overdue THEN :pending_step ELSE 0 END,
     :pending, NULL, 1, 0,
     :now - 1800000, :now - 1800000, :now - 1800000,
     NULL, NULL, NULL, NULL
