@@ -96,7 +96,10 @@ def derive_target_figures(results: Sequence[SystemResult]) -> None:
 def target_checks(results: Sequence[SystemResult]) -> list[dict[str, Any]]:
     checks = []
     for result in results:
+        scale = "admin_commands" in result.figures
         for target in targets_for(result.system):
+            if target.scale != scale:
+                continue
             measured = result.figures.get(target.figure)
             checks.append(
                 {
