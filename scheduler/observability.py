@@ -84,6 +84,7 @@ class RegistryCollector(Collector):
             with reading(self._engine) as conn:
                 # Each read from the index over the rows it counts: the cost of a scrape does not grow
                 # with the finished rows the registry keeps.
+                registry.read_by_index(conn)
                 pending_count = registry.count_pending(conn)
                 dead_count = registry.count_dead(conn)
                 next_due = registry.next_due_ms(conn)

@@ -53,8 +53,9 @@ class Plan:
 @contextlib.contextmanager
 def captured_statements(*kinds: str) -> Iterator[list[Statement]]:
     """Every statement any engine of this process sends meanwhile whose first word is one of `kinds`
-    (default SELECT and WITH), with its parameters, as the driver receives them."""
-    first_words = tuple(kind.upper() for kind in kinds) or ("SELECT", "WITH")
+    (default SELECT and WITH), with its parameters, as the driver receives them; and the SET
+    statements among them (planner settings), which `explained` applies in turn."""
+    first_words = (*(kind.upper() for kind in kinds), "SET") if kinds else ("SELECT", "WITH", "SET")
     captured: list[Statement] = []
 
     def capture(
@@ -78,6 +79,11 @@ def explained(engine: Engine, statements: Iterable[Statement], *, analyze: bool 
     plans = []
     with engine.connect() as conn:
         for statement in statements:
+            if statement.sql.lstrip().upper().startswith("SET "):
+                # the command's planner settings, for the statements after it (until the end, not of
+                # the command's transaction: all of them are explained in one)
+                conn.exec_driver_sql(statement.sql, statement.parameters)
+                continue
             if not re.search(rf"\b{REGISTRY_TABLE}\b", statement.sql):
                 continue
             if conn.dialect.name == "postgresql":

@@ -55,6 +55,7 @@ def pending(
     if after is not None and before is not None and after >= before:
         raise InvalidTimeout("the due window is empty: --due-after is not before --due-before")
     with reading(timeouts.engine) as conn:
+        registry.read_by_index(conn)
         total = registry.count_pending(conn, due_after=after, due_before=before)
         records = registry.pending(conn, due_after=after, due_before=before, limit=limit)
         counts: list[int] = []
@@ -132,6 +133,7 @@ def stats(ctx: typer.Context, as_json: JsonOption = False) -> None:
     # Totals of done and revoked rows would count that history: the table's size is the planner's
     # estimate instead (docs/operations.md, stats).
     with reading(timeouts.engine) as conn:
+        registry.read_by_index(conn)
         counts = {"pending": registry.count_pending(conn), "dead": registry.count_dead(conn)}
         overdue = registry.count_pending(conn, due_before=now)
         next_due = registry.next_due_ms(conn)
@@ -186,6 +188,7 @@ def dead_list(
 
     timeouts = ctx.ensure_object(Context).timeouts()
     with reading(timeouts.engine) as conn:
+        registry.read_by_index(conn)
         records = registry.dead(conn, limit=limit)
     if as_json:
         print_json([record_json(r) for r in records])

@@ -76,6 +76,10 @@ class FastPaths(Protocol):
         """The row count of the registry table in the planner's statistics; None without statistics."""
         ...
 
+    def read_by_index(self, conn: Connection) -> None:
+        """Make the rest of the transaction's reads take an index wherever one serves."""
+        ...
+
     def insert_lease(self, conn: Connection, job: str, holder: str, *, expires_ms: int) -> bool:
         """Insert the job's lease row unless one exists; True when this call inserted it."""
         ...
@@ -304,6 +308,14 @@ def count_pending(conn: Connection, *, due_after: int | None = None, due_before:
     if due_before is not None:
         stmt = stmt.where(timeouts.c.due_ms < due_before)
     return int(conn.execute(stmt).scalar_one())
+
+
+def read_by_index(conn: Connection) -> None:
+    """For the admin commands' and the gauges' reads: the rest of this transaction plans each
+    statement on an index wherever one serves, whatever the planner estimates of the history.
+
+    Call it first in the reading transaction."""
+    fast_paths(conn).read_by_index(conn)
 
 
 def count_dead(conn: Connection) -> int:
