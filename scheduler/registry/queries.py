@@ -345,8 +345,10 @@ def finished_recently(conn: Connection, start_ms: int, end_ms: int) -> dict[str,
         )
         .group_by(timeouts.c.state, timeouts.c.outcome)
     )
-    result = dict.fromkeys(FINISHED_STATES, 0)
-    result.update({f"{TimeoutState.DONE.value}:{outcome.value}": 0 for outcome in Outcome})
+    done = TimeoutState.DONE.value
+    # done first, then its outcomes, then the other states: the order `stats` prints
+    result = {done: 0, **{f"{done}:{outcome.value}": 0 for outcome in Outcome}}
+    result.update({state: 0 for state in FINISHED_STATES if state != done})
     for state, outcome, count in conn.execute(stmt):
         result[state] = result.get(state, 0) + count
         if outcome:
