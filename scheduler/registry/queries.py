@@ -79,6 +79,14 @@ class FastPaths(Protocol):
         """The earliest due time of a pending row, from the pending index only."""
         ...
 
+    def rows_estimate(self, conn: Connection) -> int | None:
+        """The row count of the registry table in the planner's statistics; None without statistics."""
+        ...
+
+    def read_by_index(self, conn: Connection) -> None:
+        """Make the rest of the transaction's reads take an index wherever one serves."""
+        ...
+
     def insert_lease(self, conn: Connection, job: str, holder: str, *, expires_ms: int) -> bool:
         """Insert the job's lease row unless one exists; True when this call inserted it."""
         ...
@@ -309,15 +317,56 @@ def count_pending(conn: Connection, *, due_after: int | None = None, due_before:
     return int(conn.execute(stmt).scalar_one())
 
 
-def counts(conn: Connection) -> dict[str, int]:
-    """Rows per state, and per outcome for finished rows (keys like 'done:cancelled')."""
-    stmt = select(timeouts.c.state, timeouts.c.outcome, func.count()).group_by(timeouts.c.state, timeouts.c.outcome)
-    result: dict[str, int] = {state.value: 0 for state in TimeoutState}
+def read_by_index(conn: Connection) -> None:
+    """For the admin commands' and the gauges' reads: the rest of this transaction plans each
+    statement on an index wherever one serves, whatever the planner estimates of the history.
+
+    Call it first in the reading transaction."""
+    fast_paths(conn).read_by_index(conn)
+
+
+def count_dead(conn: Connection) -> int:
+    """Dead timeouts, counted in the finished-rows index: the dead entries only, whatever the history."""
+    stmt = select(func.count()).select_from(timeouts).where(is_finished, timeouts.c.state == TimeoutState.DEAD.value)
+    return int(conn.execute(stmt).scalar_one())
+
+
+#: the states a finished row can be in, named so that the finished-rows index is read per state
+FINISHED_STATES = tuple(state.value for state in TimeoutState if state is not TimeoutState.PENDING)
+
+
+def finished_recently(conn: Connection, start_ms: int, end_ms: int) -> dict[str, int]:
+    """Timeouts that finished in [start_ms, end_ms), per state and, for done ones, per outcome
+    ('done:cancelled'); every state and outcome is a key, 0 when none finished.
+
+    The finished-rows index (state, finished_ms) is read over the window only, once per state (the
+    states are named for that): the cost follows the throughput of the window, not the history
+    the table keeps. The outcome is read from the rows of the window."""
+    stmt = (
+        select(timeouts.c.state, timeouts.c.outcome, func.count())
+        .where(
+            is_finished,
+            timeouts.c.state.in_(FINISHED_STATES),
+            timeouts.c.finished_ms >= start_ms,
+            timeouts.c.finished_ms < end_ms,
+        )
+        .group_by(timeouts.c.state, timeouts.c.outcome)
+    )
+    done = TimeoutState.DONE.value
+    # done first, then its outcomes, then the other states: the order `stats` prints
+    result = {done: 0, **{f"{done}:{outcome.value}": 0 for outcome in Outcome}}
+    result.update({state: 0 for state in FINISHED_STATES if state != done})
     for state, outcome, count in conn.execute(stmt):
         result[state] = result.get(state, 0) + count
         if outcome:
-            result[f"{state}:{outcome}"] = count
+            result[f"{state}:{outcome}"] = result.get(f"{state}:{outcome}", 0) + count
     return result
+
+
+def rows_estimate(conn: Connection) -> int | None:
+    """The database's own estimate of the registry's rows, from its planner statistics (no count is
+    run); None when it has none yet."""
+    return fast_paths(conn).rows_estimate(conn)
 
 
 def finished_between(conn: Connection, start_ms: int, end_ms: int) -> int:

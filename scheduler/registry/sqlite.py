@@ -139,6 +139,24 @@ def next_due_ms(conn: Connection) -> int | None:
     return conn.execute(text(f"SELECT min(due_ms) FROM {_PENDING_DUE} WHERE {_IS_PENDING}")).scalar()
 
 
+def rows_estimate(conn: Connection) -> int | None:
+    # ANALYZE writes the row count of each index into sqlite_stat1, the table's as its primary key's
+    # (the first number of `stat`); there is nothing to read before the first ANALYZE.
+    if conn.execute(text("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'sqlite_stat1'")).first() is None:
+        return None
+    stat = conn.execute(
+        text("SELECT stat FROM sqlite_stat1 WHERE tbl = :table AND idx = :index"),
+        {"table": REGISTRY_TABLE, "index": f"sqlite_autoindex_{REGISTRY_TABLE}_1"},
+    ).scalar()
+    return None if stat is None else int(str(stat).split()[0])
+
+
+def read_by_index(conn: Connection) -> None:
+    # SQLite's planner takes the partial indexes for the admin commands' statements as they are
+    # written (tests/integration/test_admin_plans.py), statistics or not.
+    return None
+
+
 def insert_lease(conn: Connection, job: str, holder: str, *, expires_ms: int) -> bool:
     inserted = conn.execute(
         insert(leases)

@@ -8,11 +8,21 @@
 The clock and the transport keep the rules the real ones keep (scheduler/transports/base.py), so
 that the API, the handler and the maintenance jobs can be tested in milliseconds; the real brokers
 stay in integration tests. `install_cancel_log` counts every order cancelled, for the check that
-each unpaid order was cancelled exactly once.
+each unpaid order was cancelled exactly once. `add_history` writes a registry with a long history
+in SQL, for what must stay fast at millions of rows.
 """
 
 from scheduler.testing.cancel_log import cancel_log_counts, install_cancel_log
 from scheduler.testing.clock import ManualClock
+from scheduler.testing.history import History, add_history
 from scheduler.testing.transport import DeadLetter, InMemoryTransport
 
-__all__ = ["DeadLetter", "InMemoryTransport", "ManualClock", "cancel_log_counts", "install_cancel_log"]
+__all__ = [
+    "DeadLetter",
+    "History",
+    "InMemoryTransport",
+    "ManualClock",
+    "add_history",
+    "cancel_log_counts",
+    "install_cancel_log",
+]

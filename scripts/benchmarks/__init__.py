@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from benchmarks.measure import SystemResult, cpu_steadiness, machine_load
-from benchmarks.plan import BASELINES, PROFILES, BenchPlan, Services, Sizes, available_systems
+from benchmarks.plan import BASELINES, PROFILES, SCALE_SYSTEMS, BenchPlan, Services, Sizes, available_systems
 from benchmarks.report import derive_target_figures
 
 __all__ = ["PROFILES", "BenchPlan", "BenchRun", "Services", "Sizes", "available_systems", "run_bench"]
@@ -55,6 +55,8 @@ def run_bench(plan: BenchPlan, progress: Callable[[str], None]) -> BenchRun:
     from benchmarks.workloads import run_product
 
     run = BenchRun(plan)
+    if plan.sizes.scale_rows:
+        return _run_scale(run, progress)
     # Baselines last: their slow drains should not warm anything up for the product, nor the reverse.
     ordered = [s for s in plan.systems if s not in BASELINES] + [s for s in plan.systems if s in BASELINES]
     rounds = _bulk_rounds(plan, [s for s in ordered if s != "baseline-apscheduler"], progress)
@@ -76,6 +78,25 @@ def run_bench(plan: BenchPlan, progress: Callable[[str], None]) -> BenchRun:
     run.meta["machine"]["load_after"] = machine_load()
     run.meta["machine"]["cpu_after"] = cpu_steadiness()
     derive_target_figures(run.results)
+    return run
+
+
+def _run_scale(run: BenchRun, progress: Callable[[str], None]) -> BenchRun:
+    """The scale figures alone (scale.py), for the registry databases among the plan's systems."""
+    from benchmarks.scale import run_scale
+
+    for system in run.plan.systems:
+        if system not in SCALE_SYSTEMS:
+            progress(f"{system}: no scale figures (they are the registry database's)")
+            continue
+        try:
+            result = run_scale(system, run.plan.sizes, run.plan.services, progress)
+        except Exception as exc:  # one broken system must not cost the figures of the other
+            result = SystemResult(system, notes=[f"{system} failed: {type(exc).__name__}: {exc}"])
+            progress(traceback.format_exc())
+        run.results.append(result)
+    run.meta["machine"]["load_after"] = machine_load()
+    run.meta["machine"]["cpu_after"] = cpu_steadiness()
     return run
 
 

@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 
 from benchmarks import PROFILES, BenchPlan, Services, available_systems, run_bench
-from benchmarks.report import PLOT_SKIPPED, document, plot_lateness, table
+from benchmarks.report import PLOT_SKIPPED, document, plot_lateness, scale_table, table
 from scheduler.logs import configure_logging
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -27,7 +27,9 @@ _SIZE = {"min": 1}
 
 @app.command()
 def bench(
-    profile: Annotated[str, typer.Option(help="Sizes: full, quick (about a minute) or tiny (tests).")] = "full",
+    profile: Annotated[
+        str, typer.Option(help="Sizes: full, quick (about a minute), tiny (tests), scale (admin commands, 10M rows).")
+    ] = "full",
     quick: Annotated[bool, typer.Option("--quick", help="Same as --profile quick.")] = False,
     systems: Annotated[
         str | None, typer.Option(help=f"Comma-separated, default all: {', '.join(available_systems())}.")
@@ -49,6 +51,15 @@ def bench(
     ] = None,
     workers: Annotated[int | None, typer.Option(help="Worker processes per system.", min=1, max=16)] = None,
     batch_size: Annotated[int | None, typer.Option(help="Timeouts per worker transaction.", **_SIZE)] = None,
+    scale_rows: Annotated[
+        int | None, typer.Option(help="Scale profile: rows of the large PostgreSQL registry.", **_SIZE)
+    ] = None,
+    scale_sqlite_rows: Annotated[
+        int | None, typer.Option(help="Scale profile: rows of the large SQLite registry.", **_SIZE)
+    ] = None,
+    scale_small_rows: Annotated[
+        int | None, typer.Option(help="Scale profile: rows of the small registry compared with.", **_SIZE)
+    ] = None,
     postgres_url: Annotated[str, typer.Option(help="PostgreSQL for registries and orders (own schemas).")] = (
         Services.postgres_url
     ),
@@ -86,6 +97,9 @@ def bench(
         purge_load=purge_load,
         workers=workers,
         batch_size=batch_size,
+        scale_rows=scale_rows,
+        scale_sqlite_rows=scale_sqlite_rows,
+        scale_small_rows=scale_small_rows,
     )
 
     def progress(line: str) -> None:
@@ -103,6 +117,16 @@ def bench(
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
         return
     machine = run.meta["machine"]
+    if plan.sizes.scale_rows:
+        Console(width=max(console.width, 150)).print(
+            scale_table(run.results, f"order-timeouts admin commands, {run.meta['date']}, {machine['cpus']} cores, "
+                        f"load {machine['load_before']['load_1m']} → {machine['load_after']['load_1m']}")
+        )  # fmt: skip
+        for result in run.results:
+            for note in result.notes:
+                console.print(f"[yellow]note[/] {note}", highlight=False)
+        console.print(f"results in {output / f'bench-{stamp}.json'}")
+        return
     # One column per system: wider than a default 80-column pipe, or the cells wrap into mush.
     wide = Console(width=max(console.width, 44 + 24 * len(run.results)))
     wide.print(

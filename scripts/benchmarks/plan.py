@@ -10,6 +10,8 @@ from typing import Any
 PRODUCT_SYSTEMS = ("sql-sqlite", "sql-postgresql", "redis", "rabbitmq", "rq")
 #: what users would pick instead, measured in the same run on the same machine
 BASELINES = ("baseline-rq", "baseline-apscheduler")
+#: the systems of the scale figures: the registry's two databases
+SCALE_SYSTEMS = ("sql-postgresql", "sql-sqlite")
 BASELINE_LABELS = {"baseline-rq": "RQ", "baseline-apscheduler": "APScheduler"}
 
 
@@ -48,6 +50,11 @@ class Sizes:
     batch_size: int = 500
     #: seconds to let the worker processes start (imports, connections) before the first burst
     worker_start_s: float = 2.0
+    #: the scale figures (scale.py): registry rows of the large PostgreSQL and SQLite registries,
+    #: and of the small one both are compared with; 0 rows: no scale figures, the other figures
+    scale_rows: int = 0
+    scale_sqlite_rows: int = 0
+    scale_small_rows: int = 10_000
 
 
 PROFILES: dict[str, Sizes] = {
@@ -71,6 +78,18 @@ PROFILES: dict[str, Sizes] = {
         pending=20_000,
         purge=50_000,
         worker_start_s=1.5,
+    ),
+    # Only the admin commands at 10M registry rows against 10k (scale.py): a few minutes per database.
+    "scale": Sizes(
+        bulk=0,
+        bulk_apscheduler=0,
+        latency=0,
+        burst=0,
+        steady_rate=0,
+        steady_seconds=0.0,
+        pending=0,
+        scale_rows=10_000_000,
+        scale_sqlite_rows=10_000_000,
     ),
     # For the test suite: every figure, in a few seconds per system.
     "tiny": Sizes(
@@ -107,7 +126,8 @@ class BenchPlan:
     @classmethod
     def build(cls, profile: str, systems: list[str] | None, services: Services, **sizes: Any) -> BenchPlan:
         given = {key: value for key, value in sizes.items() if value is not None}
-        chosen = tuple(systems) if systems else tuple(available_systems())
+        every = SCALE_SYSTEMS if PROFILES[profile].scale_rows else tuple(available_systems())
+        chosen = tuple(systems) if systems else every
         return cls(systems=chosen, sizes=replace(PROFILES[profile], **given), profile=profile, services=services)
 
 
@@ -120,6 +140,8 @@ class Target:
     #: the systems the target is for
     systems: tuple[str, ...]
     text: str
+    #: a figure of the scale profile (scale.py), which measures none of the others
+    scale: bool = False
 
     def met(self, measured: float | None) -> bool | None:
         if measured is None:
@@ -143,6 +165,7 @@ TARGETS: tuple[Target, ...] = (
     Target("loaded_fire_ratio", "min", 0.8, _ALL, "within 20 % of empty"),
     Target("purge_rate", "min", 50_000, ("sql-postgresql",), "≥ 50k rows/s on PostgreSQL"),
     Target("steady_purge_ratio", "max", 2.0, _ALL, "≤ 2x without the purge"),
+    Target("admin_worst_process_ratio", "max", 3.0, SCALE_SYSTEMS, "each admin command at 10M rows ≤ 3x 10k", True),
 )
 
 

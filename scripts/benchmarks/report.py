@@ -108,7 +108,10 @@ def derive_target_figures(results: Sequence[SystemResult]) -> None:
 def target_checks(results: Sequence[SystemResult]) -> list[dict[str, Any]]:
     checks = []
     for result in results:
+        scale = "admin_commands" in result.figures
         for target in targets_for(result.system):
+            if target.scale != scale:
+                continue
             measured = result.figures.get(target.figure)
             checks.append(
                 {
@@ -155,6 +158,30 @@ def table(results: Sequence[SystemResult], title: str) -> Table:
         if bulk is not None or burst is not None:
             extra.append(f"{result.system}: bulk {bulk or 0:.1f}x RQ, burst drain {burst or 0:.1f}x RQ")
     grid.caption = "ratios: how many times better than the baseline (above 1 = better). " + "; ".join(extra)
+    return grid
+
+
+def scale_table(results: Sequence[SystemResult], title: str) -> Table:
+    """The scale figures: each admin command at both registry sizes, in process and as a process."""
+    grid = Table(title=title)
+    grid.add_column("system")
+    grid.add_column("command")
+    for way in ("in process", "as a process"):
+        grid.add_column(f"{way}: small", justify="right")
+        grid.add_column("large", justify="right")
+        grid.add_column("ratio", justify="right")
+    for result in results:
+        commands = result.figures.get("admin_commands", {})
+        sizes = f"{result.figures.get('scale_small_rows', 0):,} → {result.figures.get('scale_large_rows', 0):,} rows"
+        for label, figures in commands.items():
+            row = [f"{result.system}\n[dim]{sizes}[/]" if label == next(iter(commands)) else "", label]
+            for way in ("in_process", "process"):
+                ratio = figures[f"{way}_ratio"]
+                mark = " [green]✓[/]" if ratio <= 3 else " [red]✗[/]"
+                row += [_ms(figures[f"{way}_small_s"] * 1000), _ms(figures[f"{way}_large_s"] * 1000)]
+                row.append(f"{ratio:.2f}x" + (mark if way == "process" else ""))
+            grid.add_row(*row)
+    grid.caption = "best of 5 runs in process, of 3 as a process; target: large / small ≤ 3 (DESIGN.md)"
     return grid
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import redis
 from typer.testing import CliRunner
 
@@ -72,3 +73,29 @@ def test_a_loaded_redis_is_measured_with_its_sorted_sets_rehashed_and_nothing_wr
         assert moving - client.memory_usage(key, samples=0) == slots * 8
         assert dict(client.zrange(key, 0, -1, withscores=True)) == {m.encode(): s for m, s in members.items()}
         client.close()
+
+
+def test_the_scale_profile_times_each_admin_command_on_both_registries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A few commands and one run each, on SQLite: the sizes, the figures of each command and the
+    target check are in the document (the ratios themselves are this machine's)."""
+    from benchmarks import scale
+
+    monkeypatch.setattr(scale, "IN_PROCESS_RUNS", 1)
+    monkeypatch.setattr(scale, "PROCESS_RUNS", 1)
+    every = scale.admin_commands()
+    monkeypatch.setattr(scale, "admin_commands", lambda: {key: every[key] for key in ("stats --json", "dead list")})
+    args = ["--profile", "scale", "--systems", "sql-sqlite", "--json", "--output", str(tmp_path)]
+    args += ["--scale-rows", "3000", "--scale-sqlite-rows", "3000", "--scale-small-rows", "1000"]
+    outcome = CliRunner().invoke(app, args)
+
+    assert outcome.exit_code == 0, outcome.output
+    document = json.loads(outcome.stdout)
+    figures = document["systems"]["sql-sqlite"]["figures"]
+    assert (figures["scale_small_rows"], figures["scale_large_rows"]) == (1000, 3000)
+    assert set(figures["admin_commands"]) == {"stats --json", "dead list"}
+    for command in figures["admin_commands"].values():
+        for way in ("in_process", "process"):
+            assert command[f"{way}_large_s"] / command[f"{way}_small_s"] == pytest.approx(command[f"{way}_ratio"])
+    assert [check["figure"] for check in document["targets"]] == ["admin_worst_process_ratio"]

@@ -1,0 +1,105 @@
+"""A registry with a long history, written in SQL: for tests and benchmarks of what reads the
+registry (admin commands, purges) at millions of rows.
+
+`add_history` inserts rows that look like a registry after weeks of traffic, with one
+`INSERT … SELECT` over a series generated inside the database (PostgreSQL's generate_series, a
+recursive CTE on SQLite), so ten million rows take minutes, not the hours of the API. The rows keep
+the registry's contract (docs/registry.md): a finished row has its state, outcome and times in the
+order a worker writes them; a pending row is published (the `sql` transport's way) and unclaimed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, text
+
+from scheduler.names import REGISTRY_TABLE
+from scheduler.registry.schema import Outcome, TimeoutState
+
+_DAY_MS = 86_400_000
+
+
+@dataclass(frozen=True)
+class History:
+    """What `add_history` writes. Ids are `<prefix>f-<n>` (finished) and `<prefix>p-<n>` (pending)."""
+
+    #: rows that left `pending`: every 1000th dead, every 10th otherwise revoked, the rest done
+    finished: int
+    #: rows still pending, due one after another over `pending_span_ms` after `now_ms`, the first
+    #: one step after it; the `overdue` ones before them are due before `now_ms`
+    pending: int
+    #: the epoch ms the history ends at
+    now_ms: int
+    #: finished rows are spread evenly over this span before `now_ms` (a week by default: the
+    #: default retention of finished timeouts)
+    finished_span_ms: int = 7 * _DAY_MS
+    pending_span_ms: int = _DAY_MS
+    overdue: int = 0
+    prefix: str = "h"
+
+
+def add_history(conn: Connection, history: History) -> None:
+    """Insert the rows of `history` in the caller's transaction (ids must not exist yet)."""
+    finished_step = max(history.finished_span_ms // max(history.finished, 1), 1)
+    pending_step = max(history.pending_span_ms // max(history.pending, 1), 1)
+    params = {
+        "now": history.now_ms,
+        "finished_step": finished_step,
+        "pending_step": pending_step,
+        "overdue": history.overdue,
+        "done": TimeoutState.DONE.value,
+        "revoked": TimeoutState.REVOKED.value,
+        "dead": TimeoutState.DEAD.value,
+        "pending": TimeoutState.PENDING.value,
+        "paid": Outcome.PAID.value,
+        "cancelled": Outcome.CANCELLED.value,
+        "already_cancelled": Outcome.ALREADY_CANCELLED.value,
+    }
+    postgresql = conn.dialect.name == "postgresql"
+    for kind, count, select in (("f", history.finished, _FINISHED), ("p", history.pending, _PENDING)):
+        if count == 0:
+            continue
+        prefix = f"{history.prefix}{kind}-"
+        if postgresql:
+            source = "generate_series(1, CAST(:count AS bigint)) AS s(i)"
+            order_id = "CAST(:prefix AS text) || lpad(CAST(i AS text), 10, '0')"
+            sql = f"INSERT INTO {REGISTRY_TABLE} {_COLUMNS} {select.format(order_id=order_id, source=source)}"
+        else:
+            series = "WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < :count)"
+            order_id = ":prefix || printf('%010d', i)"
+            sql = f"INSERT INTO {REGISTRY_TABLE} {_COLUMNS} {series} {select.format(order_id=order_id, source='s')}"
+        conn.execute(text(sql), {**params, "count": count, "prefix": prefix})
+
+
+_COLUMNS = (
+    "(order_id, due_ms, state, outcome, version, attempts, created_ms, updated_ms, "
+    "published_ms, fired_ms, finished_ms, worker, error)"
+)
+# i = 1 is the most recent: finished `finished_step` ms before now, due a second before it finished,
+# scheduled 30 minutes before its due time. Done rows take the three outcomes in turn.
+_FINISHED = """
+SELECT {order_id},
+    :now - i * :finished_step - 1000,
+    CASE WHEN i % 1000 = 0 THEN :dead WHEN i % 10 = 0 THEN :revoked ELSE :done END,
+    CASE WHEN i % 10 = 0 THEN NULL WHEN i % 3 = 0 THEN :paid WHEN i % 3 = 1 THEN :cancelled
+        ELSE :already_cancelled END,
+    1,
+    CASE WHEN i % 10 = 0 AND i % 1000 <> 0 THEN 0 ELSE 1 END,
+    :now - i * :finished_step - 1000 - 1800000,
+    :now - i * :finished_step,
+    :now - i * :finished_step - 1000 - 1800000,
+    CASE WHEN i % 10 = 0 AND i % 1000 <> 0 THEN NULL ELSE :now - i * :finished_step - 1000 END,
+    :now - i * :finished_step,
+    CASE WHEN i % 10 = 0 AND i % 1000 <> 0 THEN NULL ELSE 'history:1' END,
+    CASE WHEN i % 1000 = 0 THEN 'payment status unknown: history' END
+FROM {source}
+"""
+_PENDING = """
+SELECT {order_id},
+    :now + (i - :overdue) * :pending_step - CASE WHEN i <= :overdue THEN :pending_step ELSE 0 END,
+    :pending, NULL, 1, 0,
+    :now - 1800000, :now - 1800000, :now - 1800000,
+    NULL, NULL, NULL, NULL
+FROM {source}
+"""
