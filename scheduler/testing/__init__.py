@@ -14,7 +14,7 @@ in SQL, for what must stay fast at millions of rows.
 
 from scheduler.testing.cancel_log import cancel_log_counts, install_cancel_log
 from scheduler.testing.clock import ManualClock
-from scheduler.testing.history import History, add_history
+from scheduler.testing.history import History, add_finished, add_history
 from scheduler.testing.transport import DeadLetter, InMemoryTransport
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "History",
     "InMemoryTransport",
     "ManualClock",
+    "add_finished",
     "add_history",
     "cancel_log_counts",
     "install_cancel_log",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, Engine, text
 
 from scheduler.names import REGISTRY_TABLE
 from scheduler.registry.schema import Outcome, TimeoutState
@@ -56,20 +56,60 @@ def add_history(conn: Connection, history: History) -> None:
         "cancelled": Outcome.CANCELLED.value,
         "already_cancelled": Outcome.ALREADY_CANCELLED.value,
     }
-    postgresql = conn.dialect.name == "postgresql"
     for kind, count, select in (("f", history.finished, _FINISHED), ("p", history.pending, _PENDING)):
         if count == 0:
             continue
-        prefix = f"{history.prefix}{kind}-"
-        if postgresql:
-            source = "generate_series(1, CAST(:count AS bigint)) AS s(i)"
-            order_id = "CAST(:prefix AS text) || lpad(CAST(i AS text), 10, '0')"
-            sql = f"INSERT INTO {REGISTRY_TABLE} {_COLUMNS} {select.format(order_id=order_id, source=source)}"
-        else:
-            series = "WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < :count)"
-            order_id = ":prefix || printf('%010d', i)"
-            sql = f"INSERT INTO {REGISTRY_TABLE} {_COLUMNS} {series} {select.format(order_id=order_id, source='s')}"
-        conn.execute(text(sql), {**params, "count": count, "prefix": prefix})
+        with_series, source, order_id = _series(conn.dialect.name)
+        sql = f"INSERT INTO {REGISTRY_TABLE} {_COLUMNS} {with_series} {select.format(order_id=order_id, source=source)}"
+        conn.execute(text(sql), {**params, "count": count, "prefix": f"{history.prefix}{kind}-", "start": 1})
+
+
+def add_finished(
+    engine: Engine,
+    count: int,
+    *,
+    prefix: str,
+    finished_ms: int,
+    state: TimeoutState = TimeoutState.DONE,
+    spread_ms: int = 0,
+) -> None:
+    """`count` rows `{prefix}{n:010d}` (n from 1) in the finished `state`, the first finished at
+    `finished_ms` and one every `spread_ms / count` ms after it (all at once when `spread_ms` is 0),
+    in transactions of FINISHED_CHUNK rows: for the purge's tests and measurements."""
+    with_series, source, order_id = _series(engine.dialect.name)
+    outcome = Outcome.CANCELLED.value if state is TimeoutState.DONE else None
+    select = f"""
+SELECT {order_id}, f - 1000, :state, :outcome, 1, 1, f - 1801000, f, f - 1801000, f - 1000, f, 'history:1', NULL
+FROM (SELECT i, CAST(:finished AS bigint) + ((i - 1) * :spread) / :total AS f FROM {source}) AS r
+"""
+    insert = text(f"INSERT INTO {REGISTRY_TABLE} {_COLUMNS} {with_series} {select}")
+    for start in range(1, count + 1, FINISHED_CHUNK):
+        params = {
+            "prefix": prefix,
+            "state": state.value,
+            "outcome": outcome,
+            "finished": finished_ms,
+            "spread": spread_ms,
+            "total": count,
+            "start": start,
+            "count": min(start + FINISHED_CHUNK - 1, count),
+        }
+        with engine.begin() as conn:
+            conn.execute(insert, params)
+
+
+#: rows per transaction of add_finished, so that the database never holds a million-row one
+FINISHED_CHUNK = 200_000
+
+
+def _series(dialect: str) -> tuple[str, str, str]:
+    """(WITH clause, FROM source, order id expression) numbering rows i = :start .. :count inside the
+    database: PostgreSQL's generate_series, a recursive CTE on SQLite."""
+    if dialect == "postgresql":
+        source = "generate_series(CAST(:start AS bigint), CAST(:count AS bigint)) AS s(i)"
+        return "", source, "CAST(:prefix AS text) || lpad(CAST(i AS text), 10, '0')"
+    with_series = "WITH RECURSIVE s(i) AS (SELECT :start UNION ALL SELECT i + 1 FROM s WHERE i < :count)"
+    return with_series, "s", ":prefix || printf('%010d', i)"
 
 
 _COLUMNS = (

@@ -27,7 +27,6 @@ from sqlalchemy import Engine, func, insert, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from benchmarks.history import add_finished
 from benchmarks.measure import Lateness, ProcessGroup, SystemResult, now_ms, percentile, rate, wait_for
 from benchmarks.plan import Services, Sizes
 from benchmarks.sandbox import Deployment, deployment, finish_rehashing, redis_client
@@ -39,6 +38,7 @@ from scheduler.database import reading
 from scheduler.names import REGISTRY_TABLE
 from scheduler.registry import PENDING_DUE_INDEX, TimeoutState, timeouts
 from scheduler.schema import init_db, orders_table
+from scheduler.testing import add_finished
 
 #: bulk and latency timeouts: far enough off that nothing fires during the step
 BULK_DELAY = timedelta(minutes=30)

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from sqlalchemy import func, select, text
 
-from benchmarks.history import add_finished
 from scheduler import TimeoutState, registry, retention
 from scheduler.database import reading
 from scheduler.registry import PURGED_STATES, timeouts
+from scheduler.testing import add_finished
 from tests.conftest import ROOT, Stack
 from tests.support import add_orders, cancel_counts, order_status, pay, registry_records, wait_until
 

@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, event, func, select, text
 
-from benchmarks.history import add_finished
 from scheduler import TimeoutState, registry, retention
 from scheduler.database import reading
 from scheduler.names import REGISTRY_TABLE
 from scheduler.registry import PURGED_STATES, timeouts
+from scheduler.testing import add_finished
 from tests.conftest import Stack
 from tests.integration.test_cli import Cli
 from tests.support import add_orders, cancel_counts, registry_records
@@ -57,7 +57,7 @@ def test_the_cutoff_is_exact_to_the_millisecond(db_stack: Stack) -> None:
     assert retention.count(db_stack.engine, before_ms=cutoff, states=PURGED_STATES) == 3
     assert retention.purge(db_stack.engine, before_ms=cutoff, states=PURGED_STATES, batch=2) == 3
 
-    assert sorted(registry_records(db_stack.engine)) == [f"at-00000000{i}" for i in range(3)]
+    assert sorted(registry_records(db_stack.engine)) == [f"at{i:010d}" for i in range(1, 4)]
 
 
 def test_purge_deletes_done_and_revoked_rows_older_than_the_cutoff_and_nothing_else(cli: Cli, db_stack: Stack) -> None:
