@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import socket
 import threading
@@ -38,8 +39,9 @@ log = logging.getLogger("order_timeouts.maintain")
 MAINTENANCE_BATCH = 2000
 #: most rows one job run handles before giving the other job and the lease a turn
 MAX_ROWS_PER_RUN = 100_000
-#: longest backoff between relay attempts while the broker is down
-MAX_BACKOFF_S = 30.0
+#: longest backoff between relay attempts while the broker is down: what is scheduled during an
+#: outage reaches the broker at most this long (and a relay interval) after it is back
+MAX_BACKOFF_S = 5.0
 #: how often `serve` looks whether it was asked to stop
 STOP_POLL_S = 0.2
 
@@ -134,8 +136,10 @@ class Maintenance:
                     break
         except TransportUnavailable as exc:
             run.error = str(exc)
-            delay = min(self._backoff_s.get(job, 0.5) * 2, MAX_BACKOFF_S)
-            self._backoff_s[job] = delay
+            ceiling = min(self._backoff_s.get(job, 0.5) * 2, MAX_BACKOFF_S)
+            self._backoff_s[job] = ceiling
+            # Jitter: several maintain processes do not retry in step.
+            delay = random.uniform(ceiling / 2, ceiling)
             self._backoff_until[job] = time.monotonic() + delay
             log.warning("%s: broker unavailable, next attempt in %.1fs: %s", job, delay, exc)
             return run

@@ -23,14 +23,15 @@ from scheduler.config import bounded_int, redact
 from scheduler.errors import ConfigurationError
 
 #: pika options this transport sets unless the URL gives them:
-#: - heartbeat: the broker closes a connection that has been silent for one to two heartbeat
-#:   timeouts, and hands that connection's unacked deliveries to other consumers. It bounds how long
-#:   a frozen worker (a long GC pause, a stopped VM) holds its timers. A healthy worker is never
-#:   silent: its I/O thread sends heartbeats whatever its batch is doing.
+#: - heartbeat: the broker closes a connection that has been silent for two to three heartbeat
+#:   timeouts, and hands that connection's unacked deliveries to other consumers: it bounds how long
+#:   a frozen worker (a long GC pause, a stopped VM) holds its timers, here to 12 s. A healthy
+#:   worker is never silent: its I/O thread sends a heartbeat every half timeout whatever its batch
+#:   is doing, so a busy worker keeps its connection.
 #: - socket_timeout, stack_timeout: a dead node must not stall schedule() or a failover for long
 #:   before the next host is tried.
 CONNECTION_DEFAULTS: dict[str, Any] = {
-    "heartbeat": 6,
+    "heartbeat": 4,
     "socket_timeout": 3.0,
     "stack_timeout": 6.0,
     "blocked_connection_timeout": 30.0,
