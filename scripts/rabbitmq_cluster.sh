@@ -9,6 +9,8 @@
 #   scripts/rabbitmq_cluster.sh status    one line per node; exit 1 unless all three run clustered
 #   scripts/rabbitmq_cluster.sh url       the multi-host AMQP URL of the cluster (vhost /)
 #   scripts/rabbitmq_cluster.sh kill N    SIGKILL node N (1-3): a crash, as the failover tests need
+#   scripts/rabbitmq_cluster.sh freeze N  SIGSTOP node N: it answers nothing, its sockets stay open
+#   scripts/rabbitmq_cluster.sh thaw N    SIGCONT node N
 #   scripts/rabbitmq_cluster.sh ctl N ARGS...   rabbitmqctl ARGS against node N
 #   scripts/rabbitmq_cluster.sh stop      stop every node and remove their files
 #
@@ -118,7 +120,10 @@ command=${1:-start}
 if [ "$command" = stop ]; then
   if [ -n "$bin" ] && [ -f "$dir/cookie" ]; then
     for i in 0 1 2; do
-      if running "$i"; then ctl "$i" -q shutdown --timeout 30 >/dev/null 2>&1 || "$0" kill $((i + 1)); fi
+      if running "$i"; then
+        kill -CONT "$(beam_pid "$i")" 2>/dev/null || true # a frozen node cannot shut down
+        ctl "$i" -q shutdown --timeout 30 >/dev/null 2>&1 || "$0" kill $((i + 1))
+      fi
     done
   fi
   rm -rf "$dir"
@@ -164,13 +169,20 @@ kill)
   for _ in $(seq 1 100); do running "$i" || break; sleep 0.05; done
   log "killed $(node "$i")"
   ;;
+freeze | thaw)
+  i=$((${2:?which node: 1, 2 or 3} - 1))
+  pid=$(beam_pid "$i")
+  alive "$pid" || { log "node $(node "$i") is not running"; exit 1; }
+  if [ "$command" = freeze ]; then kill -STOP "$pid"; else kill -CONT "$pid"; fi
+  log "${command} $(node "$i")"
+  ;;
 ctl)
   i=$((${2:?which node: 1, 2 or 3} - 1))
   shift 2
   ctl "$i" "$@"
   ;;
 *)
-  log "usage: $0 [start|status|url|kill N|ctl N ARGS...|stop]"
+  log "usage: $0 [start|status|url|kill N|freeze N|thaw N|ctl N ARGS...|stop]"
   exit 2
   ;;
 esac

@@ -7,6 +7,7 @@ exchanges and messages of one test are invisible to every other test and vanish 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 import time
@@ -97,3 +98,48 @@ def wait_for_broker(timeout: float = 60.0) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
+
+
+# -- the local 3-node cluster of scripts/rabbitmq_cluster.sh (tests/ha) ------------------------------
+
+CLUSTER_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "rabbitmq_cluster.sh"
+#: AMQP ports of the cluster's nodes 1, 2 and 3, as the script's defaults
+CLUSTER_PORTS = (5681, 5682, 5683)
+
+
+def rabbitmq_cluster(*args: str, timeout: float = 180.0) -> str:
+    """scripts/rabbitmq_cluster.sh with these arguments; its output. A machine without RabbitMQ
+    skips the test, and fails it when CI=true."""
+    if shutil.which("rabbitmq-server") is None and not Path("/usr/lib/rabbitmq/bin/rabbitmq-server").exists():
+        message = "rabbitmq-server is not installed: no local cluster (scripts/rabbitmq_cluster.sh)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    done = subprocess.run([str(CLUSTER_SCRIPT), *args], capture_output=True, text=True, timeout=timeout, check=False)
+    if done.returncode != 0:
+        raise AssertionError(f"rabbitmq_cluster.sh {' '.join(args)} failed: {done.stderr.strip()}")
+    return done.stdout
+
+
+def cluster_url(vhost: str, first: int = 1) -> str:
+    """The multi-host URL of the cluster, node `first` listed first (the one clients connect to)."""
+    ports = [*CLUSTER_PORTS[first - 1 :], *CLUSTER_PORTS[: first - 1]]
+    hosts = ",".join(f"127.0.0.1:{port}" for port in ports)
+    return f"amqp://guest:guest@{hosts}/{quote(vhost, safe='')}"
+
+
+@contextlib.contextmanager
+def cluster_vhost(node: int = 1) -> Iterator[str]:
+    """A fresh vhost on the cluster (asked through node `node`, which must be up); yields its name."""
+    vhost = unique("ha")
+    rabbitmq_cluster("ctl", str(node), "-q", "add_vhost", vhost)
+    rabbitmq_cluster("ctl", str(node), "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    try:
+        yield vhost
+    finally:
+        for candidate in (node, *(n for n in (1, 2, 3) if n != node)):
+            try:
+                rabbitmq_cluster("ctl", str(candidate), "-q", "delete_vhost", vhost)
+                break
+            except AssertionError:
+                continue  # that node is down: ask another
