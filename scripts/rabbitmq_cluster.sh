@@ -136,6 +136,11 @@ if [ -z "$bin" ]; then
   exit 1
 fi
 
+if [ "$command" != start ] && [ ! -s "$dir/cookie" ]; then
+  log "not started ('$0 start' starts it)"
+  exit 1
+fi
+
 case $command in
 start)
   mkdir -p "$dir/home"
@@ -151,7 +156,6 @@ start)
   log "cluster ready: $(all_nodes) on 127.0.0.1 ports ${ports[*]}"
   ;;
 status)
-  [ -f "$dir/cookie" ] || { log "not started"; exit 1; }
   ok=0
   for i in 0 1 2; do
     if booted "$i"; then echo "$(node "$i") 127.0.0.1:${ports[$i]} running; cluster: $(members "$i")"; else echo "$(node "$i") 127.0.0.1:${ports[$i]} down"; ok=1; fi
