@@ -128,18 +128,15 @@ def cluster_url(vhost: str, first: int = 1) -> str:
     return f"amqp://guest:guest@{hosts}/{quote(vhost, safe='')}"
 
 
-@contextlib.contextmanager
-def cluster_vhost(node: int = 1) -> Iterator[str]:
-    """A fresh vhost on the cluster (asked through node `node`, which must be up); yields its name."""
+def add_cluster_vhost(node: int = 1) -> str:
+    """A fresh vhost on the cluster (asked through node `node`, which must be up) that guest may use."""
     vhost = unique("ha")
     rabbitmq_cluster("ctl", str(node), "-q", "add_vhost", vhost)
     rabbitmq_cluster("ctl", str(node), "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-    try:
-        yield vhost
-    finally:
-        for candidate in (node, *(n for n in (1, 2, 3) if n != node)):
-            try:
-                rabbitmq_cluster("ctl", str(candidate), "-q", "delete_vhost", vhost)
-                break
-            except AssertionError:
-                continue  # that node is down: ask another
+    return vhost
+
+
+def delete_cluster_vhost(vhost: str) -> None:
+    """Delete a vhost of the cluster. Do it with every node up: deleting a quorum queue waits for the
+    replicas of a node that is down (seconds per queue)."""
+    rabbitmq_cluster("ctl", "1", "-q", "delete_vhost", vhost)
