@@ -349,7 +349,11 @@ def test_workers_maintain_and_the_api_carry_on_when_the_node_they_use_is_killed(
             cluster.kill(1)
             for oid in during:  # the order service schedules on through the failover
                 client.schedule(oid, delay=timedelta(milliseconds=500))
-            wait_until(lambda: not pending(stack), timeout=40, interval=0.1)
+            try:
+                wait_until(lambda: not pending(stack), timeout=40, interval=0.1)
+            except AssertionError:
+                left = {oid: registry_records(stack.engine)[oid] for oid in pending(stack)}
+                raise AssertionError(f"{len(left)} left pending: {list(left.values())[:3]}") from None
 
             records = registry_records(stack.engine)
             after = [r.finished_ms for r in records.values() if r.finished_ms and r.finished_ms > killed_ms]
