@@ -39,7 +39,12 @@ Guarantees:
 - A body that is not a timer message goes to the dead-letter queue with the reason in the
   `order-timeouts-reason` header and is acked inside `receive`; the worker carries on.
 - When the broker goes away, `receive`/`publish` raise TransportUnavailable and the next call
-  connects again (the worker loop backs off in between).
+  connects again, to another node first when the URL names several (the worker loop backs off in
+  between). A publish whose confirms have not all come back when its connection goes, or that a
+  queue nacks while it changes leader, has failed: nothing is counted as sent that was not confirmed.
+- `lost_timers` reads the marker queue that `timers_restored` fills: a queue missing or empty means
+  the broker lost what it held (the cluster rebuilt, the queues deleted), and the relay publishes
+  every pending timeout again at once.
 
 URL: `amqp://user:password@host:port[,host:port...]/vhost?option=value`, `amqps://` for TLS; several
 hosts are the nodes of one cluster, and a connection goes to the first one that answers, the host
