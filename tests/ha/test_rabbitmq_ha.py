@@ -253,14 +253,15 @@ def test_queues_lost_with_their_timers_are_refilled_by_the_relay_at_once(
             # The relay has left its marker: the broker holds everything published so far.
             wait_until(lambda: not transport.lost_timers(), timeout=20, interval=0.1)
             assert all(r.published_ms for r in registry_records(stack.engine).values())
-            rebuilt_ms = now_ms(client)
             rebuild_vhost(rabbitmq_options(stack.broker_url).hosts[0].virtual_host)
-            back_s = (now_ms(client) - rebuilt_ms) / 1000
-            wait_until(lambda: not pending(stack), timeout=30, interval=0.1)
-            late = lateness_ms(stack, ids)
-            record_property("queues_lost_latest_s", late[-1] / 1000)
-            log.warning("queues lost, back after %.1fs: all handled by %.1fs after due", back_s, late[-1] / 1000)
-            assert late[-1] < 10_000, "republished at once, not after the reconciler's 60 s grace"
+            back_ms = now_ms(client)
+            wait_until(lambda: not pending(stack), timeout=40, interval=0.1)
+            refilled_s = (max(r.finished_ms or 0 for r in registry_records(stack.engine).values()) - back_ms) / 1000
+            record_property("queues_lost_all_handled_after_return_s", refilled_s)
+            log.warning("queues lost: all handled %.1fs after the broker's return", refilled_s)
+            # The relay's backoff, then declaring the transport's quorum queues anew (seconds on a
+            # busy 3-node cluster), then the timers: well within the reconciler's 60 s grace.
+            assert refilled_s < 20, "republished at once, not after the reconciler's 60 s grace"
             assert worker.poll() is None and maintain.poll() is None
         finally:
             codes = stop_all([worker, maintain])
