@@ -354,7 +354,8 @@ def test_workers_maintain_and_the_api_carry_on_when_the_node_they_use_is_killed(
                 wait_until(lambda: not pending(stack), timeout=40, interval=0.1)
             except AssertionError:
                 left = {oid: registry_records(stack.engine)[oid] for oid in pending(stack)}
-                raise AssertionError(f"{len(left)} left pending: {list(left.values())[:3]}") from None
+                figures = {k: v for k, v in client.transport.figures().items() if v}
+                raise AssertionError(f"{len(left)} left pending, queues {figures}: {list(left.values())[:2]}") from None
 
             records = registry_records(stack.engine)
             after = [r.finished_ms for r in records.values() if r.finished_ms and r.finished_ms > killed_ms]
