@@ -57,14 +57,15 @@ def rabbitmq_vhost() -> Iterator[str]:
 
 
 def declare_topology(broker_url: str) -> None:
-    """What a deployment's first worker does: create the quorum queues (about half a second here).
+    """What a deployment's first worker does: create the quorum queues (about half a second here);
+    and what its relay's first run leaves: the marker saying the broker holds its timers.
 
-    Done before the test starts, so that the test's first schedule() publishes in milliseconds, as
-    it does on a broker that is already in service.
+    Done before the test starts, so that the test's first schedule() publishes in milliseconds, and
+    its first relay run publishes only what is unpublished, as on a broker already in service.
     """
     transport = RabbitMQTransport(broker_url, SystemClock())
     try:
-        transport.figures()
+        transport.timers_restored()
     finally:
         transport.close()
 
