@@ -45,8 +45,9 @@ cookie() { cat "$dir/cookie"; }
 ctl() {
   local i=$1
   shift
-  HOME="$dir/home" RABBITMQ_CONF_ENV_FILE="$dir/${names[$i]}/rabbitmq-env.conf" \
-    "$bin/rabbitmqctl" -n "$(node "$i")" --erlang-cookie "$(cookie)" "$@"
+  # From $dir: a CLI that fails leaves its erl_crash.dump there, not in the caller's directory.
+  (cd "$dir" && HOME="$dir/home" RABBITMQ_CONF_ENV_FILE="$dir/${names[$i]}/rabbitmq-env.conf" \
+    "$bin/rabbitmqctl" -n "$(node "$i")" --erlang-cookie "$(cookie)" "$@")
 }
 # The launcher (runuser, then the rabbitmq-server script) and the Erlang VM it starts, which
 # writes its own pid file once it runs.
