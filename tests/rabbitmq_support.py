@@ -7,6 +7,7 @@ exchanges and messages of one test are invisible to every other test and vanish 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 import time
@@ -56,14 +57,15 @@ def rabbitmq_vhost() -> Iterator[str]:
 
 
 def declare_topology(broker_url: str) -> None:
-    """What a deployment's first worker does: create the quorum queues (about half a second here).
+    """What a deployment's first worker does: create the quorum queues (about half a second here);
+    and what its relay's first run leaves: the marker saying the broker holds its timers.
 
-    Done before the test starts, so that the test's first schedule() publishes in milliseconds, as
-    it does on a broker that is already in service.
+    Done before the test starts, so that the test's first schedule() publishes in milliseconds, and
+    its first relay run publishes only what is unpublished, as on a broker already in service.
     """
     transport = RabbitMQTransport(broker_url, SystemClock())
     try:
-        transport.figures()
+        transport.timers_restored()
     finally:
         transport.close()
 
@@ -97,3 +99,45 @@ def wait_for_broker(timeout: float = 60.0) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
+
+
+# -- the local 3-node cluster of scripts/rabbitmq_cluster.sh (tests/ha) ------------------------------
+
+CLUSTER_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "rabbitmq_cluster.sh"
+#: AMQP ports of the cluster's nodes 1, 2 and 3, as the script's defaults
+CLUSTER_PORTS = (5681, 5682, 5683)
+
+
+def rabbitmq_cluster(*args: str, timeout: float = 180.0) -> str:
+    """scripts/rabbitmq_cluster.sh with these arguments; its output. A machine without RabbitMQ
+    skips the test, and fails it when CI=true."""
+    if shutil.which("rabbitmq-server") is None and not Path("/usr/lib/rabbitmq/bin/rabbitmq-server").exists():
+        message = "rabbitmq-server is not installed: no local cluster (scripts/rabbitmq_cluster.sh)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    done = subprocess.run([str(CLUSTER_SCRIPT), *args], capture_output=True, text=True, timeout=timeout, check=False)
+    if done.returncode != 0:
+        raise AssertionError(f"rabbitmq_cluster.sh {' '.join(args)} failed: {done.stderr.strip()}")
+    return done.stdout
+
+
+def cluster_url(vhost: str, first: int = 1) -> str:
+    """The multi-host URL of the cluster, node `first` listed first (the one clients connect to)."""
+    ports = [*CLUSTER_PORTS[first - 1 :], *CLUSTER_PORTS[: first - 1]]
+    hosts = ",".join(f"127.0.0.1:{port}" for port in ports)
+    return f"amqp://guest:guest@{hosts}/{quote(vhost, safe='')}"
+
+
+def add_cluster_vhost(node: int = 1) -> str:
+    """A fresh vhost on the cluster (asked through node `node`, which must be up) that guest may use."""
+    vhost = unique("ha")
+    rabbitmq_cluster("ctl", str(node), "-q", "add_vhost", vhost)
+    rabbitmq_cluster("ctl", str(node), "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    return vhost
+
+
+def delete_cluster_vhost(vhost: str) -> None:
+    """Delete a vhost of the cluster. Do it with every node up: deleting a quorum queue waits for the
+    replicas of a node that is down (seconds per queue)."""
+    rabbitmq_cluster("ctl", "1", "-q", "delete_vhost", vhost)

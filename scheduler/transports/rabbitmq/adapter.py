@@ -39,13 +39,19 @@ Guarantees:
 - A body that is not a timer message goes to the dead-letter queue with the reason in the
   `order-timeouts-reason` header and is acked inside `receive`; the worker carries on.
 - When the broker goes away, `receive`/`publish` raise TransportUnavailable and the next call
-  connects again (the worker loop backs off in between).
+  connects again, to another node first when the URL names several (the worker loop backs off in
+  between). A publish whose confirms have not all come back when its connection goes, or that a
+  queue nacks while it changes leader, has failed: nothing is counted as sent that was not confirmed.
+- `lost_timers` reads the marker queue that `timers_restored` fills: a queue missing or empty means
+  the broker lost what it held (the cluster rebuilt, the queues deleted), and the relay publishes
+  every pending timeout again at once.
 
-URL: `amqp://user:password@host:port/vhost?option=value`, `amqps://` for TLS; the vhost is the
-URL-quoted path (`%2F` for `/`). Query options are pika's URLParameters (`heartbeat`,
-`socket_timeout`, `stack_timeout`, `blocked_connection_timeout`, `connection_attempts`,
-`retry_delay`, `ssl_options`, ...); this transport changes only the defaults of a few of them,
-see options.py and docs/transports.md.
+URL: `amqp://user:password@host:port[,host:port...]/vhost?option=value`, `amqps://` for TLS; several
+hosts are the nodes of one cluster, and a connection goes to the first one that answers, the host
+of a lost connection last. The vhost is the URL-quoted path (`%2F` for `/`). Query options are
+pika's URLParameters (`heartbeat`, `socket_timeout`, `stack_timeout`, `blocked_connection_timeout`,
+`connection_attempts`, `retry_delay`, `ssl_options`, ...) and `quorum_group_size`; this transport
+changes only the defaults of a few of pika's, see options.py and docs/transports.md.
 """
 
 from __future__ import annotations
@@ -69,16 +75,17 @@ from scheduler.transports.base import Batch, BrokerTransport, Delivery, Settleme
 from scheduler.transports.rabbitmq.keys import (
     RABBITMQ_DEAD_EXCHANGE,
     RABBITMQ_DELIVERIES_HEADER,
+    RABBITMQ_MARKER_QUEUE,
     RABBITMQ_REASON_HEADER,
     RABBITMQ_TIMERS_EXCHANGE,
 )
 from scheduler.transports.rabbitmq.link import Inbound, Link, Outgoing
-from scheduler.transports.rabbitmq.options import connection_parameters
+from scheduler.transports.rabbitmq.options import rabbitmq_options
 from scheduler.transports.rabbitmq.topology import declarations, fewest_hops, figure_queues, routing_key
 
 log = logging.getLogger("order_timeouts.rabbitmq")
 
-#: seconds to open a connection and declare the topology
+#: seconds to declare the topology once connected (connecting itself has the hosts' stack_timeout each)
 CONNECT_TIMEOUT_S = 20.0
 #: seconds to wait for the confirms of one publish before it counts as failed
 CONFIRM_TIMEOUT_S = 15.0
@@ -97,6 +104,7 @@ HOLD_MS = 2500
 ENVELOPE_MAX = 100
 
 _TIMER = pika.BasicProperties(content_type="application/json", delivery_mode=2)
+_MARKER: Outgoing = ("", RABBITMQ_MARKER_QUEUE, b"{}", pika.BasicProperties(delivery_mode=2))
 
 
 def _persistent(deliveries: int, headers: dict[str, Any] | None = None) -> pika.BasicProperties:
@@ -167,10 +175,12 @@ class RabbitMQTransport(BrokerTransport):
         return cls(broker_url, clock)
 
     def __init__(self, broker_url: str, clock: Clock) -> None:
-        self._params = connection_parameters(broker_url)
+        options = rabbitmq_options(broker_url)
+        self._hosts = options.hosts  # the order to try them in: a host whose connection was lost goes last
+        self._topology = declarations(options.quorum_group_size)
         self._clock = clock
         self._link: Link | None = None
-        self._connecting = threading.Lock()  # publish may be called from many threads
+        self._connecting = threading.RLock()  # publish may be called from many threads
         self._held: list[_Held] = []  # a heap, earliest due first; only the consumer thread touches it
         self._arrivals = itertools.count()
 
@@ -235,6 +245,23 @@ class RabbitMQTransport(BrokerTransport):
         figures["delayed"] = delayed
         return figures
 
+    def lost_timers(self) -> bool:
+        """Whether the marker message `timers_restored` left is gone: the queues were deleted, or the
+        cluster lost them all (a reset, a full rebuild). One passive declare on an open channel.
+
+        Losing a node loses nothing of a quorum queue that still has a majority of its replicas: the
+        marker stays, like the timers."""
+        link = self._connected()
+        depth = link.queue_depths([RABBITMQ_MARKER_QUEUE], CONFIRM_TIMEOUT_S).get(RABBITMQ_MARKER_QUEUE)
+        if depth is None:
+            # The queues were deleted under this connection: the next one declares them again.
+            self._drop(link)
+            return True
+        return depth[0] == 0
+
+    def timers_restored(self) -> None:
+        self._connected().publish([_MARKER], CONFIRM_TIMEOUT_S)
+
     def close(self) -> None:
         with self._connecting:
             if self._link is not None:
@@ -246,10 +273,20 @@ class RabbitMQTransport(BrokerTransport):
             if self._link is not None and self._link.alive:
                 return self._link
             if self._link is not None:
-                self._link.close()
-                self._link = None
-            self._link = Link(self._params, declarations(), CONNECT_TIMEOUT_S)
+                self._drop(self._link)
+            timeout = CONNECT_TIMEOUT_S + sum(host.stack_timeout or 0.0 for host in self._hosts)
+            self._link = Link(self._hosts, self._topology, timeout)
             return self._link
+
+    def _drop(self, link: Link) -> None:
+        """Close a link; the next connection tries the host it used last, after the others."""
+        link.close()
+        if link.host is not None:
+            used = (link.host.host, link.host.port)
+            self._hosts.sort(key=lambda host: (host.host, host.port) == used)  # stable: the others keep their order
+        with self._connecting:
+            if self._link is link:
+                self._link = None
 
     def _timers(self, messages: Sequence[TimerMessage]) -> list[Outgoing]:
         """The messages to publish: timers that take the same route share one, ENVELOPE_MAX at most."""

@@ -10,6 +10,9 @@ RABBITMQ_READY_QUEUE = "order_timeouts.ready"
 #: fanout exchange and quorum queue of dead letters (malformed, poison, given up), reason in a header
 RABBITMQ_DEAD_EXCHANGE = "order_timeouts.dead"
 RABBITMQ_DEAD_QUEUE = "order_timeouts.dead"
+#: quorum queue holding one marker message while the broker holds the timers the relay published
+#: (see RabbitMQTransport.lost_timers): a broker whose queues were lost comes back without it
+RABBITMQ_MARKER_QUEUE = "order_timeouts.marker"
 #: header of a dead letter that says why it was dead-lettered
 RABBITMQ_REASON_HEADER = "order-timeouts-reason"
 #: header: deliveries a timer had before it was published again on its own (a dead letter, a split message)

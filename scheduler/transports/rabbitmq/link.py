@@ -8,9 +8,14 @@ WINDOW unconfirmed messages instead of one round trip per message (pika's Blocki
 confirm mode waits for each confirm, which caps publishing at one message per round trip; the
 figures are in docs/performance.md).
 
+The link connects to the first of its hosts (the nodes of a cluster) that answers, through pika's
+connection workflow (`SelectConnection.create_connection`), which tries each host in turn.
+
 A link that fails in any way is dead for good: waiters are woken with the reason, the broker
 requeues whatever it had delivered unacked, and the transport opens a new link on its next call.
-Nothing is retried inside a link, so nothing is ever assumed sent.
+Nothing is retried inside a link, so nothing is ever assumed sent: a publish whose confirm has not
+come back when the connection goes (a node lost, a queue leader moving and the link timing out)
+fails, and its rows stay unpublished for the relay.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pika
-from pika.adapters.select_connection import SelectConnection
+from pika.adapters.select_connection import IOLoop, SelectConnection
+from pika.adapters.utils.connection_workflow import AMQPConnectionWorkflowFailed
 from pika.spec import Basic
 
 from scheduler.errors import TransportUnavailable
@@ -72,8 +78,10 @@ class _Job:
 
 
 class Link:
-    def __init__(self, params: pika.URLParameters, topology: Sequence[Declaration], timeout: float) -> None:
-        self._params = params
+    def __init__(self, hosts: Sequence[pika.URLParameters], topology: Sequence[Declaration], timeout: float) -> None:
+        self._hosts = list(hosts)
+        #: the host this link connected to, once it has
+        self.host: pika.URLParameters | None = None
         self._topology = topology
         self._cond = threading.Condition()
         self._inbox: deque[Inbound] = deque()
@@ -81,8 +89,13 @@ class Link:
         self._error: str | None = None
         self._ready = threading.Event()
         self._closing = False
+        self._ioloop = IOLoop()
         # I/O-thread state:
+        self._workflow: Any = None  # pika's connection workflow, until it has connected
         self._conn: Any = None
+        self._probe: Any = None  # a channel for passive declares; a 404 closes it, the next call opens another
+        self._probe_waiting: list[Callable[[], None]] = []  # inspections waiting for the probe channel to open
+        self._inspections: set[threading.Event] = set()  # inspections in progress, ended early by a 404
         self._pub: Any = None  # confirm mode, mandatory publishes
         self._sub: Any = None  # the ready-queue consumer
         self._outbox: deque[_Job] = deque()
@@ -161,9 +174,9 @@ class Link:
     def close(self) -> None:
         with self._cond:
             self._closing = True
-        if self._thread.is_alive() and self._conn is not None:
+        if self._thread.is_alive():
             try:
-                self._conn.ioloop.add_callback_threadsafe(self._close_connection)
+                self._ioloop.add_callback_threadsafe(self._close_connection)
             except Exception:  # the loop is already gone: nothing left to close
                 log.debug("link I/O loop already stopped")
         if threading.current_thread() is not self._thread:
@@ -173,7 +186,7 @@ class Link:
     def _call(self, callback: Callable[[], None]) -> None:
         self._raise_if_dead()
         try:
-            self._conn.ioloop.add_callback_threadsafe(callback)
+            self._ioloop.add_callback_threadsafe(callback)
         except Exception as exc:  # pika raises assorted errors on a closed loop
             self._die(f"RabbitMQ I/O loop stopped: {exc!r}")
             raise TransportUnavailable(f"RabbitMQ connection lost: {exc!r}") from None
@@ -204,29 +217,46 @@ class Link:
 
     def _run(self) -> None:
         try:
-            self._conn = SelectConnection(
-                self._params,
-                on_open_callback=self._on_open,
-                on_open_error_callback=lambda _conn, exc: self._stop(f"cannot connect to RabbitMQ: {exc!r}"),
-                on_close_callback=lambda _conn, exc: self._stop(f"RabbitMQ connection closed: {exc!r}"),
+            self._workflow = SelectConnection.create_connection(
+                self._hosts, self._on_connected, custom_ioloop=self._ioloop
             )
-            self._conn.ioloop.start()
+            self._ioloop.start()
         except Exception as exc:  # anything pika raises ends this link, reported to callers
             self._die(f"RabbitMQ I/O failed: {exc!r}")
             if self._conn is not None and self._conn.is_open:
                 self._conn.close()  # best effort: the broker requeues our unacked deliveries anyway
         finally:
             self._die("connection closed")
-            if self._conn is not None:
-                self._conn.ioloop.close()  # its wake-up socket pair
+            self._ioloop.close()  # its wake-up socket pair
+
+    def _on_connected(self, result: Any) -> None:
+        """The workflow's end: a connection to one of the hosts, or why none would do."""
+        self._workflow = None
+        if not isinstance(result, pika.connection.Connection):
+            self._stop(f"cannot connect to RabbitMQ at {_addresses(self._hosts)}: {_connect_error(result)}")
+            return
+        self._conn = result
+        self.host = result.params
+        result.add_on_close_callback(lambda _conn, exc: self._stop(f"RabbitMQ connection closed: {exc!r}"))
+        if self._closing:
+            result.close()
+            return
+        self._on_open(result)
 
     def _stop(self, reason: str) -> None:
         self._die(reason)
-        self._conn.ioloop.stop()
+        self._ioloop.stop()
 
     def _close_connection(self) -> None:
-        if self._conn.is_open:
-            self._conn.close()
+        if self._conn is not None:
+            if self._conn.is_open:
+                self._conn.close()  # its close callback stops the loop
+            elif self._conn.is_closed:
+                self._ioloop.stop()
+        elif self._workflow is not None:
+            self._workflow.abort()  # its completion callback stops the loop
+        else:
+            self._ioloop.stop()
 
     def _on_open(self, conn: Any) -> None:
         version = (conn.server_properties or {}).get("version", b"")
@@ -355,22 +385,51 @@ class Link:
             self._sub.basic_nack(tag, requeue=True)
 
     def _inspect(self, queues: list[str], result: dict[str, tuple[int, int]], finished: threading.Event) -> None:
-        """Passive declares on a channel of their own: a missing queue (404) closes only that channel."""
+        """Passive declares, one after another, on the link's probe channel, which stays open between
+        calls (the relay asks for its marker every second: one round trip). A missing queue (404)
+        closes that channel, which ends every inspection in progress; the next one opens another."""
 
-        def on_open(channel: Any) -> None:
-            channel.add_on_close_callback(lambda _ch, reason: finished.set())
-            step(channel, None)
-
-        def step(channel: Any, frame: Any) -> None:
+        def step(frame: Any) -> None:
             if frame is not None:
                 declared = frame.method
                 result[declared.queue] = (declared.message_count, declared.consumer_count)
-            if len(result) == len(queues) or not queues:
-                channel.close()
+            if len(result) == len(queues) or self._probe is None:
+                self._inspections.discard(finished)
+                finished.set()
                 return
-            channel.queue_declare(queues[len(result)], passive=True, callback=lambda f: step(channel, f))
+            self._probe.queue_declare(queues[len(result)], passive=True, callback=step)
 
-        self._conn.channel(on_open_callback=on_open)
+        def on_open(channel: Any) -> None:
+            self._probe = channel
+            channel.add_on_close_callback(self._on_probe_closed)
+            for waiting in self._probe_waiting:
+                waiting()
+            self._probe_waiting.clear()
+
+        self._inspections.add(finished)
+        if self._probe is not None:
+            step(None)
+            return
+        self._probe_waiting.append(lambda: step(None))
+        if len(self._probe_waiting) == 1:
+            self._conn.channel(on_open_callback=on_open)
+
+    def _on_probe_closed(self, _channel: Any, _reason: Exception) -> None:
+        self._probe = None
+        for finished in self._inspections:
+            finished.set()
+        self._inspections.clear()
+
+
+def _addresses(hosts: Sequence[pika.URLParameters]) -> str:
+    return ", ".join(f"{host.host}:{host.port}" for host in hosts)
+
+
+def _connect_error(result: Any) -> str:
+    """The last host's error: one line, where pika's message lists every attempt."""
+    if isinstance(result, AMQPConnectionWorkflowFailed) and result.exceptions:
+        return repr(result.exceptions[-1])
+    return repr(result)
 
 
 def _version(raw: bytes | str) -> tuple[int, ...]:

@@ -1,36 +1,104 @@
-"""The rabbitmq transport's URL: `amqp://user:password@host:port/vhost?option=value`, `amqps://` for TLS.
+"""The rabbitmq transport's URL: `amqp://user:password@host:port[,host:port...]/vhost?option=value`,
+`amqps://` for TLS.
 
-The vhost is the URL-quoted path (`%2F` for `/`). Query options are pika's URLParameters
-(`heartbeat`, `socket_timeout`, `ssl_options`, ...; docs/transports.md lists them); this transport
-changes only the defaults in CONNECTION_DEFAULTS, and a URL that gives one keeps its own value.
+Several comma-separated hosts name the nodes of one cluster; a connection goes to the first of
+them that answers (pika's connection workflow tries them in turn), and after a connection is lost
+the transport tries the others before the one it lost. The vhost is the URL-quoted path (`%2F` for
+`/`). Query options are pika's URLParameters (`heartbeat`, `socket_timeout`, `ssl_options`, ...;
+docs/transports.md lists them), applied to every host; this transport changes only the defaults in
+CONNECTION_DEFAULTS, and a URL that gives one keeps its own value. TRANSPORT_OPTIONS are this
+transport's own and are not pika's.
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pika
 
-from scheduler.config import redact
+from scheduler.config import bounded_int, redact
 from scheduler.errors import ConfigurationError
 
-#: pika options this transport sets unless the URL gives them: heartbeats every 15 s (so a dead
-#: peer is noticed within a minute), and a dead broker must not stall schedule() for long
+#: pika options this transport sets unless the URL gives them:
+#: - heartbeat: the broker closes a connection that has been silent for two to three heartbeat
+#:   timeouts, and hands that connection's unacked deliveries to other consumers: it bounds how long
+#:   a frozen worker (a long GC pause, a stopped VM) holds its timers, here to 12 s. A healthy
+#:   worker is never silent: its I/O thread sends a heartbeat every half timeout whatever its batch
+#:   is doing, so a busy worker keeps its connection.
+#: - socket_timeout, stack_timeout: a dead node must not stall schedule() or a failover for long
+#:   before the next host is tried.
 CONNECTION_DEFAULTS: dict[str, Any] = {
-    "heartbeat": 30,
-    "socket_timeout": 5.0,
-    "stack_timeout": 10.0,
+    "heartbeat": 4,
+    "socket_timeout": 3.0,
+    "stack_timeout": 6.0,
     "blocked_connection_timeout": 30.0,
 }
 
+#: this transport's own query options: name → (lowest, highest)
+TRANSPORT_OPTIONS: dict[str, tuple[int, int]] = {
+    # `x-quorum-initial-group-size` of every quorum queue the transport declares: how many nodes
+    # hold a replica. Not given, the broker decides (its `quorum_cluster_size`, 3 by default: every
+    # node of a 3-node cluster, 3 nodes of a larger one).
+    "quorum_group_size": (1, 99),
+}
 
-def connection_parameters(broker_url: str) -> pika.URLParameters:
+_HOST = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[^:\[\]/]+)(?::(?P<port>[^:]*))?$")
+
+
+@dataclass(frozen=True)
+class RabbitMQOptions:
+    #: one connection parameter set per host, in the URL's order
+    hosts: list[pika.URLParameters]
+    #: replicas of each quorum queue; None leaves it to the broker
+    quorum_group_size: int | None = None
+
+
+def rabbitmq_options(broker_url: str) -> RabbitMQOptions:
+    """The URL's hosts and options; ConfigurationError names what is wrong (never the password)."""
+    shown = redact(broker_url)
+    parts = urlsplit(broker_url)
+    if parts.scheme not in ("amqp", "amqps"):
+        raise ConfigurationError(f"bad RabbitMQ URL {shown!r}: the scheme must be amqp or amqps")
+    credentials, at, host_list = parts.netloc.rpartition("@")
+    if not host_list:
+        raise ConfigurationError(f"bad RabbitMQ URL {shown!r}: no host")
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    given = {name for name, _ in query}
+    own = {name: value for name, value in query if name in TRANSPORT_OPTIONS}
+    pika_query = urlencode([(name, value) for name, value in query if name not in TRANSPORT_OPTIONS])
+    hosts = []
+    for entry in host_list.split(","):
+        address = _address(entry.strip(), shown)
+        url = urlunsplit((parts.scheme, f"{credentials}{at}{address}", parts.path, pika_query, ""))
+        hosts.append(_parameters(url, shown, given))
+    group_size = None
+    if "quorum_group_size" in own:
+        group_size = bounded_int(
+            "rabbitmq", "quorum_group_size", own["quorum_group_size"], TRANSPORT_OPTIONS["quorum_group_size"]
+        )
+    return RabbitMQOptions(hosts, group_size)
+
+
+def _address(entry: str, shown: str) -> str:
+    if not entry:
+        raise ConfigurationError(f"bad RabbitMQ URL {shown!r}: an empty host in the host list")
+    match = _HOST.match(entry)
+    if match is None:
+        raise ConfigurationError(f"bad RabbitMQ URL {shown!r}: {entry!r} is not host or host:port")
+    port = match["port"]
+    if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+        raise ConfigurationError(f"bad RabbitMQ URL {shown!r}: port {port!r} of {match['host']} is not 1-65535")
+    return entry
+
+
+def _parameters(url: str, shown: str, given: set[str]) -> pika.URLParameters:
     try:
-        params = pika.URLParameters(broker_url)
+        params = pika.URLParameters(url)
     except ValueError as exc:
-        raise ConfigurationError(f"bad RabbitMQ URL {redact(broker_url)!r}: {exc}") from None
-    given = parse_qs(urlsplit(broker_url).query)
+        raise ConfigurationError(f"bad RabbitMQ URL {shown!r}: {exc}") from None
     for name, value in CONNECTION_DEFAULTS.items():
         if name not in given:
             setattr(params, name, value)

@@ -56,6 +56,7 @@ from typing import Any
 from scheduler.transports.rabbitmq.keys import (
     RABBITMQ_DEAD_EXCHANGE,
     RABBITMQ_DEAD_QUEUE,
+    RABBITMQ_MARKER_QUEUE,
     RABBITMQ_READY_QUEUE,
     RABBITMQ_TIMERS_EXCHANGE,
     rabbitmq_delay_queue,
@@ -74,8 +75,7 @@ DELIVERY_LIMIT = 20
 #: the last word of every routing key; the whole key of a timer that is due already
 _NOW = "now"
 
-_QUORUM: dict[str, Any] = {
-    "x-queue-type": "quorum",
+_AT_LEAST_ONCE: dict[str, Any] = {
     # At-least-once dead-lettering keeps a timer in its queue until the next queue has confirmed
     # it; RabbitMQ requires reject-publish overflow for that strategy.
     "x-dead-letter-strategy": "at-least-once",
@@ -150,27 +150,47 @@ def bindings() -> list[Binding]:
     return result
 
 
-def declarations() -> list[Declaration]:
-    """Everything the transport needs, in an order that can be declared idempotently at every connect."""
+def declarations(quorum_group_size: int | None = None) -> list[Declaration]:
+    """Everything the transport needs, in an order that can be declared idempotently at every connect.
+
+    Every queue is a quorum queue, replicated on `quorum_group_size` nodes of the cluster, or as
+    many as the broker decides when None (`x-quorum-initial-group-size`). The broker compares the
+    arguments of a queue that exists already: a deployment must declare them alike everywhere.
+    """
+    replicas: dict[str, Any] = {"x-queue-type": "quorum"}
+    if quorum_group_size is not None:
+        replicas["x-quorum-initial-group-size"] = quorum_group_size
     exchanges: list[Declaration] = [Exchange(RABBITMQ_TIMERS_EXCHANGE, "topic")]
     exchanges += [Exchange(rabbitmq_expired_exchange(k), "topic") for k in range(LEVELS)]
     queues: list[Declaration] = [
         Queue(
             rabbitmq_delay_queue(k),
-            {**_QUORUM, "x-message-ttl": delay_ms(k), "x-dead-letter-exchange": rabbitmq_expired_exchange(k)},
+            {
+                **replicas,
+                **_AT_LEAST_ONCE,
+                "x-message-ttl": delay_ms(k),
+                "x-dead-letter-exchange": rabbitmq_expired_exchange(k),
+            },
         )
         for k in range(LEVELS)
     ]
     ready = Queue(
         RABBITMQ_READY_QUEUE,
-        {**_QUORUM, "x-delivery-limit": DELIVERY_LIMIT, "x-dead-letter-exchange": RABBITMQ_DEAD_EXCHANGE},
+        {
+            **replicas,
+            **_AT_LEAST_ONCE,
+            "x-delivery-limit": DELIVERY_LIMIT,
+            "x-dead-letter-exchange": RABBITMQ_DEAD_EXCHANGE,
+        },
     )
     dead: list[Declaration] = [
         Exchange(RABBITMQ_DEAD_EXCHANGE, "fanout"),
-        Queue(RABBITMQ_DEAD_QUEUE, {"x-queue-type": "quorum"}),
+        Queue(RABBITMQ_DEAD_QUEUE, dict(replicas)),
         Binding(RABBITMQ_DEAD_QUEUE, RABBITMQ_DEAD_EXCHANGE, ""),
     ]
-    return [*dead, ready, *exchanges, *queues, *bindings()]
+    # One marker at most: the newest is kept.
+    marker = Queue(RABBITMQ_MARKER_QUEUE, {**replicas, "x-max-length": 1, "x-overflow": "drop-head"})
+    return [*dead, ready, marker, *exchanges, *queues, *bindings()]
 
 
 def figure_queues() -> dict[str, str]:
