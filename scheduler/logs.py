@@ -45,6 +45,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+#: loggers of libraries whose reports of an outage the product makes itself, once per outage, and the
+#: least level of theirs still shown
+QUIET_LIBRARIES = {"pika": logging.CRITICAL, "apscheduler.scheduler": logging.ERROR}
+
+
 def configure_logging(*, verbose: bool, json_format: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_Scrubbing())
@@ -57,3 +62,8 @@ def configure_logging(*, verbose: bool, json_format: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO if verbose else logging.WARNING)
+    # Outages are ours to report, once each (scheduler/outage.py): pika's own lines for every lost
+    # connection and every host tried, with tracebacks, and APScheduler's warning that a run which
+    # outlasted its interval skipped the next one, would repeat them on every retry.
+    for name, level in QUIET_LIBRARIES.items():
+        logging.getLogger(name).setLevel(level)
