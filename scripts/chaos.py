@@ -355,13 +355,23 @@ def ha_broker(transport: str) -> tuple[str, Kill | None]:
         return f"{scheme}://{sentinels}/order-timeouts?{options}", Kill(
             "redis primary (the sentinels promote the replica)", lambda: script("redis_sentinel.sh", "kill")
         )
-    raise SystemExit(f"--ha does not cover the {transport} transport yet")
+    # rabbitmq: a vhost of its own on the 3-node cluster; clients start on the first host of the URL
+    script("rabbitmq_cluster.sh", "start")
+    vhost = f"chaos-{uuid.uuid4().hex[:8]}"
+    script("rabbitmq_cluster.sh", "ctl", "1", "add_vhost", vhost)
+    script("rabbitmq_cluster.sh", "ctl", "1", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    base = script("rabbitmq_cluster.sh", "url").strip()
+    return f"{base.rsplit('/', 1)[0]}/{vhost}", Kill(
+        "rabbitmq node the clients use", lambda: script("rabbitmq_cluster.sh", "kill", "1")
+    )
 
 
 def stop_ha_broker(transport: str) -> None:
     """Stop the local cluster that ha_broker started."""
     if transport in ("redis", "rq"):
         script("redis_sentinel.sh", "stop")
+    elif transport == "rabbitmq":
+        script("rabbitmq_cluster.sh", "stop")
 
 
 def _plain(url: str) -> str:
