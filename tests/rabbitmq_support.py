@@ -71,9 +71,11 @@ def declare_topology(broker_url: str) -> None:
 
 
 @contextlib.contextmanager
-def rabbitmq_stack(tmp: Path) -> Iterator[tuple[str, str]]:
-    """Registry on a fresh PostgreSQL schema, broker topology in a fresh vhost."""
+def rabbitmq_stack(tmp: Path, **options: object) -> Iterator[tuple[str, str]]:
+    """Registry on a fresh PostgreSQL schema, broker topology in a fresh vhost; `options` go into the URL."""
     with postgres_schema() as database_url, rabbitmq_vhost() as broker_url:
+        if options:
+            broker_url += "?" + "&".join(f"{key}={value}" for key, value in options.items())
         declare_topology(broker_url)
         yield database_url, broker_url
 

@@ -5,6 +5,7 @@ Each test runs on its own vhost (tests/rabbitmq_support.py) and its own PostgreS
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -237,6 +238,39 @@ def test_a_queue_declared_with_other_arguments_is_a_clear_transport_error() -> N
                 transport.publish([TimerMessage("o-1", 0, 1)])
         finally:
             transport.close()
+
+
+def test_a_dead_letter_queue_declared_without_a_bound_by_an_earlier_release_is_used_as_it_is(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with rabbitmq_vhost() as broker_url:
+        with channel(broker_url) as ch:
+            ch.queue_declare(RABBITMQ_DEAD_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
+        transport = RabbitMQTransport(f"{broker_url}?dead_maxlen=2", SystemClock())
+        try:
+            transport.publish([TimerMessage("o-1", 0, 1)])
+            [delivery] = take(transport, 1)
+            transport.settle(Settlement(dead=[(delivery, "given up")]))
+            assert transport.figures()["dead_letters"] == 1, "dead letters still go to the existing queue"
+        finally:
+            transport.close()
+        assert "exists with other arguments" in caplog.text
+        with channel(broker_url) as ch:
+            ch.queue_declare(RABBITMQ_DEAD_QUEUE, passive=True)  # still there, arguments untouched
+
+
+def test_the_dead_letter_queue_keeps_its_newest_dead_maxlen_messages() -> None:
+    with rabbitmq_vhost() as broker_url:
+        transport = RabbitMQTransport(f"{broker_url}?dead_maxlen=2", SystemClock())
+        try:
+            transport.publish([TimerMessage(f"o-{n}", 0, 1) for n in range(3)])
+            deliveries = take(transport, 3)
+            transport.settle(Settlement(dead=[(delivery, "given up") for delivery in deliveries]))
+            wait_until(lambda: transport.figures()["dead_letters"] == 2)
+        finally:
+            transport.close()
+        kept = [json.loads(body)["order_id"] for body, _ in dead_letters(broker_url)]
+        assert kept == [d.message.order_id for d in deliveries][1:], "the oldest dead letter is dropped"
 
 
 def test_an_unroutable_timer_is_an_error_and_the_next_connection_declares_the_topology_again(rabbit: Stack) -> None:

@@ -50,7 +50,7 @@ URL: `amqp://user:password@host:port[,host:port...]/vhost?option=value`, `amqps:
 hosts are the nodes of one cluster, and a connection goes to the first one that answers, the host
 of a lost connection last. The vhost is the URL-quoted path (`%2F` for `/`). Query options are
 pika's URLParameters (`heartbeat`, `socket_timeout`, `stack_timeout`, `blocked_connection_timeout`,
-`connection_attempts`, `retry_delay`, `ssl_options`, ...) and `quorum_group_size`; this transport
+`connection_attempts`, `retry_delay`, `ssl_options`, ...), `quorum_group_size` and `dead_maxlen`; this transport
 changes only the defaults of a few of pika's, see options.py and docs/transports.md.
 """
 
@@ -177,7 +177,7 @@ class RabbitMQTransport(BrokerTransport):
     def __init__(self, broker_url: str, clock: Clock) -> None:
         options = rabbitmq_options(broker_url)
         self._hosts = options.hosts  # the order to try them in: a host whose connection was lost goes last
-        self._topology = declarations(options.quorum_group_size)
+        self._topology = declarations(options.quorum_group_size, options.dead_maxlen)
         self._clock = clock
         self._link: Link | None = None
         self._connecting = threading.RLock()  # publish may be called from many threads

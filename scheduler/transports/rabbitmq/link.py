@@ -31,6 +31,7 @@ from typing import Any
 import pika
 from pika.adapters.select_connection import IOLoop, SelectConnection
 from pika.adapters.utils.connection_workflow import AMQPConnectionWorkflowFailed
+from pika.exceptions import ChannelClosedByBroker
 from pika.spec import Basic
 
 from scheduler.errors import TransportUnavailable
@@ -44,6 +45,8 @@ WINDOW = 2000
 #: message TTL on quorum queues and at-least-once dead-lettering arrived in RabbitMQ 3.10 (which
 #: also needs the `stream_queue` feature flag enabled for at-least-once; AMQP cannot check that)
 MIN_SERVER_VERSION = (3, 10)
+#: AMQP reply code of a declaration whose arguments differ from the existing queue's
+PRECONDITION_FAILED = 406
 
 #: (exchange, routing key, body, properties) of one message to publish
 Outgoing = tuple[str, str, bytes, Any]
@@ -271,7 +274,50 @@ class Link:
         self._pub = channel
         channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_return_callback(self._on_return)
-        self._declare()
+        self._declare_lenient([step for step in self._topology if isinstance(step, Queue) and step.existing_may_differ])
+
+    def _declare_lenient(self, queues: list[Queue]) -> None:
+        """Declare, one at a time, the queues that may exist with other arguments, then the rest.
+
+        Each goes on a channel of its own and waits for its reply: a 406 (the queue exists with other
+        arguments, declared by an earlier release or with another option) closes only that channel,
+        and the queue is used as it is, with a warning.
+        """
+        if not queues:
+            self._declare()
+            return
+        queue, rest = queues[0], queues[1:]
+        answered = False
+
+        def on_declared(channel: Any) -> None:
+            nonlocal answered
+            answered = True
+            channel.close()
+            self._declare_lenient(rest)
+
+        def on_closed(_channel: Any, reason: Exception) -> None:
+            nonlocal answered
+            if answered:
+                return
+            answered = True
+            if isinstance(reason, ChannelClosedByBroker) and reason.reply_code == PRECONDITION_FAILED:
+                log.warning(
+                    "RabbitMQ queue %s exists with other arguments than %s; it is used as it is: %s",
+                    queue.name,
+                    queue.arguments,
+                    reason.reply_text,
+                )
+                self._declare_lenient(rest)
+            else:
+                self._lose(f"RabbitMQ closed a channel: {reason}")
+
+        def on_open(channel: Any) -> None:
+            channel.add_on_close_callback(on_closed)
+            channel.queue_declare(
+                queue.name, durable=True, arguments=queue.arguments, callback=lambda _frame: on_declared(channel)
+            )
+
+        self._conn.channel(on_open_callback=on_open)
 
     def _declare(self) -> None:
         """Declare the topology without waiting for each reply (nowait), then enter confirm mode.
@@ -286,7 +332,8 @@ class Link:
             if isinstance(step, Exchange):
                 self._pub.exchange_declare(step.name, step.kind, durable=True, callback=None)
             elif isinstance(step, Queue):
-                self._pub.queue_declare(step.name, durable=True, arguments=step.arguments, callback=None)
+                if not step.existing_may_differ:  # declared already, by _declare_lenient
+                    self._pub.queue_declare(step.name, durable=True, arguments=step.arguments, callback=None)
             else:
                 self._pub.queue_bind(step.queue, step.exchange, step.pattern, callback=None)
         self._pub.confirm_delivery(ack_nack_callback=self._on_confirm, callback=self._on_confirm_mode)

@@ -21,6 +21,7 @@ import pika
 
 from scheduler.config import bounded_int, redact
 from scheduler.errors import ConfigurationError
+from scheduler.transports.rabbitmq.topology import DEAD_MAXLEN
 
 #: pika options this transport sets unless the URL gives them:
 #: - heartbeat: the broker closes a connection that has been silent for two to three heartbeat
@@ -43,6 +44,9 @@ TRANSPORT_OPTIONS: dict[str, tuple[int, int]] = {
     # hold a replica. Not given, the broker decides (its `quorum_cluster_size`, 3 by default: every
     # node of a 3-node cluster, 3 nodes of a larger one).
     "quorum_group_size": (1, 99),
+    # `x-max-length` of the dead-letter queue, which drops its oldest messages beyond it. It takes
+    # effect when the queue is first declared; an existing queue keeps its own (docs/transports.md).
+    "dead_maxlen": (1, 1_000_000_000),
 }
 
 _HOST = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[^:\[\]/]+)(?::(?P<port>[^:]*))?$")
@@ -54,6 +58,8 @@ class RabbitMQOptions:
     hosts: list[pika.URLParameters]
     #: replicas of each quorum queue; None leaves it to the broker
     quorum_group_size: int | None = None
+    #: most messages the dead-letter queue keeps
+    dead_maxlen: int = DEAD_MAXLEN
 
 
 def rabbitmq_options(broker_url: str) -> RabbitMQOptions:
@@ -79,7 +85,10 @@ def rabbitmq_options(broker_url: str) -> RabbitMQOptions:
         group_size = bounded_int(
             "rabbitmq", "quorum_group_size", own["quorum_group_size"], TRANSPORT_OPTIONS["quorum_group_size"]
         )
-    return RabbitMQOptions(hosts, group_size)
+    dead_maxlen = DEAD_MAXLEN
+    if "dead_maxlen" in own:
+        dead_maxlen = bounded_int("rabbitmq", "dead_maxlen", own["dead_maxlen"], TRANSPORT_OPTIONS["dead_maxlen"])
+    return RabbitMQOptions(hosts, group_size, dead_maxlen)
 
 
 def _address(entry: str, shown: str) -> str:

@@ -72,6 +72,9 @@ MAX_TICKS = (1 << LEVELS) - 1
 #: handler's max_deliveries (default 10), so that normally the handler, which records the reason
 #: in the registry, acts first
 DELIVERY_LIMIT = 20
+#: dead letters the dead-letter queue keeps by default (`dead_maxlen`); beyond it the oldest are
+#: dropped (the registry keeps every dead timeout with its reason regardless)
+DEAD_MAXLEN = 100_000
 #: the last word of every routing key; the whole key of a timer that is due already
 _NOW = "now"
 
@@ -93,6 +96,10 @@ class Exchange:
 class Queue:
     name: str
     arguments: dict[str, Any] = field(default_factory=dict, hash=False)
+    #: the queue had fewer arguments in earlier releases: one that exists with other arguments is
+    #: used as it is (with a warning) rather than refused, so that a deployment keeps working
+    #: (link.py declares it on its own channel, where the broker's 406 does not end the connection)
+    existing_may_differ: bool = False
 
 
 @dataclass(frozen=True)
@@ -150,12 +157,15 @@ def bindings() -> list[Binding]:
     return result
 
 
-def declarations(quorum_group_size: int | None = None) -> list[Declaration]:
+def declarations(quorum_group_size: int | None = None, dead_maxlen: int = DEAD_MAXLEN) -> list[Declaration]:
     """Everything the transport needs, in an order that can be declared idempotently at every connect.
 
     Every queue is a quorum queue, replicated on `quorum_group_size` nodes of the cluster, or as
     many as the broker decides when None (`x-quorum-initial-group-size`). The broker compares the
     arguments of a queue that exists already: a deployment must declare them alike everywhere.
+    The dead-letter queue keeps at most `dead_maxlen` messages, dropping the oldest; a dead-letter
+    queue declared by an earlier release (no bound) or with another bound keeps what it has, and a
+    policy (`max-length`) bounds it instead (docs/transports.md).
     """
     replicas: dict[str, Any] = {"x-queue-type": "quorum"}
     if quorum_group_size is not None:
@@ -185,7 +195,11 @@ def declarations(quorum_group_size: int | None = None) -> list[Declaration]:
     )
     dead: list[Declaration] = [
         Exchange(RABBITMQ_DEAD_EXCHANGE, "fanout"),
-        Queue(RABBITMQ_DEAD_QUEUE, dict(replicas)),
+        Queue(
+            RABBITMQ_DEAD_QUEUE,
+            {**replicas, "x-max-length": dead_maxlen, "x-overflow": "drop-head"},
+            existing_may_differ=True,
+        ),
         Binding(RABBITMQ_DEAD_QUEUE, RABBITMQ_DEAD_EXCHANGE, ""),
     ]
     # One marker at most: the newest is kept.
