@@ -76,12 +76,17 @@ DIST_PORT=${dist_ports[$i]}
 MNESIA_BASE=$home/mnesia
 LOG_BASE=$home/log
 CONFIG_FILE=$home/rabbitmq.conf
+ADVANCED_CONFIG_FILE=$home/advanced.config
 ENABLED_PLUGINS_FILE=$home/enabled_plugins
 PID_FILE=$home/beam.pid
 ERL_EPMD_ADDRESS=127.0.0.1
 SERVER_ADDITIONAL_ERL_ARGS="-setcookie $(cookie) -kernel inet_dist_use_interface {127,0,0,1}"
 EOF
   echo '[].' >"$home/enabled_plugins"
+  # A quorum queue dead-letters at least once: a message whose target queue does not confirm (its
+  # leader was on a node that died) is sent again after this timeout, 3 minutes by default. Timers
+  # in the delay cascade at a node's loss would wait that long (docs/operations.md recommends this).
+  echo '[{rabbit, [{dead_letter_worker_publisher_confirm_timeout, 5000}]}].' >"$home/advanced.config"
   {
     echo "listeners.tcp.local = 127.0.0.1:${ports[$i]}"
     echo "loopback_users = none"
