@@ -32,6 +32,7 @@ from scheduler.database import reading
 from scheduler.errors import ConfigurationError, MalformedMessage, TransportUnavailable
 from scheduler.registry import count_pending
 from scheduler.transports.base import FAILED_REDELIVERY_MS, Delivery, Settlement, TimerMessage
+from scheduler.transports.redis import adapter as redis_adapter
 from scheduler.transports.redis.adapter import RedisTransport
 from scheduler.transports.redis.keys import REDIS_GROUP, redis_dead_key, redis_due_key, redis_timers_key
 from scheduler.transports.redis.options import RedisOptions, parse_url
@@ -188,6 +189,24 @@ def test_received_entries_stay_pending_until_settled_then_leave_the_stream(
     transport.settle(Settlement(done=batch.deliveries))
     assert pending_entries(raw, prefix) == 0
     assert raw.xlen(redis_due_key(prefix, 0)) == 2, "acked entries are deleted: memory stays flat"
+
+
+def test_workers_forget_the_consumer_names_of_workers_long_gone_but_not_of_one_holding_entries(
+    make_transport: Callable[..., RedisTransport], prefix: str, raw: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stream = redis_due_key(prefix, 0)
+    holding = make_transport(claim_idle_ms=3_600_000)
+    holding.publish([TimerMessage("held", now_ms() - 5, 1)])
+    assert len(holding.receive(1, timeout=0).deliveries) == 1  # and then it dies, holding it
+    raw.xgroup_createconsumer(stream, REDIS_GROUP, "gone-long-ago")
+    time.sleep(0.01)
+
+    monkeypatch.setattr(redis_adapter, "FORGET_CONSUMERS_AFTER_MS", 5)
+    survivor = make_transport(claim_idle_ms=3_600_000)
+    assert not survivor.receive(10, timeout=0)
+    names = {c["name"].decode() for c in raw.xinfo_consumers(stream, REDIS_GROUP)}
+    assert "gone-long-ago" not in names, "silent with nothing pending: forgotten"
+    assert holding._consumer in names, "an entry still pending keeps its consumer: it is taken over, not lost"
 
 
 def test_settle_rearms_retries_and_failed_batches_and_dead_letters_with_the_reason(

@@ -80,6 +80,9 @@ from scheduler.transports.redis.options import MAX_BLOCK_MS, connect, parse_url
 MOVE_SCRIPT = files("scheduler.transports.redis").joinpath("move.lua").read_text()
 CLAIM_SCRIPT = files("scheduler.transports.redis").joinpath("claim.lua").read_text()
 
+#: a consumer name in the group silent this long with nothing pending belongs to a worker that is gone
+#: (a live one reads at least every MAX_BLOCK_MS): the claim step forgets it (claim.lua)
+FORGET_CONSUMERS_AFTER_MS = 3_600_000
 #: members per ZADD command when publishing a large batch
 ZADD_CHUNK = 5000
 #: a published timer due sooner than this that becomes its shard's earliest wakes a blocked worker;
@@ -306,7 +309,7 @@ class RedisTransport(BrokerTransport):
         deliveries: list[Delivery] = []
         for shard, stream in enumerate(self._streams):
             args = [REDIS_GROUP, self._consumer, self.options.claim_idle_ms, self._claim_cursors[shard]]
-            cursor, taken = self._claim(keys=[stream], args=[*args, limit - len(deliveries)])
+            cursor, taken = self._claim(keys=[stream], args=[*args, limit - len(deliveries), FORGET_CONSUMERS_AFTER_MS])
             self._claim_cursors[shard] = cursor.decode()
             entries = [(entry_id, _pairs(fields), int(count)) for entry_id, fields, count in taken]
             deliveries += self._accept_entries(shard, entries)
