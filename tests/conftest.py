@@ -104,14 +104,18 @@ class Stack:
 
 def open_stack(factory_name: str, table: dict[str, Any], tmp_path: Path) -> Iterator[Stack]:
     with table[factory_name](tmp_path) as (database_url, broker_url):
-        stack = Stack(factory_name, database_url, broker_url)
-        init_db(stack.engine, stack.opened[0].settings.orders)
-        install_cancel_log(stack.engine)
-        try:
-            yield stack
-        finally:
-            for client in stack.opened:
-                client.close()
+        yield from deployed(Stack(factory_name, database_url, broker_url))
+
+
+def deployed(stack: Stack) -> Iterator[Stack]:
+    """The stack with its registry and orders tables and the cancel counter; its clients closed after."""
+    init_db(stack.engine, stack.opened[0].settings.orders)
+    install_cancel_log(stack.engine)
+    try:
+        yield stack
+    finally:
+        for client in stack.opened:
+            client.close()
 
 
 @pytest.fixture(params=sorted(STACKS))

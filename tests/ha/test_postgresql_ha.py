@@ -22,9 +22,8 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from scheduler import OrderTimeouts, Settings, TimeoutState
-from scheduler.schema import init_db
-from scheduler.testing import install_cancel_log
-from tests.conftest import ROOT, Stack
+from tests.conftest import ROOT, Stack, deployed
+from tests.services import POSTGRES_URL
 from tests.slow_store import pausing_after_cancel
 from tests.support import add_orders, cancel_counts, postgres_schema, registry_records, wait_until
 
@@ -53,20 +52,13 @@ def fresh_pair() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def open_stack(server: str, database_url: str | None = None) -> Iterator[Stack]:
-    """A stack on its own schema of `server`; `database_url` (that schema, reached another way) is
-    what the processes are given."""
-    with postgres_schema(server) as url:
+def open_stack(server: str = POSTGRES_URL, database_url: str | None = None, query: str = "") -> Iterator[Stack]:
+    """A stack on its own schema of `server` (`query` adds URL options); `database_url` (that schema,
+    reached another way) is what the processes are given."""
+    with postgres_schema(server, query) as url:
         schema_query = url.partition("?")[2]
         given = f"{database_url}{'&' if '?' in database_url else '?'}{schema_query}" if database_url else url
-        stack = Stack("sql-postgresql-ha", given, "sql")
-        init_db(stack.engine, stack.timeouts().settings.orders)
-        install_cancel_log(stack.engine)
-        try:
-            yield stack
-        finally:
-            for client in stack.opened:
-                client.close()
+        yield from deployed(Stack("sql-postgresql-ha", given, "sql"))
 
 
 def start_maintain(stack: Stack, log: Path) -> subprocess.Popen[str]:
@@ -191,10 +183,7 @@ def test_a_frozen_worker_holds_its_batch_only_until_the_server_ends_its_transact
     URL; 12 s by default), another worker takes the rows, and the frozen one's late commit changes nothing."""
     ids = [f"z-{i:03d}" for i in range(40)]
     query = "%20-c%20idle_in_transaction_session_timeout%3D3s"
-    with postgres_schema(query=query) as url:
-        stack = Stack("sql-postgresql", url, "sql")
-        init_db(stack.engine, stack.timeouts().settings.orders)
-        install_cancel_log(stack.engine)
+    with open_stack(query=query) as stack:
         add_orders(stack.engine, ids)
         stack.timeouts().schedule_many(ids, due_at=datetime.now(UTC))
         marker = tmp_path / "in-batch"
@@ -218,8 +207,6 @@ def test_a_frozen_worker_holds_its_batch_only_until_the_server_ends_its_transact
         finally:
             frozen.send_signal(signal.SIGCONT)
             stop_all([p for p in (frozen, other) if p is not None])
-            for client in stack.opened:
-                client.close()
 
 
 def test_every_registry_connection_bounds_idle_transactions_and_dead_peers() -> None:

@@ -277,6 +277,18 @@ def both(base: str) -> dict[str, str]:
     return {"redis": broker_url(name, base), "rq": rq_broker_url(name, base)}
 
 
+def start_under_load(runs: dict[str, Deployment]) -> dict[Deployment, tuple[list[str], set[str]]]:
+    """Start each deployment's processes, then 200 timeouts due one after another from 2.5 s on, every
+    tenth order paid: the scheduled ids and the paid ones, by deployment."""
+    for run in runs.values():
+        run.start()
+    orders = {}
+    for run in runs.values():
+        ids = run.schedule(200, first_due_in=2.5, every=0.2)
+        orders[run] = (ids, run.pay(ids[::10]))
+    return orders
+
+
 def report(name: str, figures: dict[str, float]) -> None:
     log.info("%s: %s", name, ", ".join(f"{k}={v:.2f}" for k, v in figures.items()))
 
@@ -289,12 +301,7 @@ def test_a_redis_restarted_empty_is_refilled_by_the_relay_within_seconds(tmp_pat
         plain_redis(tmp_path) as restart,
         side_by_side(tmp_path, both(f"redis://127.0.0.1:{PLAIN_PORT}/0")) as runs,
     ):
-        orders = {}
-        for run in runs.values():
-            run.start()
-        for run in runs.values():
-            ids = run.schedule(200, first_due_in=2.5, every=0.2)
-            orders[run] = (ids, run.pay(ids[::10]))
+        orders = start_under_load(runs)
         for run in runs.values():
             wait_until(run.all_published, timeout=10)
         time.sleep(3.0)  # timeouts are coming due and being cancelled
@@ -316,12 +323,7 @@ def test_workers_maintain_and_the_api_follow_a_sentinel_failover(
     # A server killed by the test before comes back as a replica, and the sentinels see it again.
     script("redis_sentinel.sh", "start", REDIS_SENTINEL_DIR=str(sentinel_set))
     with side_by_side(tmp_path, both(SENTINEL_URL)) as runs:
-        orders = {}
-        for run in runs.values():
-            run.start()
-        for run in runs.values():
-            ids = run.schedule(200, first_due_in=2.5, every=0.2)
-            orders[run] = (ids, run.pay(ids[::10]))
+        orders = start_under_load(runs)
         time.sleep(3.0)  # timeouts are coming due and being cancelled
         old = sentinel_primary()
         failed_at = next(iter(runs.values())).now_ms()
