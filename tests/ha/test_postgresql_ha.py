@@ -11,6 +11,7 @@ import contextlib
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -22,10 +23,11 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from scheduler import OrderTimeouts, Settings, TimeoutState
+from scheduler.transports.sql.adapter import SqlTransport
 from tests.conftest import ROOT, Stack, deployed
 from tests.services import POSTGRES_URL
 from tests.slow_store import pausing_after_cancel
-from tests.support import add_orders, cancel_counts, postgres_schema, registry_records, wait_until
+from tests.support import add_orders, cancel_counts, postgres_schema, psycopg_url, registry_records, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -234,3 +236,35 @@ def test_the_api_in_an_order_service_survives_a_restart(fresh_pair: None) -> Non
         # The same client, after the restart: the pool's dead connections are replaced on checkout.
         client.schedule("a-2")
         assert {"a-1", "a-2"} <= set(registry_records(stack.engine))
+
+
+def test_a_worker_whose_listening_connection_was_cut_reopens_it_and_still_wakes() -> None:
+    """After a restart the batch connections come back on their own; a cut LISTEN connection shows
+    only at the worker's next sleep, and is reopened there rather than reported as a second outage."""
+    with open_stack(query="&application_name=ot-listen-cut") as stack:
+        client = stack.timeouts()
+        client.schedule("far", delay=timedelta(hours=1))
+        transport = SqlTransport(stack.engine, client.clock)
+        woke: list[float] = []
+
+        def receive() -> None:
+            start = time.monotonic()
+            if transport.receive(100, timeout=8.0):
+                woke.append(time.monotonic() - start)
+
+        try:
+            assert not transport.receive(100, timeout=0.2), "nothing due: it listened and slept"
+            with psycopg.connect(psycopg_url(POSTGRES_URL), autocommit=True) as admin:
+                cut = admin.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = %s",
+                    ("ot-listen-cut",),
+                ).fetchone()
+            assert cut is not None and cut[0] >= 1
+            waiting = threading.Thread(target=receive)
+            waiting.start()
+            time.sleep(0.5)  # it finds the cut listener, reopens it and sleeps until the far timeout
+            client.schedule("near", due_at=datetime.now(UTC))
+            waiting.join()
+        finally:
+            transport.close()
+        assert woke and woke[0] < 3.0, "woke on the new schedule through the reopened listener"

@@ -160,9 +160,13 @@ class SqlTransport(Transport):
             try:
                 for _ in self._listener.notifies(timeout=seconds, stop_after=1):
                     pass
-            except psycopg.Error as exc:
+            except psycopg.Error:
+                # A listening connection that broke while the worker was busy elsewhere (the server
+                # restarted and the batch connections have already reconnected) is not an outage:
+                # it is opened again at once, and the caller looks for due rows, since notifies
+                # may have been missed meanwhile. Only a failure to reopen it is an outage.
                 self.close()
-                raise TransportUnavailable(f"{type(exc).__name__}: {first_line(exc)}") from exc
+                self._start_watching()
             return
         assert self._sqlite_watch is not None
         version = self._data_version()
