@@ -10,5 +10,7 @@ PG_WAKE_CHANNEL = "order_timeouts_wake"
 MIGRATIONS_VERSION_TABLE = "order_timeouts_alembic_version"
 #: maintenance lease rows (one per job) so that several `maintain` processes never overlap
 LEASE_TABLE = "order_timeouts_leases"
+#: settings the whole fleet shares through the registry (a pause, the deployment's identity): one row each
+CONTROL_TABLE = "order_timeouts_control"
 
 DEFAULT_SQLITE_FILE = "order-timeouts.sqlite3"

@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import BigInteger, Column, Index, Integer, MetaData, String, Table, Text, func
 
-from scheduler.names import LEASE_TABLE, REGISTRY_TABLE
+from scheduler.names import CONTROL_TABLE, LEASE_TABLE, REGISTRY_TABLE
 
 #: longest order id we accept; ids are primary keys and broker message fields
 MAX_ORDER_ID_LENGTH = 255
@@ -84,6 +84,16 @@ leases = Table(
     Column("job", String(64), primary_key=True),
     Column("holder", String(128), nullable=False),
     Column("expires_ms", BigInteger, nullable=False),
+)
+
+#: fleet-wide settings kept in the registry database, one row per name (its value is JSON text), so
+#: that every worker and admin command of one deployment reads the same, and a restart forgets nothing
+control = Table(
+    CONTROL_TABLE,
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+    Column("updated_ms", BigInteger, nullable=False),
 )
 
 
