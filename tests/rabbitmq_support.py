@@ -10,7 +10,6 @@ import contextlib
 import os
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -48,12 +47,7 @@ def rabbitmq_vhost() -> Iterator[str]:
         rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
         yield vhost_url(vhost)
     finally:
-        try:
-            rabbitmqctl("delete_vhost", vhost)
-        except AssertionError:
-            # Another test may be restarting the shared broker right now: wait for it, then retry.
-            wait_for_broker()
-            rabbitmqctl("delete_vhost", vhost)
+        rabbitmqctl("delete_vhost", vhost)
 
 
 def declare_topology(broker_url: str) -> None:
@@ -88,19 +82,6 @@ def channel(broker_url: str) -> Iterator[pika.adapters.blocking_connection.Block
         yield connection.channel()
     finally:
         connection.close()
-
-
-def wait_for_broker(timeout: float = 60.0) -> None:
-    """Until the broker accepts AMQP connections again (after start_app)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL)).close()
-            return
-        except pika.exceptions.AMQPError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
 
 
 # -- the local 3-node cluster of scripts/rabbitmq_cluster.sh (tests/ha) ------------------------------
