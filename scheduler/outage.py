@@ -25,29 +25,31 @@ class Outage:
         self._base_s = base_s
         self._cap_s = cap_s
         self._failures = 0
-        self._what: str | None = None
+        # The components reported down in this outage, in the order they failed: one outage can
+        # move between them (the registry database, then the order store on the same server).
+        self._down: list[str] = []
         self._since = 0.0
 
     @property
     def ongoing(self) -> bool:
-        return self._what is not None
+        return bool(self._down)
 
     def failed(self, what: str, reason: str) -> float:
         """Record a failure of `what` (the component, e.g. "the broker"); return the seconds to wait."""
-        if self._what != what:
-            if self._what is None:
-                self._since = time.monotonic()
+        if not self._down:
+            self._since = time.monotonic()
+        if what not in self._down:
             self._log.warning("%s unavailable, retrying with backoff (up to %.0fs): %s", what, self._cap_s, reason)
-            self._what = what
+            self._down.append(what)
         self._failures += 1
         ceiling = min(self._cap_s, self._base_s * 2 ** (self._failures - 1))
         return random.uniform(ceiling / 2, ceiling)
 
     def recovered(self) -> None:
-        """A step worked: the outage, if there was one, is over."""
-        if self._what is not None:
-            self._log.warning("%s back after %.1fs, carrying on", self._what, time.monotonic() - self._since)
-            self._what = None
+        """A step worked: the outage, if there was one, is over for every component it reported."""
+        for what in self._down:
+            self._log.warning("%s back after %.1fs, carrying on", what, time.monotonic() - self._since)
+        self._down.clear()
         self._failures = 0
 
 

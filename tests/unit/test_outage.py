@@ -26,13 +26,22 @@ def test_an_outage_is_logged_once_when_it_starts_and_once_when_it_ends(caplog: p
     assert not outage.ongoing
 
 
-def test_another_component_failing_meanwhile_is_logged_too(caplog: pytest.LogCaptureFixture) -> None:
+def test_an_outage_moving_between_components_logs_each_down_once_and_back_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     outage = Outage(log)
     with caplog.at_level(logging.WARNING, logger=log.name):
-        outage.failed("the redis broker", "refused")
+        outage.failed("the registry database", "refused")
+        outage.failed("the order store", "refused")
+        outage.failed("the registry database", "refused")
         outage.failed("the order store", "HTTP 503")
-        outage.failed("the order store", "HTTP 503")
-    assert [r.getMessage().split(" unavailable")[0] for r in caplog.records] == ["the redis broker", "the order store"]
+        outage.recovered()
+    assert [r.getMessage().split(",")[0].split(" after")[0] for r in caplog.records] == [
+        "the registry database unavailable",
+        "the order store unavailable",
+        "the registry database back",
+        "the order store back",
+    ]
 
 
 def test_waits_double_with_jitter_up_to_the_cap_and_start_again_after_a_recovery() -> None:
