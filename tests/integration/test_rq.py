@@ -683,3 +683,15 @@ def test_rq_workers_of_a_paused_fleet_hand_each_job_back_to_rq_and_run_it_after_
         time.sleep(0.5)
         run_rq_worker(rq, "-c", "consumers.rq_settings")
     assert cancel_counts(rq.engine) == dict.fromkeys(ids, 1)
+
+
+def test_rq_workers_in_shadow_mode_record_would_cancel_and_cancel_nothing(rq: Stack, client: redis.Redis) -> None:
+    ids = [f"h-{i}" for i in range(4)]
+    add_orders(rq.engine, ids)
+    assert pay(rq.engine, ids[0])
+    rq.timeouts().schedule_many(ids, due_at=datetime.now(UTC) - PAST)
+    run_rq_worker(rq, "-c", "consumers.rq_settings", ORDER_TIMEOUTS_MODE="shadow")
+    outcomes = {oid: getattr(rq.timeouts().get(oid), "outcome", None) for oid in ids}
+    assert outcomes == {ids[0]: Outcome.PAID, **dict.fromkeys(ids[1:], Outcome.WOULD_CANCEL)}
+    assert cancel_counts(rq.engine) == {}
+    assert order_status(rq.engine) == {ids[0]: "PAID", **dict.fromkeys(ids[1:], "PENDING")}
