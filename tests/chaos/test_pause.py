@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from scheduler import Outcome, TimeoutState
+from scheduler.database import reading
+from scheduler.registry import count_pending
 from tests.conftest import ROOT, Stack, open_stack
 from tests.stacks import STACKS
 from tests.support import add_orders, cancel_counts, registry_records, wait_until
@@ -22,8 +24,8 @@ pytestmark = pytest.mark.slow
 
 #: timeouts, coming due in steps over LOAD_S seconds
 ORDERS = 1200
-STEPS = 6
-LOAD_S = 3.0
+STEPS = 8
+LOAD_S = 4.0
 
 
 @pytest.fixture(params=["sql-postgresql", "redis", "rabbitmq"])
@@ -45,7 +47,8 @@ def cli(stack: Stack, *args: str) -> str:
 
 
 def finished(stack: Stack) -> int:
-    return sum(r.state is not TimeoutState.PENDING for r in registry_records(stack.engine).values())
+    with reading(stack.engine) as conn:
+        return ORDERS - count_pending(conn)
 
 
 def test_a_pause_under_load_outlives_killed_workers_and_resume_drains_every_timer_once(loaded: Stack) -> None:
@@ -62,7 +65,8 @@ def test_a_pause_under_load_outlives_killed_workers_and_resume_drains_every_time
             loaded.timeouts().schedule_many(ids[i * step : (i + 1) * step], due_at=due)
         all_due_at = time.monotonic() + 0.2 + LOAD_S
         wait_until(lambda: finished(loaded) >= 100, timeout=30)
-        assert "paused: by operator" in cli(loaded, "pause", "--reason", "provider incident")
+        # Through the API, at once (the command is `order-timeouts pause`, tests/integration/test_valves.py).
+        pause, _ = loaded.timeouts().pause("provider incident")
         # One worker killed mid-work and started again: the pause is in the registry, not in a process.
         workers[0].kill()
         workers[0].wait()
@@ -78,11 +82,11 @@ def test_a_pause_under_load_outlives_killed_workers_and_resume_drains_every_time
         assert cancel_counts(loaded.engine) == frozen, "nothing was cancelled while paused"
         records = registry_records(loaded.engine).values()
         pending = [r for r in records if r.state is TimeoutState.PENDING]
-        assert len(pending) >= ORDERS // 2, "the pause came early in the load"
+        assert len(pending) >= ORDERS // 4, "the pause came in the middle of the load"
         assert {r.attempts for r in pending} == {0}, "the pause spent no attempt"
         assert not [r for r in records if r.state is TimeoutState.DEAD]
         stats = json.loads(cli(loaded, "stats", "--json"))
-        assert stats["paused"]["by"] == "operator" and stats["overdue"] == len(pending)
+        assert stats["paused"]["reason"] == pause.reason and stats["overdue"] == len(pending)
 
         assert "resumed" in cli(loaded, "resume")
         wait_until(lambda: finished(loaded) == ORDERS, timeout=60)
