@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from typing import Annotated
 
 import typer
@@ -21,7 +22,7 @@ from scheduler.cli import Context, add_command
 from scheduler.cli.health import EXTRA_CHECKS, Probe
 from scheduler.cli.operate import MetricsPortOption
 from scheduler.cli.render import console
-from scheduler.config import ENV_BROKER_URL, ENV_DATABASE_URL, Settings, redact
+from scheduler.config import ENV_BROKER_URL, ENV_DATABASE_URL, ENV_MODE, Settings, parse_mode, redact
 
 log = logging.getLogger("order_timeouts.worker")
 #: how often `worker --processes` looks whether a child died
@@ -46,15 +47,28 @@ def worker(
         ),
     ] = 1,
     metrics_port: MetricsPortOption = None,
+    mode: Annotated[
+        str | None,
+        typer.Option(
+            "--mode",
+            envvar=ENV_MODE,
+            show_envvar=True,
+            help="live cancels; shadow records would_cancel and cancels nothing.",
+            show_default="live",
+        ),
+    ] = None,
 ) -> None:
     """Run a member of the consumer group. SIGTERM/SIGINT finish the current batch and exit."""
+    context = ctx.ensure_object(Context)
+    if mode is not None:
+        context.settings = replace(context.settings, mode=parse_mode(mode, "--mode"))
     if processes > 1:
         if metrics_port is not None and metrics_port + processes - 1 > 65535:
             raise typer.BadParameter(f"ports {metrics_port}..{metrics_port + processes - 1} go past 65535")
-        raise typer.Exit(_run_processes(processes, batch_size, burst, metrics_port, ctx.ensure_object(Context)))
+        raise typer.Exit(_run_processes(processes, batch_size, burst, metrics_port, context))
     from consumers.worker import Worker
 
-    timeouts = ctx.ensure_object(Context).timeouts()
+    timeouts = context.timeouts()
     member = Worker(timeouts, batch_size=batch_size, burst=burst)
     # Before anything else can be observed from outside (the metrics port): a SIGTERM from then on
     # always means "finish the batch and exit".
@@ -66,8 +80,8 @@ def worker(
     totals = member.run()
     console.print(
         f"worker stopped: {totals.batches} batches, {totals.cancelled} cancelled, {totals.paid} paid, "
-        f"{totals.already_cancelled} already cancelled, {totals.retried} retried, {totals.dead} dead, "
-        f"{totals.stale} stale",
+        f"{totals.already_cancelled} already cancelled, {totals.would_cancel} would cancel (shadow), "
+        f"{totals.retried} retried, {totals.dead} dead, {totals.stale} stale, {totals.paused} handed back while paused",
         highlight=False,
     )
 
@@ -75,6 +89,7 @@ def worker(
 def _run_processes(count: int, batch_size: int, burst: bool, metrics_port: int | None, context: Context) -> int:
     """`count` worker processes with this one's options; child i serves its metrics on metrics_port + i."""
     argv = [sys.executable, "-m", "scheduler", *context.logging_argv, "worker", "--batch-size", str(batch_size)]
+    argv += ["--mode", context.settings.mode.value]
     if burst:
         argv.append("--burst")
     settings = context.settings

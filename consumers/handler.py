@@ -7,6 +7,12 @@ Exactly-once in effect comes from at-least-once delivery plus this idempotency: 
 takes rows still pending and due, so a duplicate, revoked or stale delivery claims nothing and is
 acked; a crash before commit rolls everything back and the delivery comes again.
 
+A paused fleet (scheduler/registry/control.py) decides nothing: the pause row is read first in the
+batch transaction (one primary-key read), and a batch that finds it is handed back whole the same
+way, claiming nothing, so the timers stay pending and due and spend neither attempts nor deliveries.
+In shadow mode the unpaid orders are recorded `would_cancel` and the order store's cancel is never
+called.
+
 An order store that cannot answer (unreachable, failing as a whole) is an outage, not an answer
 about the orders: the batch is rolled back and handed back whole, no attempt is spent and nothing
 is dead-lettered, and the worker backs off. Attempts count only answers about an order: the store
@@ -23,14 +29,16 @@ from dataclasses import dataclass, field
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from consumers.breaker import Breaker
 from consumers.orders import OrderStore, PaymentStatus
 from scheduler import registry
 from scheduler.clock import Clock, from_ms
-from scheduler.config import Settings
+from scheduler.config import Mode, Settings
 from scheduler.errors import OrderStoreUnavailable
 from scheduler.outage import first_line
 from scheduler.outbox import Outbox
-from scheduler.registry import Claim, Outcome, Retry
+from scheduler.registry import Claim, Outcome, Retry, control
+from scheduler.registry.control import Pause
 from scheduler.transports.base import Batch, Delivery, Settlement, TimerMessage
 
 log = logging.getLogger("order_timeouts.handler")
@@ -69,17 +77,31 @@ class BatchReport:
     cancelled: int = 0
     paid: int = 0
     already_cancelled: int = 0
+    #: shadow mode: unpaid, not cancelled
+    would_cancel: int = 0
     retried: int = 0
     dead: int = 0
     stale: int = 0
     #: delivered before their due time by the registry's clock: handed back to the transport
     early: int = 0
+    #: batches handed back whole because the fleet is paused
+    paused: int = 0
+    #: pauses this batch's circuit breaker check started
+    breaker_trips: int = 0
     #: claim time minus due time of each claimed timeout, for the lateness histogram
     lateness_ms: list[int] = field(default_factory=list)
 
 
 class _StoreOutage(Exception):
     """Raised inside the batch transaction to roll it back: the order store did not answer."""
+
+
+class _Paused(Exception):
+    """Raised inside the batch transaction before the claim: the fleet is paused."""
+
+    def __init__(self, pause: Pause) -> None:
+        super().__init__(pause.reason)
+        self.pause = pause
 
 
 class Handler:
@@ -92,8 +114,12 @@ class Handler:
         worker_id: str,
         outbox: Outbox,
         retry: RetryPolicy | None = None,
+        mode: Mode = Mode.LIVE,
+        breaker: Breaker | None = None,
     ) -> None:
         self._engine = engine
+        self._mode = mode
+        self._breaker = breaker
         self._store = store
         self._clock = clock
         self.worker_id = worker_id
@@ -104,6 +130,11 @@ class Handler:
         report = BatchReport()
         try:
             with self._engine.begin() as conn:
+                # Before the claim, in the same transaction: a pause committed before this batch
+                # began stops it, and one committed later stops the next.
+                valves = control.read_valves(conn)
+                if valves.pause is not None:
+                    raise _Paused(valves.pause)
                 now = self._clock.now_ms()
                 claims = batch.claim(conn, now=now, worker=self.worker_id)
                 early = self._early(conn, batch.deliveries, claims, now)
@@ -118,6 +149,10 @@ class Handler:
                 registry.finish(conn, outcomes, now=finished)
                 registry.retry_later(conn, retries, now=now, published=self._outbox.published_on_write)
                 registry.bury(conn, dead, now=finished)
+        except _Paused as paused:
+            # Handed back as a failed batch: fresh deliveries after FAILED_REDELIVERY_MS, no attempt spent.
+            report.paused = 1
+            return Settlement(failed=list(batch.deliveries), rolled_back=True, paused=paused.pause), report
         except _StoreOutage as outage:
             # Rolled back, claim and cancel included: the rows stay pending and due, their attempts
             # untouched. A cancel the store committed before failing is found `cancelled` next time.
@@ -131,9 +166,15 @@ class Handler:
                 report.cancelled += 1
             elif outcome is Outcome.PAID:
                 report.paid += 1
+            elif outcome is Outcome.WOULD_CANCEL:
+                report.would_cancel += 1
             else:
                 report.already_cancelled += 1
         report.retried, report.dead = len(retries), len(dead)
+        if self._breaker is not None:
+            unpaid = report.cancelled + report.would_cancel
+            decided = unpaid + report.paid + report.already_cancelled
+            report.breaker_trips = int(self._breaker.after_batch(unpaid, decided, valves) is not None)
         versions = {c.order_id: c.version for c in claims}
         return self._settlement(batch.deliveries, retries, dead, early, versions, report), report
 
@@ -189,13 +230,16 @@ class Handler:
             try:
                 statuses = self._store.payment_status(conn, order_ids)
                 unpaid = [oid for oid in order_ids if statuses.get(oid) is PaymentStatus.UNPAID]
-                cancelled = self._store.cancel_unpaid(conn, unpaid, from_ms(now)) if unpaid else set()
+                live = bool(unpaid) and self._mode is Mode.LIVE
+                cancelled = self._store.cancel_unpaid(conn, unpaid, from_ms(now)) if live else set()
             except OrderStoreUnavailable as exc:
                 raise _StoreOutage from exc
             for oid in order_ids:
                 status = statuses.get(oid, PaymentStatus.UNKNOWN)
                 if oid in cancelled:
                     outcomes[oid] = Outcome.CANCELLED
+                elif status is PaymentStatus.UNPAID and self._mode is Mode.SHADOW:
+                    outcomes[oid] = Outcome.WOULD_CANCEL
                 elif status is PaymentStatus.UNPAID:
                     # Unpaid when we looked, not pending when we cancelled: the payment won the race.
                     outcomes[oid] = Outcome.PAID

@@ -30,6 +30,7 @@ from rq.job import Job, Retry, get_current_job
 from rq.registry import ScheduledJobRegistry
 from sqlalchemy.exc import SQLAlchemyError
 
+from consumers.breaker import Breaker
 from consumers.handler import Handler, RetryPolicy
 from consumers.orders import OrderStore, load_order_store
 from consumers.worker import worker_id
@@ -75,7 +76,11 @@ def fire_timeout(*_call: Any) -> Retry | None:
         worker_id=(job.worker_name or worker_id())[:64],
         outbox=context.timeouts.outbox,
         retry=context.retry,
+        mode=context.timeouts.settings.mode,
+        breaker=context.breaker,
     )
+    # A paused fleet hands the job back like a failed batch: it runs again after FAILED_REDELIVERY_MS
+    # as a fresh delivery (its count reset by `_again`), its registry row untouched.
     settlement, _ = handler.handle(Batch([Delivery(timer, receipt=job.id, deliveries=deliveries)]))
     if settlement.failed:
         return _again(job, timer, context.clock.now_ms() + FAILED_REDELIVERY_MS, context.clock)
@@ -123,6 +128,8 @@ class _Context:
     store: OrderStore
     retry: RetryPolicy
     clock: Clock
+    #: per process, like the context: the fleet's window is read at most once a second per process
+    breaker: Breaker | None
 
 
 #: per process and configuration; a forked work horse has another pid and builds its own
@@ -150,6 +157,7 @@ def _context() -> _Context:
         store=load_order_store(settings),
         retry=RetryPolicy.from_settings(settings),
         clock=timeouts.clock,
+        breaker=Breaker(timeouts.engine, timeouts.clock, settings.breaker) if settings.breaker.active else None,
     )
     _contexts[key] = context
     return context

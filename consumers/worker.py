@@ -2,7 +2,9 @@
 
 It is the only component that talks to the broker for acks (dramatiq's rule): receive a batch,
 let the handler decide it in one registry transaction, then settle it with the transport.
-SIGTERM and SIGINT let the current batch finish, then the loop exits.
+SIGTERM and SIGINT let the current batch finish, then the loop exits. While the fleet is paused
+(`order-timeouts pause`, or the circuit breaker) each batch is handed back whole and the loop
+waits PAUSED_POLL_S before the next; a burst worker stops instead.
 """
 
 from __future__ import annotations
@@ -18,17 +20,23 @@ from types import FrameType
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from consumers.breaker import Breaker
 from consumers.handler import BatchReport, Handler, RetryPolicy
 from consumers.orders import OrderStore, load_order_store
 from scheduler.api import OrderTimeouts
+from scheduler.clock import from_ms
+from scheduler.config import Mode
 from scheduler.errors import TransportUnavailable
 from scheduler.observability import WorkerMetrics
 from scheduler.outage import Outage, first_line
+from scheduler.registry.control import Pause
 
 log = logging.getLogger("order_timeouts.worker")
 
 #: longest a receive blocks, so that a stop request is seen within this time
 RECEIVE_SLICE_S = 1.0
+#: how long a paused worker waits before it receives again (and reads the pause row)
+PAUSED_POLL_S = 1.0
 
 
 @dataclass
@@ -55,8 +63,11 @@ class Worker:
         batch_size: int = 500,
         burst: bool = False,
         metrics: WorkerMetrics | None = None,
+        mode: Mode | None = None,
     ) -> None:
         self._timeouts = timeouts
+        settings = timeouts.settings
+        self._mode = mode or settings.mode
         self._transport = timeouts.transport
         self._outbox = timeouts.outbox
         self._handler = Handler(
@@ -65,13 +76,17 @@ class Worker:
             clock=timeouts.clock,
             worker_id=worker_id(),
             outbox=timeouts.outbox,
-            retry=RetryPolicy.from_settings(timeouts.settings),
+            retry=RetryPolicy.from_settings(settings),
+            mode=self._mode,
+            breaker=Breaker(timeouts.engine, timeouts.clock, settings.breaker) if settings.breaker.active else None,
         )
         self._batch_size = batch_size
         self._burst = burst
         self._stop = threading.Event()
         self.metrics = metrics
         self.totals = WorkerTotals()
+        #: the pause this worker last reported, so that it logs each pause once
+        self._seen_pause: tuple[int, str] | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -90,11 +105,12 @@ class Worker:
     def run(self) -> WorkerTotals:
         """Handle batches until stopped (or, in burst mode, until nothing is due)."""
         log.info(
-            "worker %s ready: %s transport, batches of %d%s",
+            "worker %s ready: %s transport, batches of %d%s%s",
             self._handler.worker_id,
             self._transport.name,
             self._batch_size,
             ", burst" if self._burst else "",
+            ", SHADOW mode: records would_cancel, cancels nothing" if self._mode is Mode.SHADOW else "",
         )
         outage = Outage(log)
         while not self._stop.is_set():
@@ -117,6 +133,17 @@ class Worker:
                 # already re-armed, and a row left unmarked is only published once more by the relay.
                 self._stop.wait(outage.failed("the registry database", f"{type(exc).__name__}: {first_line(exc)}"))
                 continue
+            if settlement.paused is not None:
+                outage.recovered()
+                self.totals.add(report)
+                self._report_pause(settlement.paused)
+                if self._burst:
+                    break
+                self._stop.wait(PAUSED_POLL_S)
+                continue
+            if self._seen_pause is not None:
+                log.warning("the fleet is resumed: cancelling again")
+                self._seen_pause = None
             if settlement.rolled_back:
                 what, _, reason = (settlement.unavailable or "registry database: the batch rolled back").partition(": ")
                 self._stop.wait(outage.failed(f"the {what}", reason))
@@ -129,3 +156,15 @@ class Worker:
                 # Due rows exist but other workers hold them; their transactions will finish them.
                 self._stop.wait(0.01)
         return self.totals
+
+    def _report_pause(self, pause: Pause) -> None:
+        if self._seen_pause == (pause.since_ms, pause.by.value):
+            return
+        self._seen_pause = (pause.since_ms, pause.by.value)
+        log.warning(
+            "the fleet is paused by %s since %s: %s; cancelling nothing, timers stay pending until "
+            "`order-timeouts resume`",
+            pause.by.value,
+            from_ms(pause.since_ms).isoformat(timespec="seconds"),
+            pause.reason,
+        )

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from scheduler.config import Settings
 from scheduler.errors import (
     ConfigurationError,
+    InvalidInput,
     InvalidTimeout,
     MalformedMessage,
     OrderStoreUnavailable,
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ConfigurationError",
+    "InvalidInput",
     "InvalidTimeout",
     "MalformedMessage",
     "OrderStoreUnavailable",

@@ -30,7 +30,8 @@ from scheduler.config import Settings
 from scheduler.database import make_engine, reading
 from scheduler.errors import InvalidTimeout, TimeoutNotFound
 from scheduler.outbox import SCHEDULE_CHUNK, Outbox, transaction
-from scheduler.registry import TimeoutRecord
+from scheduler.registry import TimeoutRecord, control
+from scheduler.registry.control import Pause, PausedBy
 from scheduler.transports import TimerMessage, Transport, open_transport
 
 
@@ -210,6 +211,22 @@ class OrderTimeouts:
             self.outbox.written(conn, messages)
         self.outbox.committed(None, messages)
         return [oid for oid, _ in replayed]
+
+    def pause(self, reason: str) -> tuple[Pause, bool]:
+        """Stop every worker from cancelling, from its next batch on; timers stay pending. Returns the
+        pause in force and whether this call started it (a pause in force is kept as it is)."""
+        with self.engine.begin() as conn:
+            return control.pause(conn, reason, PausedBy.OPERATOR, now=self.clock.now_ms())
+
+    def resume(self) -> Pause | None:
+        """Lift the fleet's pause (the operator's or the circuit breaker's); returns the lifted one."""
+        with self.engine.begin() as conn:
+            return control.resume(conn, now=self.clock.now_ms())
+
+    def paused(self) -> Pause | None:
+        """The fleet's pause in force, or None."""
+        with reading(self.engine) as conn:
+            return control.read_pause(conn)
 
     def publish_unpublished(self, limit: int = 1000) -> int:
         """Publish registry rows the broker has not confirmed, in due order (the relay's step).

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from enum import StrEnum
+from typing import TYPE_CHECKING, overload
 
 from scheduler.clock import parse_duration
 from scheduler.errors import ConfigurationError, InvalidTimeout
@@ -22,11 +23,42 @@ ENV_MAX_ATTEMPTS = "ORDER_TIMEOUTS_MAX_ATTEMPTS"
 ENV_MAX_CLOCK_SKEW = "ORDER_TIMEOUTS_MAX_CLOCK_SKEW"
 ENV_RETRY_BACKOFF = "ORDER_TIMEOUTS_RETRY_BACKOFF"
 ENV_RETENTION = "ORDER_TIMEOUTS_RETENTION"
+ENV_MODE = "ORDER_TIMEOUTS_MODE"
+ENV_MAX_CANCELS_PER_MINUTE = "ORDER_TIMEOUTS_MAX_CANCELS_PER_MINUTE"
+ENV_MAX_UNPAID_RATIO = "ORDER_TIMEOUTS_MAX_UNPAID_RATIO"
+ENV_UNPAID_RATIO_MIN_ORDERS = "ORDER_TIMEOUTS_UNPAID_RATIO_MIN_ORDERS"
 
 #: ORDER_TIMEOUTS_RETENTION's value that keeps every finished timeout
 RETENTION_OFF = "off"
 #: the longest first retry delay or cap ORDER_TIMEOUTS_RETRY_BACKOFF accepts
 MAX_RETRY_BACKOFF = timedelta(days=1)
+
+
+class Mode(StrEnum):
+    LIVE = "live"  #: cancel unpaid orders
+    SHADOW = "shadow"  #: decide as usual, record `would_cancel`, cancel nothing (beside an existing cron job)
+
+
+def parse_mode(raw: str, name: str = ENV_MODE) -> Mode:
+    try:
+        return Mode(raw.strip().lower())
+    except ValueError:
+        raise ConfigurationError(f"{name} must be live or shadow, got {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class BreakerLimits:
+    """The cancel circuit breaker's bounds, fleet-wide over the last minute; None turns a rule off."""
+
+    #: more cancels than this in the last minute pause the fleet
+    max_cancels_per_minute: int | None = None
+    #: a share of unpaid answers above this, over at least `min_orders` decided orders, pauses the fleet
+    max_unpaid_ratio: float | None = None
+    min_orders: int = 100
+
+    @property
+    def active(self) -> bool:
+        return self.max_cancels_per_minute is not None or self.max_unpaid_ratio is not None
 
 
 @dataclass(frozen=True)
@@ -62,6 +94,9 @@ class Settings:
     #: finished timeouts (done, revoked) older than this are purged by `maintain`; None keeps them all
     retention: timedelta | None = timedelta(days=7)
     orders: OrdersTableNames = field(default_factory=OrdersTableNames)
+    #: live cancels; shadow records `would_cancel` and cancels nothing
+    mode: Mode = Mode.LIVE
+    breaker: BreakerLimits = field(default_factory=BreakerLimits)
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
@@ -77,12 +112,22 @@ class Settings:
             retry_backoff_cap=backoff_cap,
             max_clock_skew=_seconds(env, ENV_MAX_CLOCK_SKEW, timedelta(seconds=1)),
             retention=_retention(env, ENV_RETENTION, cls.retention),
+            mode=parse_mode(env[ENV_MODE]) if env.get(ENV_MODE) else Mode.LIVE,
+            breaker=BreakerLimits(
+                max_cancels_per_minute=_positive_int(env, ENV_MAX_CANCELS_PER_MINUTE, None),
+                max_unpaid_ratio=_ratio(env, ENV_MAX_UNPAID_RATIO),
+                min_orders=_positive_int(env, ENV_UNPAID_RATIO_MIN_ORDERS, BreakerLimits.min_orders),
+            ),
         )
         given = {key: value for key, value in overrides.items() if value is not None}
         return replace(settings, **given)  # type: ignore[arg-type]
 
 
-def _positive_int(env: os._Environ[str], name: str, default: int) -> int:
+@overload
+def _positive_int(env: os._Environ[str], name: str, default: int) -> int: ...
+@overload
+def _positive_int(env: os._Environ[str], name: str, default: None) -> int | None: ...
+def _positive_int(env: os._Environ[str], name: str, default: int | None) -> int | None:
     raw = env.get(name)
     if not raw:
         return default
@@ -92,6 +137,21 @@ def _positive_int(env: os._Environ[str], name: str, default: int) -> int:
         raise ConfigurationError(f"{name} must be a positive integer, got {raw!r}") from None
     if value <= 0:
         raise ConfigurationError(f"{name} must be a positive integer, got {raw!r}")
+    return value
+
+
+def _ratio(env: os._Environ[str], name: str) -> float | None:
+    """A share above 0 and below 1 (0.9 or 90%), or None when unset."""
+    raw = env.get(name)
+    if not raw:
+        return None
+    text = raw.strip()
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1:
+        raise ConfigurationError(f"{name} must be a share above 0 and below 1, like 0.9 or 90%, got {raw!r}")
     return value
 
 

@@ -11,6 +11,10 @@ class InvalidTimeout(OrderTimeoutsError, ValueError):
     """Bad input: an order id, a due time or a delay that cannot be scheduled. Nothing was changed."""
 
 
+class InvalidInput(OrderTimeoutsError, ValueError):
+    """Bad input to an operator's command other than a timeout (a pause reason, a mode). Nothing was changed."""
+
+
 class TimeoutNotFound(OrderTimeoutsError, LookupError):
     """No timeout is registered for this order."""
 

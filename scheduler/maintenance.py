@@ -4,7 +4,7 @@
   with backoff while the broker is down. This is what makes `schedule()` safe during an outage.
 - reconciler: pending rows overdue by more than a grace period are published again, so a broker
   that lost everything (FLUSHALL, deleted queues) still ends with every timeout handled within
-  the grace period plus one sweep.
+  the grace period plus one sweep. It sweeps nothing while the fleet is paused.
 - purge: finished timeouts (done, revoked) older than ORDER_TIMEOUTS_RETENTION leave the registry,
   at most MAX_PURGE_ROWS_PER_RUN per run in small transactions (scheduler/retention.py), so a
   backlog (retention just turned on, or shortened) goes over several runs and never holds the
@@ -82,11 +82,15 @@ class Maintenance:
         return self._run("relay", self.plan.relay_interval, lambda: _in_batches(self._timeouts.publish_unpublished))
 
     def reconcile(self) -> JobRun:
-        return self._run(
-            "reconciler",
-            self.plan.sweep_interval,
-            lambda: _in_batches(lambda n: self._timeouts.republish_stranded(self.plan.grace, n)),
-        )
+        def step() -> int:
+            # While the fleet is paused, overdue timers wait on purpose and the brokers keep handing
+            # them back: publishing them again would only add a copy of each per grace period. The
+            # first sweep after `resume` publishes whatever a broker lost meanwhile.
+            if self._timeouts.paused() is not None:
+                return 0
+            return _in_batches(lambda n: self._timeouts.republish_stranded(self.plan.grace, n))
+
+        return self._run("reconciler", self.plan.sweep_interval, step)
 
     def purge(self) -> JobRun:
         """Delete finished timeouts older than the retention (skipped when it is off)."""

@@ -19,13 +19,16 @@ from sqlalchemy.exc import SQLAlchemyError
 from scheduler import registry
 from scheduler.clock import Clock
 from scheduler.database import reading
+from scheduler.registry import control
+from scheduler.registry.control import Pause
 
 _LATENESS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 _BATCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
 class WorkerMetrics:
-    """What one worker process counts. Outcomes: cancelled, paid, already_cancelled, retried, dead, stale, early."""
+    """What one worker process counts. Outcomes: cancelled, paid, already_cancelled, would_cancel, retried,
+    dead, stale, early."""
 
     def __init__(self, prometheus: CollectorRegistry) -> None:
         self.fired = Counter(
@@ -33,6 +36,11 @@ class WorkerMetrics:
         )
         self.outcomes = Counter(
             "order_timeouts_outcomes_total", "What handling a timeout led to", ["outcome"], registry=prometheus
+        )
+        self.breaker_trips = Counter(
+            "order_timeouts_breaker_trips_total",
+            "Pauses this worker's circuit breaker started (the fleet's pause: order_timeouts_paused)",
+            registry=prometheus,
         )
         self.batch_seconds = Histogram(
             "order_timeouts_batch_duration_seconds",
@@ -49,7 +57,8 @@ class WorkerMetrics:
 
     def observe(self, report: Any, seconds: float) -> None:
         self.fired.inc(report.claimed)
-        for outcome in ("cancelled", "paid", "already_cancelled", "retried", "dead", "stale", "early"):
+        self.breaker_trips.inc(report.breaker_trips)
+        for outcome in ("cancelled", "paid", "already_cancelled", "would_cancel", "retried", "dead", "stale", "early"):
             count = getattr(report, outcome)
             if count:
                 self.outcomes.labels(outcome).inc(count)
@@ -89,6 +98,7 @@ class RegistryCollector(Collector):
                 dead_count = registry.count_dead(conn)
                 next_due = registry.next_due_ms(conn)
                 overdue_count = registry.count_pending(conn, due_before=now)
+                paused = control.read_pause(conn)
         except SQLAlchemyError:
             up.add_metric([], 0)
             yield up
@@ -98,7 +108,24 @@ class RegistryCollector(Collector):
         lag.add_metric([], max(now - next_due, 0) / 1000 if next_due is not None else 0.0)
         dead.add_metric([], dead_count)
         up.add_metric([], 1)
-        yield from (pending, overdue, lag, dead, up)
+        yield from (pending, overdue, lag, dead, up, *_pause_gauges(paused, now))
+
+
+def _pause_gauges(pause: Pause | None, now: int) -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+    """1 while the fleet is paused, labelled with who paused it and why; and for how long."""
+    paused = GaugeMetricFamily(
+        "order_timeouts_paused",
+        "1 while the fleet is paused (order-timeouts pause, or the circuit breaker): nothing is cancelled",
+        labels=["by", "reason"],
+    )
+    seconds = GaugeMetricFamily("order_timeouts_paused_seconds", "How long the fleet has been paused (0: it is not)")
+    if pause is None:
+        paused.add_metric(["", ""], 0)
+        seconds.add_metric([], 0)
+    else:
+        paused.add_metric([pause.by.value, pause.reason], 1)
+        seconds.add_metric([], max(now - pause.since_ms, 0) / 1000)
+    return paused, seconds
 
 
 def serve_metrics(port: int, engine: Engine, clock: Clock) -> CollectorRegistry:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from scheduler.config import ENV_BROKER_URL, ENV_DATABASE_URL, Settings
-from scheduler.errors import ConfigurationError, InvalidTimeout, OrderTimeoutsError, TimeoutNotFound
+from scheduler.errors import ConfigurationError, InvalidInput, InvalidTimeout, OrderTimeoutsError, TimeoutNotFound
 from scheduler.logs import configure_logging
 
 if TYPE_CHECKING:
@@ -120,7 +120,7 @@ def main() -> None:
             sys.exit(0)
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         _fail(message)
-    except (InvalidTimeout, TimeoutNotFound, ConfigurationError) as exc:
+    except (InvalidTimeout, InvalidInput, TimeoutNotFound, ConfigurationError) as exc:
         _fail(str(exc))
     except OrderTimeoutsError as exc:
         sys.stderr.write(f"error: {exc}\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from scheduler.cli import Context, app
@@ -15,6 +16,8 @@ from scheduler.cli.render import (
     human,
     instant_ms,
     iso,
+    pause_json,
+    pause_line,
     print_json,
     record_json,
     relative,
@@ -42,6 +45,7 @@ def pending(
     """List pending timeouts, soonest first; filters for overdue and due windows."""
     from scheduler import registry
     from scheduler.database import reading
+    from scheduler.registry import control
 
     timeouts = ctx.ensure_object(Context).timeouts()
     now = timeouts.clock.now_ms()
@@ -65,13 +69,21 @@ def pending(
             end = before if before is not None else registry.last_due_ms(conn) + 1
             width = max((end - start) // buckets + 1, 1)
             counts = registry.histogram(conn, start_ms=start, width_ms=width, buckets=buckets)
+        paused = control.read_pause(conn)
     broker = timeouts.transport.figures()
     if as_json:
-        data: dict[str, Any] = {"total": total, "timeouts": [record_json(r) for r in records], "broker": broker}
+        data: dict[str, Any] = {
+            "total": total,
+            "timeouts": [record_json(r) for r in records],
+            "broker": broker,
+            "paused": pause_json(paused),
+        }
         if histogram:
             data["histogram"] = [{"due_from": iso(start + i * width), "count": c} for i, c in enumerate(counts)]
         print_json(data)
         return
+    if paused is not None:
+        console.print(f"[bold red]{escape(pause_line(paused, now))}[/]", highlight=False, soft_wrap=True)
     if histogram:
         if counts:
             console.print(histogram_table(counts, start, width, now))
@@ -125,7 +137,7 @@ def stats(ctx: typer.Context, as_json: JsonOption = False) -> None:
     from scheduler import registry
     from scheduler.cli.health import clock_offset_ms
     from scheduler.database import reading
-    from scheduler.registry import TimeoutState
+    from scheduler.registry import Outcome, TimeoutState, control
 
     timeouts = ctx.ensure_object(Context).timeouts()
     now = timeouts.clock.now_ms()
@@ -143,12 +155,16 @@ def stats(ctx: typer.Context, as_json: JsonOption = False) -> None:
         rows = registry.rows_estimate(conn)
         oldest_finished = registry.oldest_finished_ms(conn, registry.PURGED_STATES)
         oldest_dead = registry.oldest_finished_ms(conn, [TimeoutState.DEAD])
+        paused = control.read_pause(conn)
+    # Shadow outcomes apart from what was done to orders: nothing was cancelled for them.
+    shadow_5m = {"would_cancel": last_5_minutes.pop(f"done:{Outcome.WOULD_CANCEL.value}", 0)}
     retention = timeouts.settings.retention
     handled_5m = last_5_minutes["done"] + last_5_minutes["dead"]
     lag_s = (now - next_due) / 1000 if next_due is not None and next_due <= now else 0.0
     offset_ms = clock_offset_ms(timeouts.clock)
     data: dict[str, Any] = {
         "transport": timeouts.transport.name,
+        "paused": pause_json(paused),
         "states": counts,
         "overdue": overdue,
         "oldest_overdue_lag_seconds": round(lag_s, 3),
@@ -156,6 +172,7 @@ def stats(ctx: typer.Context, as_json: JsonOption = False) -> None:
         "finished_per_second_1m": round(last_minute / 60, 2),
         "finished_per_second_5m": round(handled_5m / 300, 2),
         "finished_5m": last_5_minutes,
+        "shadow_5m": shadow_5m,
         "registry_rows_estimate": rows,
         "broker": timeouts.transport.figures(),
         "clock_offset_seconds": None if offset_ms is None else offset_ms / 1000,
@@ -171,6 +188,7 @@ def stats(ctx: typer.Context, as_json: JsonOption = False) -> None:
     table = Table(title=f"order-timeouts ({timeouts.transport.name} transport)", show_header=False)
     table.add_column(style="bold")
     table.add_column(justify="right")
+    table.add_row("paused", "no" if paused is None else f"[bold red]yes, by {paused.by.value}[/]")
     for key, value in counts.items():
         table.add_row(key, str(value))
     table.add_row("overdue", str(overdue))
@@ -179,6 +197,7 @@ def stats(ctx: typer.Context, as_json: JsonOption = False) -> None:
     table.add_row("finished/s (1m, 5m)", f"{data['finished_per_second_1m']}, {data['finished_per_second_5m']}")
     for key, value in last_5_minutes.items():
         table.add_row(f"finished in 5m: {key.replace(':', ' → ')}", str(value))
+    table.add_row("shadow in 5m: would cancel (nothing cancelled)", str(shadow_5m["would_cancel"]))
     table.add_row("registry rows (estimate)", "-" if rows is None else f"~{rows}")
     for key, value in data["broker"].items():
         table.add_row(f"broker {key}", str(value))
@@ -187,6 +206,8 @@ def stats(ctx: typer.Context, as_json: JsonOption = False) -> None:
     table.add_row("oldest dead", relative(oldest_dead, now))
     if offset_ms is not None:
         table.add_row("this clock vs the registry's", f"{offset_ms / 1000:+.3f} s")
+    if paused is not None:
+        console.print(f"[bold red]{escape(pause_line(paused, now))}[/]", highlight=False, soft_wrap=True)
     console.print(table)
 
 

@@ -7,9 +7,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 
 from scheduler.cli import Context, app
 from scheduler.cli.operate import JsonOption
@@ -17,6 +18,9 @@ from scheduler.cli.render import console, print_json
 from scheduler.config import Settings, database_url, redact
 from scheduler.errors import OrderTimeoutsError
 from scheduler.names import REGISTRY_TABLE
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,7 @@ def check(
     if database_problem is None:
         started = time.perf_counter()
         results.append(_clock_result("clock", clock_offset_ms(timeouts.clock) or 0, settings, started))
+        results.append(_pause_result(timeouts.engine, timeouts.clock.now_ms()))
 
     started = time.perf_counter()
     problem: str | None = None
@@ -100,11 +105,29 @@ def check(
     elif not quiet:
         for r in results:
             mark = "[green]ok[/]" if r["ok"] else f"[red]{r['problem']}[/]"
-            console.print(
-                f"{r['component']:<9} {r['target']}  {mark}  ({r['seconds']}s)", highlight=False, soft_wrap=True
-            )
+            line = f"{r['component']:<9} {escape(str(r['target']))}  {mark}  ({r['seconds']}s)"
+            console.print(line, highlight=False, soft_wrap=True)
     if not healthy:
         raise typer.Exit(1)
+
+
+def _pause_result(engine: Engine, now_ms: int) -> dict[str, object]:
+    """The fleet's pause: reported, and healthy all the same (a paused worker is working as asked; a
+    health check that failed on it would have its containers restarted)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from scheduler.cli.render import pause_json, pause_line
+    from scheduler.database import reading
+    from scheduler.registry import control
+
+    started = time.perf_counter()
+    try:
+        with reading(engine) as conn:
+            paused = control.read_pause(conn)
+    except SQLAlchemyError as exc:  # a registry of an earlier release, before `init-db` added the table
+        return _result("pause", "unknown", f"the control table cannot be read: {type(exc).__name__}", started)
+    result = _result("pause", "not paused" if paused is None else pause_line(paused, now_ms), None, started)
+    return {**result, "paused": pause_json(paused)}
 
 
 def _clock_result(component: str, offset_ms: int, settings: Settings, started: float) -> dict[str, object]:

@@ -114,6 +114,38 @@ def fire(ctx: typer.Context, order_id: str) -> None:
 
 
 @app.command()
+def pause(
+    ctx: typer.Context,
+    reason: Annotated[str, typer.Option("--reason", help="Why: shown by stats, check, pending, logs, metrics.")] = (
+        "paused by an operator"
+    ),
+) -> None:
+    """Stop every worker from cancelling, within one batch; timers stay pending until `resume`."""
+    from scheduler.registry.control import clean_reason
+
+    clean_reason(reason)  # bad input exits 2 before the database is opened
+    current, started = ctx.ensure_object(Context).timeouts().pause(reason)
+    what = "paused" if started else "already paused, kept as it is"
+    line = f"{what}: by {current.by.value} since {iso(current.since_ms)}: {current.reason}"
+    console.print(line, highlight=False, soft_wrap=True, markup=False)
+
+
+@app.command()
+def resume(ctx: typer.Context) -> None:
+    """Lift the pause (the operator's or the circuit breaker's): workers cancel again; the backlog drains."""
+    lifted = ctx.ensure_object(Context).timeouts().resume()
+    if lifted is None:
+        console.print("not paused; nothing to resume")
+    else:
+        console.print(
+            f"resumed: the pause by {lifted.by.value} since {iso(lifted.since_ms)} ({lifted.reason}) is lifted",
+            highlight=False,
+            soft_wrap=True,
+            markup=False,
+        )
+
+
+@app.command()
 def purge(
     ctx: typer.Context,
     older_than: Annotated[

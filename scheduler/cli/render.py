@@ -16,6 +16,7 @@ from scheduler.errors import InvalidTimeout
 
 if TYPE_CHECKING:
     from scheduler.registry import TimeoutRecord
+    from scheduler.registry.control import Pause
 
 console = Console()
 
@@ -102,3 +103,17 @@ def histogram_table(counts: list[int], start_ms: int, width_ms: int, now_ms: int
             bar = "▏"
         table.add_row(iso(start) or "", relative(start, now_ms), str(count), f"[cyan]{bar}[/]")
     return table
+
+
+def pause_json(pause: Pause | None) -> dict[str, Any] | None:
+    if pause is None:
+        return None
+    return {"by": pause.by.value, "reason": pause.reason, "since": iso(pause.since_ms)}
+
+
+def pause_line(pause: Pause, now_ms: int) -> str:
+    """One line for people: who paused the fleet, since when, and why."""
+    since = f"{iso(pause.since_ms)} ({relative(pause.since_ms, now_ms)})"
+    return (
+        f"PAUSED by {pause.by.value} since {since}: {pause.reason}; nothing is cancelled until `order-timeouts resume`"
+    )

@@ -30,6 +30,7 @@ from scheduler.registry.schema import (
     Outcome,
     TimeoutState,
     claim_values,
+    control,
     is_pending,
     leases,
     timeouts,
@@ -193,5 +194,15 @@ def insert_lease(conn: Connection, job: str, holder: str, *, expires_ms: int) ->
         .values(job=job, holder=holder, expires_ms=expires_ms)
         .on_conflict_do_nothing()
         .returning(leases.c.job)
+    ).first()
+    return inserted is not None
+
+
+def insert_control(conn: Connection, name: str, value: str, *, now: int) -> bool:
+    inserted = conn.execute(
+        insert(control)
+        .values(name=name, value=value, updated_ms=now)
+        .on_conflict_do_nothing()
+        .returning(control.c.name)
     ).first()
     return inserted is not None

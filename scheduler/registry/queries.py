@@ -91,6 +91,10 @@ class FastPaths(Protocol):
         """Insert the job's lease row unless one exists; True when this call inserted it."""
         ...
 
+    def insert_control(self, conn: Connection, name: str, value: str, *, now: int) -> bool:
+        """Insert the control row `name` unless one exists; True when this call inserted it."""
+        ...
+
 
 _DIALECTS: dict[str, FastPaths] = {"postgresql": postgresql, "sqlite": sqlite}
 
@@ -360,6 +364,27 @@ def finished_recently(conn: Connection, start_ms: int, end_ms: int) -> dict[str,
         result[state] = result.get(state, 0) + count
         if outcome:
             result[f"{state}:{outcome}"] = result.get(f"{state}:{outcome}", 0) + count
+    return result
+
+
+def outcomes_between(conn: Connection, start_ms: int, end_ms: int) -> dict[Outcome, int]:
+    """Done timeouts per outcome that finished in [start_ms, end_ms), fleet-wide: the circuit breaker's
+    window. Read from the finished-rows index over the window only (state named for it)."""
+    stmt = (
+        select(timeouts.c.outcome, func.count())
+        .where(
+            is_finished,
+            timeouts.c.state == TimeoutState.DONE.value,
+            timeouts.c.finished_ms >= start_ms,
+            timeouts.c.finished_ms < end_ms,
+        )
+        .group_by(timeouts.c.outcome)
+    )
+    result = dict.fromkeys(Outcome, 0)
+    known = {outcome.value for outcome in Outcome}
+    for outcome, count in conn.execute(stmt):
+        if outcome in known:
+            result[Outcome(outcome)] += count
     return result
 
 

@@ -30,6 +30,8 @@ class Outcome(StrEnum):
     CANCELLED = "cancelled"  #: the order was unpaid at its deadline and this timeout cancelled it
     PAID = "paid"  #: the order was paid (or moved past payment) before the cancel could commit
     ALREADY_CANCELLED = "already_cancelled"  #: someone else had cancelled the order already
+    #: shadow mode (ORDER_TIMEOUTS_MODE=shadow): the order store answered unpaid, and nothing was cancelled
+    WOULD_CANCEL = "would_cancel"
 
 
 metadata = MetaData()

@@ -17,6 +17,7 @@ from scheduler.registry.schema import (
     Claim,
     Outcome,
     TimeoutState,
+    control,
     is_pending,
     leases,
     rearm,
@@ -163,5 +164,15 @@ def insert_lease(conn: Connection, job: str, holder: str, *, expires_ms: int) ->
         .values(job=job, holder=holder, expires_ms=expires_ms)
         .on_conflict_do_nothing()
         .returning(leases.c.job)
+    ).first()
+    return inserted is not None
+
+
+def insert_control(conn: Connection, name: str, value: str, *, now: int) -> bool:
+    inserted = conn.execute(
+        insert(control)
+        .values(name=name, value=value, updated_ms=now)
+        .on_conflict_do_nothing()
+        .returning(control.c.name)
     ).first()
     return inserted is not None

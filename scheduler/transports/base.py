@@ -30,6 +30,7 @@ from sqlalchemy import Connection, Engine
 from scheduler import registry
 from scheduler.clock import Clock
 from scheduler.registry import Claim
+from scheduler.registry.control import Pause
 from scheduler.transports.message import TimerMessage
 
 if TYPE_CHECKING:
@@ -87,6 +88,9 @@ class Settlement:
     #: what could not be reached when the batch was handed back whole (the registry database, the order
     #: store): an outage, which the worker backs off from; nothing was decided and no attempt counted
     unavailable: str | None = None
+    #: the fleet is paused: the batch was handed back whole before its claim (`failed`, rolled back)
+    #: and the worker waits for `resume`; like an outage, it spends no attempt and no delivery count
+    paused: Pause | None = None
 
 
 class Transport(ABC):
@@ -145,8 +149,8 @@ class Transport(ABC):
         - Re-arm before ack: `retry` timers are armed again at their new due time and `dead` ones
           written to the dead letters with their reason first, then their deliveries are acked. A
           crash in between leaves a duplicate, which the handler acks as stale, never a loss.
-        - `failed` deliveries (the batch transaction rolled back: database trouble, which says nothing
-          against the message) come back soon, as fresh deliveries (FAILED_REDELIVERY_MS), without
+        - `failed` deliveries (the batch transaction rolled back: database trouble, or a paused fleet,
+          which say nothing against the message) come back soon, as fresh deliveries (FAILED_REDELIVERY_MS), without
           counting towards the poison limit; a later due time published meanwhile is kept.
         - `done` deliveries are acked and leave nothing behind on the broker.
         """

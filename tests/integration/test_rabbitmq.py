@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from scheduler import Outcome, TimeoutState
 from scheduler.clock import SystemClock
 from scheduler.errors import TransportUnavailable
-from scheduler.transports.base import Delivery, Settlement, TimerMessage
+from scheduler.transports.base import FAILED_REDELIVERY_MS, Delivery, Settlement, TimerMessage
 from scheduler.transports.rabbitmq.adapter import (
     ARRIVE_EARLIEST_MS,
     ARRIVE_LATEST_MS,
@@ -358,7 +358,7 @@ def test_a_shared_message_that_comes_back_is_split_so_that_a_poison_timer_is_cou
     transport.publish([TimerMessage(oid, now, 1) for oid in ("a", "b", "poison")])
     first = take(transport, 3)
     assert [(d.message.order_id, d.deliveries) for d in first] == [("a", 1), ("b", 1), ("poison", 1)]
-    transport.settle(Settlement(done=first[:2], failed=first[2:]))  # the whole message goes back
+    transport.close()  # the worker dies holding the shared message: it comes back whole, and is split
 
     second = sorted(take(transport, 3), key=lambda d: d.message.order_id)
     assert [(d.message.order_id, d.deliveries) for d in second] == [("a", 2), ("b", 2), ("poison", 2)]
@@ -369,20 +369,28 @@ def test_a_shared_message_that_comes_back_is_split_so_that_a_poison_timer_is_cou
     assert not transport.receive(10, 0.5).deliveries
 
 
-def test_a_returned_delivery_comes_back_counted_and_can_be_dead_lettered(rabbit: Stack) -> None:
+def test_a_delivery_of_a_failed_batch_comes_back_uncounted_and_can_be_dead_lettered(rabbit: Stack) -> None:
     transport = rabbit.timeouts().transport
     transport.publish([TimerMessage("poison", 0, 1)])
     first = transport.receive(10, 10).deliveries
     assert [(d.message.order_id, d.deliveries) for d in first] == [("poison", 1)]
 
-    transport.settle(Settlement(failed=first))  # the batch transaction failed: deliver it again
+    # The batch transaction failed (or the fleet is paused): it comes back after FAILED_REDELIVERY_MS,
+    # and that says nothing against it: no delivery counted on the broker's or the worker's side.
+    failed_at = time.monotonic()
+    transport.settle(Settlement(failed=first))
+    for _ in range(3):
+        again = transport.receive(10, 10).deliveries
+        assert [(d.message.order_id, d.deliveries) for d in again] == [("poison", 1)]
+        transport.settle(Settlement(failed=again))
+    assert time.monotonic() - failed_at >= 2 * FAILED_REDELIVERY_MS / 1000, "not requeued at once"
     again = transport.receive(10, 10).deliveries
-    assert [(d.message.order_id, d.deliveries) for d in again] == [("poison", 2)]
 
     transport.settle(Settlement(dead=[(again[0], "kills every worker")]))
     assert not transport.receive(10, 0.5).deliveries, "acked after dead-lettering"
     [(body, headers)] = dead_letters(rabbit.broker_url)
-    assert TimerMessage.decode(body) == TimerMessage("poison", 0, 1)
+    dead = TimerMessage.decode(body)
+    assert (dead.order_id, dead.version) == ("poison", 1)  # due when it was handed back last
     assert headers[RABBITMQ_REASON_HEADER] == "kills every worker"
 
 

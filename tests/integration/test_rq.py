@@ -657,3 +657,41 @@ def test_deployments_with_their_own_prefix_get_their_own_queue() -> None:
         "prefix=shop-b": "order_timeouts_shop-b",
         "prefix=shop-b&queue=mine": "mine",
     }
+
+
+def test_rq_workers_of_a_paused_fleet_hand_each_job_back_to_rq_and_run_it_after_resume(
+    rq: Stack, client: redis.Redis
+) -> None:
+    ids = [f"z-{i}" for i in range(6)]
+    add_orders(rq.engine, ids)
+    rq.timeouts().pause("provider incident")
+    rq.timeouts().schedule_many(ids, due_at=datetime.now(UTC) - PAST)
+
+    # Each job runs, finds the fleet paused and returns a Retry: back in RQ's scheduled registry,
+    # neither failed nor finished, its registry row untouched.
+    run_rq_worker(rq, "-c", "consumers.rq_settings")
+    assert set(scheduled(rq, client)) == {transport(rq).job_id(oid) for oid in ids}
+    assert transport(rq).figures()["failed"] == 0
+    records = [rq.timeouts().get(oid) for oid in ids]
+    assert {(r.state, r.attempts) for r in records if r is not None} == {(TimeoutState.PENDING, 0)}
+    assert cancel_counts(rq.engine) == {}
+
+    rq.timeouts().resume()
+    deadline = time.monotonic() + 20
+    while scheduled(rq, client) or queue(rq, client).count:
+        assert time.monotonic() < deadline, "the handed-back jobs ran again after resume"
+        time.sleep(0.5)
+        run_rq_worker(rq, "-c", "consumers.rq_settings")
+    assert cancel_counts(rq.engine) == dict.fromkeys(ids, 1)
+
+
+def test_rq_workers_in_shadow_mode_record_would_cancel_and_cancel_nothing(rq: Stack, client: redis.Redis) -> None:
+    ids = [f"h-{i}" for i in range(4)]
+    add_orders(rq.engine, ids)
+    assert pay(rq.engine, ids[0])
+    rq.timeouts().schedule_many(ids, due_at=datetime.now(UTC) - PAST)
+    run_rq_worker(rq, "-c", "consumers.rq_settings", ORDER_TIMEOUTS_MODE="shadow")
+    outcomes = {oid: getattr(rq.timeouts().get(oid), "outcome", None) for oid in ids}
+    assert outcomes == {ids[0]: Outcome.PAID, **dict.fromkeys(ids[1:], Outcome.WOULD_CANCEL)}
+    assert cancel_counts(rq.engine) == {}
+    assert order_status(rq.engine) == {ids[0]: "PAID", **dict.fromkeys(ids[1:], "PENDING")}

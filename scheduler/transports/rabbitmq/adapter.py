@@ -31,8 +31,8 @@ Guarantees:
   JSON array of timer messages; a single timer is a JSON object). The broker's work is per
   message (a quorum-queue append per hop, CPU bound: the rate is in docs/performance.md), so a
   bulk of 100k timers due together costs it 1,000 messages, not 100k. The message is acked once every
-  timer in it is settled (possibly over several batches) and nacked, back to the queue whole, if
-  any of them failed; the handler's conditional claim acks the others as stale when it comes back.
+  timer in it is settled (possibly over several batches); a timer of a failed batch is published
+  again on its own first (`settle`).
   A shared message that comes back (its worker died, or its batch failed) is split: each timer is
   published again on its own, with the deliveries it had so far in a header, so that a timer that
   kills workers is counted, and dead-lettered, alone and not with the others it travelled with.
@@ -71,7 +71,7 @@ from sqlalchemy import Engine
 
 from scheduler.clock import Clock
 from scheduler.errors import MalformedMessage
-from scheduler.transports.base import Batch, BrokerTransport, Delivery, Settlement, TimerMessage
+from scheduler.transports.base import FAILED_REDELIVERY_MS, Batch, BrokerTransport, Delivery, Settlement, TimerMessage
 from scheduler.transports.rabbitmq.keys import (
     RABBITMQ_DEAD_EXCHANGE,
     RABBITMQ_DELIVERIES_HEADER,
@@ -141,12 +141,10 @@ class _Envelope:
     link: Link
     tag: int
     outstanding: int
-    failed: bool = False
 
-    def settled(self, *, failed: bool) -> bool:
-        """Count one timer settled; True once the message can be acked (or nacked, if any failed)."""
+    def settled(self) -> bool:
+        """Count one timer settled; True once the message can be acked."""
         self.outstanding -= 1
-        self.failed = self.failed or failed
         return self.outstanding == 0
 
 
@@ -209,19 +207,34 @@ class RabbitMQTransport(BrokerTransport):
     def settle(self, settlement: Settlement) -> None:
         republish = self._timers([message for _, message in settlement.retry])
         republish += [self._dead_letter(d.message.encode(), reason, d.deliveries) for d, reason in settlement.dead]
+        # A failed batch (database trouble, a paused fleet) says nothing against its timers: each goes
+        # back on its own, due in FAILED_REDELIVERY_MS and carrying the deliveries it had before this
+        # one, and this delivery is acked. A nack would requeue it at once, a busy loop for as long as
+        # the trouble lasts, and each requeue would count a delivery on the quorum queue: towards the
+        # poison limit and the broker's x-delivery-limit, which would dead-letter it.
+        again = self._clock.now_ms() + FAILED_REDELIVERY_MS
+        for delivery in settlement.failed:
+            message = delivery.message
+            republish.append(
+                self._alone(TimerMessage(message.order_id, again, message.version), delivery.deliveries - 1)
+            )
         if republish:
             self._connected().publish(republish, CONFIRM_TIMEOUT_S)
-        settled = [*settlement.done, *(d for d, _ in settlement.retry), *(d for d, _ in settlement.dead)]
-        by_link: dict[Link, tuple[list[int], list[int]]] = {}
-        for deliveries, failed in ((settled, False), (settlement.failed, True)):
-            for delivery in deliveries:
-                envelope: _Envelope = delivery.receipt
-                if envelope.settled(failed=failed):
-                    by_link.setdefault(envelope.link, ([], []))[1 if envelope.failed else 0].append(envelope.tag)
-        for link, (ack, nack) in by_link.items():
+        settled = [
+            *settlement.done,
+            *(d for d, _ in settlement.retry),
+            *(d for d, _ in settlement.dead),
+            *settlement.failed,
+        ]
+        by_link: dict[Link, list[int]] = {}
+        for delivery in settled:
+            envelope: _Envelope = delivery.receipt
+            if envelope.settled():
+                by_link.setdefault(envelope.link, []).append(envelope.tag)
+        for link, acks in by_link.items():
             # Deliveries of a link that has died were requeued by the broker: nothing to settle.
             if link.alive:
-                link.settle(ack, nack)
+                link.settle(acks, [])
 
     def figures(self) -> dict[str, Any]:
         """Messages per queue (delay queues that hold any, ready, dead letters) and ready-queue consumers.
