@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 from datetime import timedelta
@@ -36,12 +37,25 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable outpu
 def init_db_command(
     ctx: typer.Context,
     orders: Annotated[bool, typer.Option(help="Also create the orders table when it is absent.")] = True,
+    print_sql: Annotated[
+        bool, typer.Option("--print-sql", help="Print the SQL for the database URL's dialect; connect to nothing.")
+    ] = False,
+    since: Annotated[
+        str | None, typer.Option("--since", help="With --print-sql: only the migrations after this revision.")
+    ] = None,
 ) -> None:
     """Create the registry tables (and the orders table when absent). Safe to run again."""
+    from scheduler.config import database_url
     from scheduler.database import make_engine
-    from scheduler.schema import init_db
+    from scheduler.schema import init_db, migration_sql
 
     settings = ctx.ensure_object(Context).settings
+    if since is not None and not print_sql:
+        raise InvalidTimeout("--since goes with --print-sql")
+    if print_sql:
+        dialect = database_url(settings.database_url).get_backend_name()
+        sys.stdout.write(migration_sql(dialect, settings.orders if orders else None, since))
+        return
     engine = make_engine(settings.database_url)
     try:
         created = init_db(engine, settings.orders if orders else None)
