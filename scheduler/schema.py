@@ -78,9 +78,9 @@ def migration_sql(dialect_name: str, orders: OrdersTableNames | None, since: str
     except CommandError as exc:
         raise ConfigurationError(f"--since {since!r}: {exc}") from None
     if orders is not None:
-        from sqlalchemy.dialects import postgresql, sqlite
+        from sqlalchemy.engine import URL
 
-        dialect = postgresql.dialect() if dialect_name == "postgresql" else sqlite.dialect()
+        dialect = URL.create(dialect_name).get_dialect()()
         table = orders_table(orders)
         output.write(f"-- the orders table, when absent ({orders.table})\n\n")
         output.write(f"{str(CreateTable(table, if_not_exists=True).compile(dialect=dialect)).strip()};\n\n")
