@@ -196,6 +196,12 @@ def maintain(
     ] = "1m",
     once: Annotated[bool, typer.Option("--once", help="Run each job once and exit (cron, tests).")] = False,
     metrics_port: MetricsPortOption = None,
+    gauge_lease: Annotated[
+        str,
+        typer.Option(
+            help="How long the registry gauges stay with the maintain process scraped last (above the scrape interval)."
+        ),
+    ] = "45s",
     as_json: JsonOption = False,
 ) -> None:
     """Run the outbox relay, the reconciler and the purge (several processes may run; leases keep them apart)."""
@@ -220,9 +226,13 @@ def maintain(
     if not once:
         jobs.install_signal_handlers()  # before the metrics port: a process seen up stops cleanly
     if metrics_port is not None:
-        from scheduler.observability import serve_metrics
+        from scheduler.observability import GaugeLease, MaintenanceMetrics, serve_metrics
 
-        serve_metrics(metrics_port, timeouts.engine, timeouts.clock)
+        lease = GaugeLease(jobs.holder, parse_duration(gauge_lease, "--gauge-lease"))
+        if lease.ttl.total_seconds() <= 0:
+            raise InvalidTimeout("--gauge-lease must be positive")
+        prometheus = serve_metrics(metrics_port, timeouts.engine, timeouts.clock, lease)
+        jobs.metrics = MaintenanceMetrics(prometheus, timeouts.settings.retention)
     if not once:
         jobs.serve()
         return
