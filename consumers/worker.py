@@ -22,7 +22,7 @@ from consumers.handler import BatchReport, Handler, RetryPolicy
 from consumers.orders import OrderStore, load_order_store
 from scheduler.api import OrderTimeouts
 from scheduler.errors import TransportUnavailable
-from scheduler.observability import WorkerMetrics
+from scheduler.observability import Health, WorkerMetrics
 from scheduler.outage import Outage, first_line
 
 log = logging.getLogger("order_timeouts.worker")
@@ -71,6 +71,8 @@ class Worker:
         self._burst = burst
         self._stop = threading.Event()
         self.metrics = metrics
+        #: set by `worker --metrics-port`: what /healthz and /readyz answer
+        self.health: Health | None = None
         self.totals = WorkerTotals()
 
     def stop(self) -> None:
@@ -97,11 +99,14 @@ class Worker:
             ", burst" if self._burst else "",
         )
         outage = Outage(log)
+        health = self.health or Health()
         while not self._stop.is_set():
+            health.beat()
             try:
                 batch = self._transport.receive(self._batch_size, 0.0 if self._burst else RECEIVE_SLICE_S)
                 if not batch:
                     outage.recovered()
+                    health.connected(True)
                     if self._burst:
                         break
                     continue
@@ -110,18 +115,22 @@ class Worker:
                 self._transport.settle(settlement)
                 self._outbox.rearmed([message for _, message in settlement.retry])
             except TransportUnavailable as exc:
+                health.connected(False)
                 self._stop.wait(outage.failed(self._transport.component, str(exc)))
                 continue
             except SQLAlchemyError as exc:
+                health.connected(False)
                 # Re-arming after the commit marks rows published in the registry; the timers are
                 # already re-armed, and a row left unmarked is only published once more by the relay.
                 self._stop.wait(outage.failed("the registry database", f"{type(exc).__name__}: {first_line(exc)}"))
                 continue
             if settlement.rolled_back:
+                health.connected(False)
                 what, _, reason = (settlement.unavailable or "registry database: the batch rolled back").partition(": ")
                 self._stop.wait(outage.failed(f"the {what}", reason))
                 continue
             outage.recovered()
+            health.connected(True)
             self.totals.add(report)
             if self.metrics is not None:
                 self.metrics.observe(report, time.perf_counter() - started)

@@ -10,12 +10,16 @@ what they count themselves.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine
@@ -173,10 +177,64 @@ class RegistryCollector(Collector):
         yield from (pending, overdue, lag, dead, unpublished, finished_age, up)
 
 
-def serve_metrics(port: int, engine: Engine, clock: Clock, lease: GaugeLease | None = None) -> CollectorRegistry:
-    """Start the /metrics endpoint on `port` (0.0.0.0) and return the registry to add metrics to.
-    The registry gauges are exported under `lease` (maintain), or not at all without one (workers)."""
+#: a worker whose loop has not come round for this long is stuck: /healthz answers 503. Above the
+#: longest batch (the order store's timeouts, the registry's idle-in-transaction timeout of 12 s) and
+#: the longest outage back-off (5 s), during which the loop keeps coming round.
+STUCK_AFTER_S = 60.0
+
+
+class Health:
+    """A worker's /healthz (its loop comes round) and /readyz (connected to its broker and database)."""
+
+    def __init__(self, stuck_after_s: float = STUCK_AFTER_S) -> None:
+        self._stuck_after_s = stuck_after_s
+        self._last_beat = time.monotonic()
+        self._connected = False
+
+    def beat(self) -> None:
+        """The loop came round: called at each turn, whether or not there was work."""
+        self._last_beat = time.monotonic()
+
+    def connected(self, connected: bool) -> None:
+        """A receive and its batch went through (True), or the broker or the database failed (False)."""
+        self._connected = connected
+
+    @property
+    def alive(self) -> bool:
+        return time.monotonic() - self._last_beat < self._stuck_after_s
+
+    @property
+    def ready(self) -> bool:
+        return self._connected and self.alive
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # the base class's name
+        """Probes and scrapes every few seconds are not worth a log line each."""
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+def serve_metrics(
+    port: int, engine: Engine, clock: Clock, lease: GaugeLease | None = None, health: Health | None = None
+) -> CollectorRegistry:
+    """Serve /metrics on `port` (0.0.0.0), and /healthz and /readyz when `health` is given (200 or
+    503); return the registry to add metrics to. The registry gauges are exported under `lease`
+    (maintain), or not at all without one (workers)."""
     prometheus = CollectorRegistry()
     prometheus.register(RegistryCollector(engine, clock, lease) if lease is not None else ClockCollector(clock))
-    start_http_server(port, registry=prometheus)
+    metrics = make_wsgi_app(prometheus)
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        path = environ.get("PATH_INFO", "")
+        if health is not None and path in ("/healthz", "/readyz"):
+            ok = health.alive if path == "/healthz" else health.ready
+            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [b"ok\n" if ok else b"not ok\n"]
+        return metrics(environ, start_response)
+
+    server = make_server("0.0.0.0", port, app, _ThreadingServer, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="order-timeouts-metrics", daemon=True).start()
     return prometheus
