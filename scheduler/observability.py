@@ -137,6 +137,7 @@ class RegistryCollector(Collector):
         up = GaugeMetricFamily("order_timeouts_registry_up", "1 when the registry answered this scrape")
         now = self._clock.now_ms()
         yield from ClockCollector(self._clock).collect()
+        due_soon = GaugeMetricFamily("order_timeouts_due_next_hour", "Pending timeouts coming due within the next hour")
         unpublished = GaugeMetricFamily(
             "order_timeouts_unpublished", "Pending timeouts the broker has not confirmed yet: the relay's backlog"
         )
@@ -161,6 +162,7 @@ class RegistryCollector(Collector):
                 dead_count = registry.count_dead(conn)
                 next_due = registry.next_due_ms(conn)
                 overdue_count = registry.count_pending(conn, due_before=now)
+                due_soon_count = registry.count_pending(conn, due_after=now, due_before=now + 3_600_000)
                 unpublished_count = registry.count_unpublished(conn)
                 oldest_finished = registry.oldest_finished_ms(conn, registry.PURGED_STATES)
         except SQLAlchemyError:
@@ -169,12 +171,13 @@ class RegistryCollector(Collector):
             return
         pending.add_metric([], pending_count)
         overdue.add_metric([], overdue_count)
+        due_soon.add_metric([], due_soon_count)
         lag.add_metric([], max(now - next_due, 0) / 1000 if next_due is not None else 0.0)
         dead.add_metric([], dead_count)
         unpublished.add_metric([], unpublished_count)
         finished_age.add_metric([], max(now - oldest_finished, 0) / 1000 if oldest_finished is not None else 0.0)
         up.add_metric([], 1)
-        yield from (pending, overdue, lag, dead, unpublished, finished_age, up)
+        yield from (pending, overdue, due_soon, lag, dead, unpublished, finished_age, up)
 
 
 #: a worker whose loop has not come round for this long is stuck: /healthz answers 503. Above the

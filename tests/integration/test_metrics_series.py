@@ -19,6 +19,7 @@ from tests.support import add_orders, free_port, postgres_schema, wait_until
 REGISTRY_GAUGES = (
     "order_timeouts_pending",
     "order_timeouts_overdue",
+    "order_timeouts_due_next_hour",
     "order_timeouts_overdue_lag_seconds",
     "order_timeouts_dead",
     "order_timeouts_unpublished",
