@@ -7,13 +7,16 @@
 #                                         CERTS/server.key (the tests make them); wait until they answer
 #   scripts/tls_services.sh stop          stop both and remove their files
 #
-# Redis: TLS on 127.0.0.1:6480 (TLS_REDIS_PORT), no plain port, no persistence.
+# Redis: TLS on 127.0.0.1:6480 (TLS_REDIS_PORT), no plain port, no persistence; a sentinel over TLS on
+# 127.0.0.1:26480 (TLS_SENTINEL_PORT) names it as the primary of the service `order-timeouts-tls`
+# (rediss+sentinel://127.0.0.1:26480/order-timeouts-tls).
 # RabbitMQ: node ot-tls@localhost, amqps on 127.0.0.1:5691 (TLS_RABBITMQ_PORT), no plain listener,
 # distribution port 25692, its own Erlang cookie; user guest/guest. Files under $TLS_SERVICES_DIR
 # (default /tmp/order-timeouts-tls). Run as root, the node runs as the `rabbitmq` user.
 set -euo pipefail
 
 redis_port=${TLS_REDIS_PORT:-6480}
+sentinel_port=${TLS_SENTINEL_PORT:-26480}
 amqps_port=${TLS_RABBITMQ_PORT:-5691}
 dist_port=${TLS_RABBITMQ_DIST_PORT:-25692}
 node=ot-tls@localhost
@@ -46,6 +49,35 @@ start_redis() {
     --daemonize yes --pidfile "$dir/redis/pid" --logfile "$dir/redis/log"
   for _ in $(seq 1 100); do listening "$redis_port" && return 0; sleep 0.05; done
   log "redis-server did not listen on $redis_port; see $dir/redis/log"
+  exit 1
+}
+
+start_sentinel() {
+  local certs=$1
+  alive "$(cat "$dir/sentinel/pid" 2>/dev/null || true)" && return 0
+  mkdir -p "$dir/sentinel"
+  # A sentinel rewrites its configuration file: it gets one of its own. It connects to the server
+  # with the client certificate (the server requires one).
+  cat >"$dir/sentinel/sentinel.conf" <<CONF
+bind 127.0.0.1
+port 0
+tls-port $sentinel_port
+tls-cert-file $certs/server.pem
+tls-key-file $certs/server.key
+tls-client-cert-file $certs/client.pem
+tls-client-key-file $certs/client.key
+tls-ca-cert-file $certs/ca.pem
+tls-auth-clients yes
+tls-replication yes
+daemonize yes
+pidfile $dir/sentinel/pid
+logfile $dir/sentinel/log
+dir $dir/sentinel
+sentinel monitor order-timeouts-tls 127.0.0.1 $redis_port 1
+CONF
+  redis-server "$dir/sentinel/sentinel.conf" --sentinel
+  for _ in $(seq 1 100); do listening "$sentinel_port" && return 0; sleep 0.05; done
+  log "sentinel did not listen on $sentinel_port; see $dir/sentinel/log"
   exit 1
 }
 
@@ -103,12 +135,14 @@ start)
   [ -n "$bin" ] || { log "rabbitmq-server is not installed"; exit 1; }
   mkdir -p "$dir"
   start_redis "$certs"
+  start_sentinel "$certs"
   start_rabbitmq "$certs"
-  log "ready: rediss://127.0.0.1:$redis_port, amqps://127.0.0.1:$amqps_port"
+  log "ready: rediss://127.0.0.1:$redis_port, rediss+sentinel://127.0.0.1:$sentinel_port/order-timeouts-tls, amqps://127.0.0.1:$amqps_port"
   ;;
 stop)
-  pid=$(cat "$dir/redis/pid" 2>/dev/null || true)
-  if alive "$pid"; then kill "$pid"; fi
+  for pid in "$(cat "$dir/redis/pid" 2>/dev/null || true)" "$(cat "$dir/sentinel/pid" 2>/dev/null || true)"; do
+    if alive "$pid"; then kill "$pid"; fi
+  done
   if [ -n "$bin" ] && [ -s "$dir/cookie" ] && alive "$(rabbit_pid)"; then
     ctl -q shutdown --timeout 30 >/dev/null 2>&1 || kill -KILL "$(rabbit_pid)" 2>/dev/null || true
   fi

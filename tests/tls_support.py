@@ -13,6 +13,9 @@ import pytest
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "tls_services.sh"
 #: where scripts/tls_services.sh serves, as its defaults
 REDIS_TLS_PORT = 6480
+SENTINEL_TLS_PORT = 26480
+#: the service the TLS sentinel monitors
+SENTINEL_TLS_SERVICE = "order-timeouts-tls"
 RABBITMQ_TLS_PORT = 5691
 
 
