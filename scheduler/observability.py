@@ -15,12 +15,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from socketserver import ThreadingMixIn
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -135,8 +135,6 @@ class RegistryCollector(Collector):
         lag = GaugeMetricFamily("order_timeouts_overdue_lag_seconds", "Age of the oldest overdue pending timeout")
         dead = GaugeMetricFamily("order_timeouts_dead", "Dead-lettered timeouts waiting for a replay")
         up = GaugeMetricFamily("order_timeouts_registry_up", "1 when the registry answered this scrape")
-        now = self._clock.now_ms()
-        yield from ClockCollector(self._clock).collect()
         due_soon = GaugeMetricFamily("order_timeouts_due_next_hour", "Pending timeouts coming due within the next hour")
         unpublished = GaugeMetricFamily(
             "order_timeouts_unpublished", "Pending timeouts the broker has not confirmed yet: the relay's backlog"
@@ -145,6 +143,8 @@ class RegistryCollector(Collector):
             "order_timeouts_oldest_finished_age_seconds",
             "Age of the oldest done or revoked timeout still in the registry: what the purge has left",
         )
+        now = self._clock.now_ms()
+        yield from ClockCollector(self._clock).collect()
         try:
             if self._lease is not None:
                 with self._engine.begin() as conn:
@@ -216,10 +216,6 @@ class _QuietHandler(WSGIRequestHandler):
         """Probes and scrapes every few seconds are not worth a log line each."""
 
 
-class _ThreadingServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
 def serve_metrics(
     port: int, engine: Engine, clock: Clock, lease: GaugeLease | None = None, health: Health | None = None
 ) -> CollectorRegistry:
@@ -238,6 +234,6 @@ def serve_metrics(
             return [b"ok\n" if ok else b"not ok\n"]
         return metrics(environ, start_response)
 
-    server = make_server("0.0.0.0", port, app, _ThreadingServer, handler_class=_QuietHandler)
+    server = make_server("0.0.0.0", port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
     threading.Thread(target=server.serve_forever, name="order-timeouts-metrics", daemon=True).start()
     return prometheus
