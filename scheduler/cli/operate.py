@@ -213,10 +213,12 @@ def maintain(
         grace=parse_duration(grace, "--grace"),
         purge_interval=parse_duration(purge_interval, "--purge-interval"),
     )
+    gauge_lease_ttl = parse_duration(gauge_lease, "--gauge-lease")
     intervals = {
         "--relay-interval": plan.relay_interval,
         "--sweep-interval": plan.sweep_interval,
         "--purge-interval": plan.purge_interval,
+        "--gauge-lease": gauge_lease_ttl,
     }
     for name, value in intervals.items():
         if value.total_seconds() <= 0:
@@ -228,9 +230,7 @@ def maintain(
     if metrics_port is not None:
         from scheduler.observability import GaugeLease, MaintenanceMetrics, serve_metrics
 
-        lease = GaugeLease(jobs.holder, parse_duration(gauge_lease, "--gauge-lease"))
-        if lease.ttl.total_seconds() <= 0:
-            raise InvalidTimeout("--gauge-lease must be positive")
+        lease = GaugeLease(jobs.holder, gauge_lease_ttl)
         prometheus = serve_metrics(metrics_port, timeouts.engine, timeouts.clock, lease)
         jobs.metrics = MaintenanceMetrics(prometheus, timeouts.settings.retention)
     if not once:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from scheduler.cli import main
 from tests.conftest import ROOT, Stack, deployed
 from tests.support import add_orders, free_port, postgres_schema, wait_until
 
@@ -107,3 +108,18 @@ def test_the_registry_gauges_come_from_one_process_whatever_the_replicas_and_mov
                 process.terminate()
         for process in processes:
             process.wait(timeout=30)
+
+
+@pytest.mark.parametrize("lease", ["0s", "-5s", "soon"])
+def test_maintain_refuses_a_gauge_lease_that_is_not_a_positive_duration(
+    lease: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    database = tmp_path / "registry.sqlite3"
+    argv = ["order-timeouts", "--database-url", f"sqlite:///{database}", "maintain", "--once", "--gauge-lease", lease]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "--gauge-lease" in error
+    assert not database.exists(), "nothing was opened"
