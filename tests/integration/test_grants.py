@@ -148,6 +148,19 @@ def test_a_worker_maintain_and_the_order_service_run_under_the_documented_grants
                 }
                 assert gauges["order_timeouts_registry_up"] == 1
 
+            # The sql transport under the same grants: the registry is the queue (claims, LISTEN/NOTIFY).
+            sql_service = client(deployment, "order_service", "sql")
+            sql_worker = client(deployment, "order_timeouts_worker", "sql")
+            try:
+                add_orders(owner, ["sql-unpaid"])
+                sql_service.schedule("sql-unpaid", delay=timedelta(hours=1))
+                sql_service.fire("sql-unpaid")
+                assert Worker(sql_worker, burst=True).run().cancelled == 1
+                assert order_status(owner)["sql-unpaid"] == "CANCELLED"
+            finally:
+                sql_service.close()
+                sql_worker.close()
+
             # No DDL for a worker, and no access to the orders table beyond its two columns.
             with worker.engine.begin() as conn, pytest.raises(ProgrammingError, match="permission denied"):
                 conn.execute(text("CREATE TABLE sneaky (id int)"))
