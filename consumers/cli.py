@@ -74,9 +74,12 @@ def worker(
     # always means "finish the batch and exit".
     member.install_signal_handlers()
     if metrics_port is not None:
-        from scheduler.observability import WorkerMetrics, serve_metrics
+        from scheduler.observability import Health, WorkerMetrics, serve_metrics
 
-        member.metrics = WorkerMetrics(serve_metrics(metrics_port, timeouts.engine, timeouts.clock))
+        member.health = Health()
+        member.metrics = WorkerMetrics(
+            serve_metrics(metrics_port, timeouts.engine, timeouts.clock, health=member.health)
+        )
     totals = member.run()
     console.print(
         f"worker stopped: {totals.batches} batches, {totals.cancelled} cancelled, {totals.paid} paid, "

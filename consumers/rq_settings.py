@@ -34,8 +34,12 @@ if is_sentinel_url(_redis_url):
         "MASTER_NAME": _target.service,
         "DB": _target.db,
         **_credentials,
+        "SSL": _target.tls,
         "CONNECTION_KWARGS": _target.redis_options,
-        "SENTINEL_KWARGS": {k.lower(): v for k, v in _credentials.items()} if _target.sentinel_auth else {},
+        "SENTINEL_KWARGS": {
+            **({k.lower(): v for k, v in _credentials.items()} if _target.sentinel_auth else {}),
+            **_target.tls_options(),
+        },
     }
 else:
     REDIS_URL = _redis_url

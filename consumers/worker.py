@@ -27,7 +27,7 @@ from scheduler.api import OrderTimeouts
 from scheduler.clock import from_ms
 from scheduler.config import Mode
 from scheduler.errors import TransportUnavailable
-from scheduler.observability import WorkerMetrics
+from scheduler.observability import Health, WorkerMetrics
 from scheduler.outage import Outage, first_line
 from scheduler.registry.control import Pause
 
@@ -84,6 +84,8 @@ class Worker:
         self._burst = burst
         self._stop = threading.Event()
         self.metrics = metrics
+        #: set by `worker --metrics-port`: what /healthz and /readyz answer
+        self.health: Health | None = None
         self.totals = WorkerTotals()
         #: the pause this worker last reported, so that it logs each pause once
         self._seen_pause: tuple[int, str] | None = None
@@ -113,11 +115,14 @@ class Worker:
             ", SHADOW mode: records would_cancel, cancels nothing" if self._mode is Mode.SHADOW else "",
         )
         outage = Outage(log)
+        health = self.health or Health()
         while not self._stop.is_set():
+            health.beat()
             try:
                 batch = self._transport.receive(self._batch_size, 0.0 if self._burst else RECEIVE_SLICE_S)
                 if not batch:
                     outage.recovered()
+                    health.connected(True)
                     if self._burst:
                         break
                     continue
@@ -126,9 +131,11 @@ class Worker:
                 self._transport.settle(settlement)
                 self._outbox.rearmed([message for _, message in settlement.retry])
             except TransportUnavailable as exc:
+                health.connected(False)
                 self._stop.wait(outage.failed(self._transport.component, str(exc)))
                 continue
             except SQLAlchemyError as exc:
+                health.connected(False)
                 # Re-arming after the commit marks rows published in the registry; the timers are
                 # already re-armed, and a row left unmarked is only published once more by the relay.
                 self._stop.wait(outage.failed("the registry database", f"{type(exc).__name__}: {first_line(exc)}"))
@@ -145,10 +152,12 @@ class Worker:
                 log.warning("the fleet is resumed: cancelling again")
                 self._seen_pause = None
             if settlement.rolled_back:
+                health.connected(False)
                 what, _, reason = (settlement.unavailable or "registry database: the batch rolled back").partition(": ")
                 self._stop.wait(outage.failed(f"the {what}", reason))
                 continue
             outage.recovered()
+            health.connected(True)
             self.totals.add(report)
             if self.metrics is not None:
                 self.metrics.observe(report, time.perf_counter() - started)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from enum import StrEnum
@@ -238,8 +239,13 @@ def _hosts_in_query(raw: str) -> str:
     return f"{scheme}://{credentials}{at}{slash}{path}?{given}{'&' + query if question and query else ''}"
 
 
+#: query options whose values are secrets (redis-py's key passphrase): redact hides them too
+_SECRET_QUERY = re.compile(r"(?<=[?&])(ssl_password|password)=[^&#]*")
+
+
 def redact(url: str) -> str:
     """The URL with its password replaced, for anything that is printed or logged."""
+    url = _SECRET_QUERY.sub(r"\1=***", url)
     scheme, sep, rest = url.partition("://")
     if not sep or "@" not in rest:
         return url

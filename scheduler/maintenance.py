@@ -36,6 +36,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from scheduler import registry, retention
 from scheduler.api import OrderTimeouts
 from scheduler.errors import TransportUnavailable
+from scheduler.observability import GAUGES_LEASE, MaintenanceMetrics
 from scheduler.outage import Outage, first_line
 
 log = logging.getLogger("order_timeouts.maintain")
@@ -73,7 +74,9 @@ class Maintenance:
     def __init__(self, timeouts: OrderTimeouts, plan: MaintenancePlan | None = None) -> None:
         self._timeouts = timeouts
         self.plan = plan or MaintenancePlan()
-        self._holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"[:128]
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"[:128]
+        #: set by `maintain --metrics-port`: when each task last ran without error
+        self.metrics: MaintenanceMetrics | None = None
         self._backoff_until: dict[str, float] = {}
         self._outages: dict[str, Outage] = {}
         self._stop = threading.Event()
@@ -171,7 +174,7 @@ class Maintenance:
         ttl_ms = int(max(interval.total_seconds() * 3, 2.0) * 1000)
         try:
             with timeouts.engine.begin() as conn:
-                if not registry.take_lease(conn, job, self._holder, now=timeouts.clock.now_ms(), ttl_ms=ttl_ms):
+                if not registry.take_lease(conn, job, self.holder, now=timeouts.clock.now_ms(), ttl_ms=ttl_ms):
                     run.skipped = True
                     return run
             run.rows = step()
@@ -184,6 +187,8 @@ class Maintenance:
             self._backoff_until[job] = time.monotonic() + outage.failed("the registry database", run.error)
             return run
         outage.recovered()
+        if self.metrics is not None:
+            self.metrics.last_success.labels(job).set_to_current_time()
         if run.rows:
             log.info("%s: %s %d timeouts", job, JOB_VERBS[job], run.rows)
         return run
@@ -191,8 +196,8 @@ class Maintenance:
     def _release_all(self) -> None:
         try:
             with self._timeouts.engine.begin() as conn:
-                for job in JOB_VERBS:
-                    registry.release_lease(conn, job, self._holder)
+                for job in (*JOB_VERBS, GAUGES_LEASE):
+                    registry.release_lease(conn, job, self.holder)
         except SQLAlchemyError:
             pass  # the leases expire on their own
 

@@ -1,17 +1,26 @@
 """Prometheus metrics for `worker` and `maintain` (their logging: scheduler/logs.py).
 
 Metric names follow Prometheus conventions: a `order_timeouts_` namespace, `_total` counters,
-base units (seconds). Registry gauges (pending, overdue lag, dead) are read from the database at
-scrape time, so every process reports the same truth and nothing has to be kept in sync.
+base units (seconds). Registry gauges (pending, overdue lag, dead, ...) are read from the database at
+scrape time. They describe the whole deployment, so one process exports them: the `maintain`
+process that holds the `gauges` lease (GaugeLease). Each deployment then has one series of each,
+however many replicas are scraped, which is what an autoscaler and an alert need; workers export
+what they count themselves.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -67,20 +76,48 @@ class WorkerMetrics:
             self.lateness_seconds.observe(max(late, 0) / 1000)
 
 
-class RegistryCollector(Collector):
-    """Gauges read from the registry at scrape time."""
+#: the lease row (order_timeouts_leases) of the process that exports the registry gauges
+GAUGES_LEASE = "gauges"
+#: how long the gauges stay with the process that exported them last: three scrapes at Prometheus's
+#: usual 15 s, so that the holder keeps them while it is scraped, and another replica takes over
+#: within this long of the holder's end
+GAUGES_LEASE_TTL = timedelta(seconds=45)
 
-    def __init__(self, engine: Engine, clock: Clock) -> None:
-        self._engine = engine
+
+@dataclass(frozen=True)
+class GaugeLease:
+    """Who may export the registry gauges: the holder of the `gauges` lease, renewed at each scrape."""
+
+    holder: str
+    ttl: timedelta = GAUGES_LEASE_TTL
+
+
+class MaintenanceMetrics:
+    """What a `maintain` process reports of its jobs (relay, reconciler, purge)."""
+
+    def __init__(self, prometheus: CollectorRegistry, retention: timedelta | None) -> None:
+        self.last_success = Gauge(
+            "order_timeouts_maintenance_last_success_timestamp_seconds",
+            "Unix time of the last run of each maintenance task that finished without error (lease holder only)",
+            ["task"],
+            registry=prometheus,
+        )
+        self.retention = Gauge(
+            "order_timeouts_retention_seconds",
+            "ORDER_TIMEOUTS_RETENTION: finished timeouts older than this are purged (absent when off)",
+            registry=prometheus,
+        )
+        if retention is not None:
+            self.retention.set(retention.total_seconds())
+
+
+class ClockCollector(Collector):
+    """This process's clock offset to the registry's, as last read (no query of its own)."""
+
+    def __init__(self, clock: Clock) -> None:
         self._clock = clock
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        pending = GaugeMetricFamily("order_timeouts_pending", "Timeouts waiting for their due time or a worker")
-        overdue = GaugeMetricFamily("order_timeouts_overdue", "Pending timeouts past their due time")
-        lag = GaugeMetricFamily("order_timeouts_overdue_lag_seconds", "Age of the oldest overdue pending timeout")
-        dead = GaugeMetricFamily("order_timeouts_dead", "Dead-lettered timeouts waiting for a replay")
-        up = GaugeMetricFamily("order_timeouts_registry_up", "1 when the registry answered this scrape")
-        now = self._clock.now_ms()
         offset = getattr(self._clock, "offset_ms", None)
         if offset is not None:
             skew = GaugeMetricFamily(
@@ -89,7 +126,43 @@ class RegistryCollector(Collector):
             )
             skew.add_metric([], -offset / 1000)
             yield skew
+
+
+class RegistryCollector(Collector):
+    """Gauges read from the registry at scrape time; with a lease, only while this process holds it.
+
+    `order_timeouts_registry_up` is always exported: it is this process's view of its database."""
+
+    def __init__(self, engine: Engine, clock: Clock, lease: GaugeLease | None = None) -> None:
+        self._engine = engine
+        self._clock = clock
+        self._lease = lease
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        pending = GaugeMetricFamily("order_timeouts_pending", "Timeouts waiting for their due time or a worker")
+        overdue = GaugeMetricFamily("order_timeouts_overdue", "Pending timeouts past their due time")
+        lag = GaugeMetricFamily("order_timeouts_overdue_lag_seconds", "Age of the oldest overdue pending timeout")
+        dead = GaugeMetricFamily("order_timeouts_dead", "Dead-lettered timeouts waiting for a replay")
+        up = GaugeMetricFamily("order_timeouts_registry_up", "1 when the registry answered this scrape")
+        due_soon = GaugeMetricFamily("order_timeouts_due_next_hour", "Pending timeouts coming due within the next hour")
+        unpublished = GaugeMetricFamily(
+            "order_timeouts_unpublished", "Pending timeouts the broker has not confirmed yet: the relay's backlog"
+        )
+        finished_age = GaugeMetricFamily(
+            "order_timeouts_oldest_finished_age_seconds",
+            "Age of the oldest done or revoked timeout still in the registry: what the purge has left",
+        )
+        now = self._clock.now_ms()
+        yield from ClockCollector(self._clock).collect()
         try:
+            if self._lease is not None:
+                with self._engine.begin() as conn:
+                    ttl_ms = int(self._lease.ttl.total_seconds() * 1000)
+                    held = registry.take_lease(conn, GAUGES_LEASE, self._lease.holder, now=now, ttl_ms=ttl_ms)
+                if not held:
+                    up.add_metric([], 1)
+                    yield up
+                    return
             with reading(self._engine) as conn:
                 # Each read from the index over the rows it counts: the cost of a scrape does not grow
                 # with the finished rows the registry keeps.
@@ -98,6 +171,9 @@ class RegistryCollector(Collector):
                 dead_count = registry.count_dead(conn)
                 next_due = registry.next_due_ms(conn)
                 overdue_count = registry.count_pending(conn, due_before=now)
+                due_soon_count = registry.count_pending(conn, due_after=now, due_before=now + 3_600_000)
+                unpublished_count = registry.count_unpublished(conn)
+                oldest_finished = registry.oldest_finished_ms(conn, registry.PURGED_STATES)
                 paused = control.read_pause(conn)
         except SQLAlchemyError:
             up.add_metric([], 0)
@@ -105,10 +181,13 @@ class RegistryCollector(Collector):
             return
         pending.add_metric([], pending_count)
         overdue.add_metric([], overdue_count)
+        due_soon.add_metric([], due_soon_count)
         lag.add_metric([], max(now - next_due, 0) / 1000 if next_due is not None else 0.0)
         dead.add_metric([], dead_count)
+        unpublished.add_metric([], unpublished_count)
+        finished_age.add_metric([], max(now - oldest_finished, 0) / 1000 if oldest_finished is not None else 0.0)
         up.add_metric([], 1)
-        yield from (pending, overdue, lag, dead, up, *_pause_gauges(paused, now))
+        yield from (pending, overdue, due_soon, lag, dead, unpublished, finished_age, up, *_pause_gauges(paused, now))
 
 
 def _pause_gauges(pause: Pause | None, now: int) -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
@@ -128,9 +207,60 @@ def _pause_gauges(pause: Pause | None, now: int) -> tuple[GaugeMetricFamily, Gau
     return paused, seconds
 
 
-def serve_metrics(port: int, engine: Engine, clock: Clock) -> CollectorRegistry:
-    """Start the /metrics endpoint on `port` (0.0.0.0) and return the registry to add metrics to."""
+#: a worker whose loop has not come round for this long is stuck: /healthz answers 503. Above the
+#: longest batch (the order store's timeouts, the registry's idle-in-transaction timeout of 12 s) and
+#: the longest outage back-off (5 s), during which the loop keeps coming round.
+STUCK_AFTER_S = 60.0
+
+
+class Health:
+    """A worker's /healthz (its loop comes round) and /readyz (connected to its broker and database)."""
+
+    def __init__(self, stuck_after_s: float = STUCK_AFTER_S) -> None:
+        self._stuck_after_s = stuck_after_s
+        self._last_beat = time.monotonic()
+        self._connected = False
+
+    def beat(self) -> None:
+        """The loop came round: called at each turn, whether or not there was work."""
+        self._last_beat = time.monotonic()
+
+    def connected(self, connected: bool) -> None:
+        """A receive and its batch went through (True), or the broker or the database failed (False)."""
+        self._connected = connected
+
+    @property
+    def alive(self) -> bool:
+        return time.monotonic() - self._last_beat < self._stuck_after_s
+
+    @property
+    def ready(self) -> bool:
+        return self._connected and self.alive
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # the base class's name
+        """Probes and scrapes every few seconds are not worth a log line each."""
+
+
+def serve_metrics(
+    port: int, engine: Engine, clock: Clock, lease: GaugeLease | None = None, health: Health | None = None
+) -> CollectorRegistry:
+    """Serve /metrics on `port` (0.0.0.0), and /healthz and /readyz when `health` is given (200 or
+    503); return the registry to add metrics to. The registry gauges are exported under `lease`
+    (maintain), or not at all without one (workers)."""
     prometheus = CollectorRegistry()
-    prometheus.register(RegistryCollector(engine, clock))
-    start_http_server(port, registry=prometheus)
+    prometheus.register(RegistryCollector(engine, clock, lease) if lease is not None else ClockCollector(clock))
+    metrics = make_wsgi_app(prometheus)
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        path = environ.get("PATH_INFO", "")
+        if health is not None and path in ("/healthz", "/readyz"):
+            ok = health.alive if path == "/healthz" else health.ready
+            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [b"ok\n" if ok else b"not ok\n"]
+        return metrics(environ, start_response)
+
+    server = make_server("0.0.0.0", port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="order-timeouts-metrics", daemon=True).start()
     return prometheus

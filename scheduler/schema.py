@@ -57,6 +57,38 @@ def current_revision(conn: Connection) -> str | None:
     return MigrationContext.configure(conn, opts={"version_table": MIGRATIONS_VERSION_TABLE}).get_current_revision()
 
 
+def migration_sql(dialect_name: str, orders: OrdersTableNames | None, since: str | None = None) -> str:
+    """The SQL that init-db would run on an empty database of this dialect (`postgresql`, `sqlite`),
+    written without connecting to any: Alembic's offline mode for the registry (from revision `since`
+    when given, for a database already at it), then the orders table when `orders` is given, created
+    only if it is absent. For DBAs who apply schema changes by hand."""
+    import io
+
+    from alembic import command
+    from alembic.util import CommandError
+    from sqlalchemy.schema import CreateIndex, CreateTable
+
+    from scheduler.errors import ConfigurationError
+
+    output = io.StringIO()
+    config = migrations()
+    config.attributes.update(dialect_name=dialect_name, output=output)
+    try:
+        command.upgrade(config, f"{since}:head" if since else "head", sql=True)
+    except CommandError as exc:
+        raise ConfigurationError(f"--since {since!r}: {exc}") from None
+    if orders is not None:
+        from sqlalchemy.engine import URL
+
+        dialect = URL.create(dialect_name).get_dialect()()
+        table = orders_table(orders)
+        output.write(f"-- the orders table, when absent ({orders.table})\n\n")
+        output.write(f"{str(CreateTable(table, if_not_exists=True).compile(dialect=dialect)).strip()};\n\n")
+        for index in sorted(table.indexes, key=lambda index: str(index.name)):
+            output.write(f"{str(CreateIndex(index, if_not_exists=True).compile(dialect=dialect)).strip()};\n\n")
+    return output.getvalue()
+
+
 def init_db(engine: Engine, orders: OrdersTableNames | None) -> list[str]:
     """Migrate the registry to head and create what is missing; return the tables created."""
     from alembic import command

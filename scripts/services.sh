@@ -67,6 +67,16 @@ if ! rabbit_up; then
   wait_for RabbitMQ rabbit_up || missing+=("RabbitMQ on 127.0.0.1:5672 (apt-get install rabbitmq-server)")
 fi
 
+# --- kubectl: tests/integration/test_k8s.py renders docker/k8s with `kubectl kustomize` -----------
+if ! have kubectl; then
+  apt_install kubernetes-client || log "kubectl is missing (apt-get install kubernetes-client): the docker/k8s tests will be skipped, or fail with CI=true"
+fi
+
+# --- openssl: the TLS tests make their certificates with it ----------------------------------
+if ! have openssl; then
+  apt_install openssl || log "openssl is missing (apt-get install openssl): the TLS tests will be skipped, or fail with CI=true"
+fi
+
 # --- faketime: the clock-skew tests run worker processes on a clock minutes off ----------------
 if ! have faketime; then
   apt_install faketime || log "faketime is missing (apt-get install faketime): the clock-skew tests will be skipped, or fail with CI=true"

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 from datetime import timedelta
@@ -36,12 +37,25 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable outpu
 def init_db_command(
     ctx: typer.Context,
     orders: Annotated[bool, typer.Option(help="Also create the orders table when it is absent.")] = True,
+    print_sql: Annotated[
+        bool, typer.Option("--print-sql", help="Print the SQL for the database URL's dialect; connect to nothing.")
+    ] = False,
+    since: Annotated[
+        str | None, typer.Option("--since", help="With --print-sql: only the migrations after this revision.")
+    ] = None,
 ) -> None:
     """Create the registry tables (and the orders table when absent). Safe to run again."""
+    from scheduler.config import database_url
     from scheduler.database import make_engine
-    from scheduler.schema import init_db
+    from scheduler.schema import init_db, migration_sql
 
     settings = ctx.ensure_object(Context).settings
+    if since is not None and not print_sql:
+        raise InvalidTimeout("--since goes with --print-sql")
+    if print_sql:
+        dialect = database_url(settings.database_url).get_backend_name()
+        sys.stdout.write(migration_sql(dialect, settings.orders if orders else None, since))
+        return
     engine = make_engine(settings.database_url)
     try:
         created = init_db(engine, settings.orders if orders else None)
@@ -214,6 +228,12 @@ def maintain(
     ] = "1m",
     once: Annotated[bool, typer.Option("--once", help="Run each job once and exit (cron, tests).")] = False,
     metrics_port: MetricsPortOption = None,
+    gauge_lease: Annotated[
+        str,
+        typer.Option(
+            help="How long the registry gauges stay with the maintain process scraped last (above the scrape interval)."
+        ),
+    ] = "45s",
     as_json: JsonOption = False,
 ) -> None:
     """Run the outbox relay, the reconciler and the purge (several processes may run; leases keep them apart)."""
@@ -225,10 +245,12 @@ def maintain(
         grace=parse_duration(grace, "--grace"),
         purge_interval=parse_duration(purge_interval, "--purge-interval"),
     )
+    gauge_lease_ttl = parse_duration(gauge_lease, "--gauge-lease")
     intervals = {
         "--relay-interval": plan.relay_interval,
         "--sweep-interval": plan.sweep_interval,
         "--purge-interval": plan.purge_interval,
+        "--gauge-lease": gauge_lease_ttl,
     }
     for name, value in intervals.items():
         if value.total_seconds() <= 0:
@@ -238,9 +260,11 @@ def maintain(
     if not once:
         jobs.install_signal_handlers()  # before the metrics port: a process seen up stops cleanly
     if metrics_port is not None:
-        from scheduler.observability import serve_metrics
+        from scheduler.observability import GaugeLease, MaintenanceMetrics, serve_metrics
 
-        serve_metrics(metrics_port, timeouts.engine, timeouts.clock)
+        lease = GaugeLease(jobs.holder, gauge_lease_ttl)
+        prometheus = serve_metrics(metrics_port, timeouts.engine, timeouts.clock, lease)
+        jobs.metrics = MaintenanceMetrics(prometheus, timeouts.settings.retention)
     if not once:
         jobs.serve()
         return

@@ -335,6 +335,11 @@ def count_dead(conn: Connection) -> int:
     return int(conn.execute(stmt).scalar_one())
 
 
+def count_unpublished(conn: Connection) -> int:
+    """Pending rows the broker has not confirmed, counted in the unpublished-rows index: the relay's backlog."""
+    return int(conn.execute(select(func.count()).select_from(timeouts).where(is_unpublished)).scalar_one())
+
+
 #: the states a finished row can be in, named so that the finished-rows index is read per state
 FINISHED_STATES = tuple(state.value for state in TimeoutState if state is not TimeoutState.PENDING)
 

@@ -35,11 +35,13 @@ SCHEMES: dict[str, str] = {
     "redis": "scheduler.transports.redis.adapter:RedisTransport",
     "rediss": "scheduler.transports.redis.adapter:RedisTransport",
     "redis+sentinel": "scheduler.transports.redis.adapter:RedisTransport",
+    "rediss+sentinel": "scheduler.transports.redis.adapter:RedisTransport",
     "amqp": "scheduler.transports.rabbitmq.adapter:RabbitMQTransport",
     "amqps": "scheduler.transports.rabbitmq.adapter:RabbitMQTransport",
     "rq+redis": "scheduler.transports.rq.adapter:RQTransport",
     "rq+rediss": "scheduler.transports.rq.adapter:RQTransport",
     "rq+redis+sentinel": "scheduler.transports.rq.adapter:RQTransport",
+    "rq+rediss+sentinel": "scheduler.transports.rq.adapter:RQTransport",
 }
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +18,7 @@ from scheduler.registry import metadata
 from scheduler.registry.schema import leases, timeouts
 from scheduler.schema import current_revision, head, init_db, migrations
 from tests.stacks import DATABASES
+from tests.support import postgres_schema
 
 
 @pytest.fixture(params=sorted(DATABASES))
@@ -115,3 +119,24 @@ def test_an_upgraded_registry_keeps_no_pending_row_in_the_finished_index(engine:
     init_db(engine, None)
     assert " WHERE " in index_definitions(engine)["ix_order_timeouts_state_finished"].upper()
     assert revision(engine) == head()
+
+
+def test_two_init_db_jobs_started_at_once_both_succeed_and_migrate_once() -> None:
+    """The Kubernetes init-db Job may run twice at once (a retry, two deploys): the advisory lock
+    makes the second wait, then find everything there."""
+    with postgres_schema() as url:
+        env = {**os.environ, "ORDER_TIMEOUTS_DATABASE_URL": url}
+        argv = [sys.executable, "-m", "scheduler", "init-db"]
+        jobs = [
+            subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in "ab"
+        ]
+        results = [job.communicate(timeout=120) for job in jobs]
+        assert [job.returncode for job in jobs] == [0, 0], results
+        outputs = sorted(out.split(" in ")[0] for out, _ in results)
+        assert outputs[0].startswith("created ") and "orders" in outputs[0]
+        assert outputs[1] == "schema already present", "the second one waited for the first, then found it all"
+        engine = make_engine(url)
+        try:
+            assert revision(engine) == head()
+        finally:
+            engine.dispose()

@@ -8,11 +8,18 @@ the transport tries the others before the one it lost. The vhost is the URL-quot
 docs/transports.md lists them), applied to every host; this transport changes only the defaults in
 CONNECTION_DEFAULTS, and a URL that gives one keeps its own value. TRANSPORT_OPTIONS are this
 transport's own and are not pika's.
+
+TLS (`amqps://`) takes the options of RabbitMQ's own URI spec, TLS_OPTIONS: `cacertfile` (the CA
+that signed the brokers' certificates; the system's CAs when not given), `certfile` and `keyfile`
+(this client's certificate, for brokers that require one), `server_name_indication` (the name the
+brokers' certificates carry, when it is not the host of the URL). The broker's certificate is
+always verified, and its name checked against the host.
 """
 
 from __future__ import annotations
 
 import re
+import ssl
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -49,6 +56,9 @@ TRANSPORT_OPTIONS: dict[str, tuple[int, int]] = {
     "dead_maxlen": (1, 1_000_000_000),
 }
 
+#: TLS options of an amqps:// URL (RabbitMQ's URI spec names), read by this transport, not by pika
+TLS_OPTIONS = ("cacertfile", "certfile", "keyfile", "server_name_indication")
+
 _HOST = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[^:\[\]/]+)(?::(?P<port>[^:]*))?$")
 
 
@@ -74,12 +84,20 @@ def rabbitmq_options(broker_url: str) -> RabbitMQOptions:
     query = parse_qsl(parts.query, keep_blank_values=True)
     given = {name for name, _ in query}
     own = {name: value for name, value in query if name in TRANSPORT_OPTIONS}
-    pika_query = urlencode([(name, value) for name, value in query if name not in TRANSPORT_OPTIONS])
+    tls = {name: value for name, value in query if name in TLS_OPTIONS}
+    ours = {*TRANSPORT_OPTIONS, *TLS_OPTIONS}
+    pika_query = urlencode([(name, value) for name, value in query if name not in ours])
+    context = _tls_context(tls, shown) if parts.scheme == "amqps" and tls else None
+    if tls and parts.scheme != "amqps":
+        raise ConfigurationError(f"bad RabbitMQ URL {shown!r}: {', '.join(sorted(tls))} need the amqps:// scheme")
     hosts = []
     for entry in host_list.split(","):
         address = _address(entry.strip(), shown)
         url = urlunsplit((parts.scheme, f"{credentials}{at}{address}", parts.path, pika_query, ""))
-        hosts.append(_parameters(url, shown, given))
+        params = _parameters(url, shown, given)
+        if context is not None:
+            params.ssl_options = pika.SSLOptions(context, tls.get("server_name_indication") or params.host)
+        hosts.append(params)
     group_size = None
     if "quorum_group_size" in own:
         group_size = bounded_int(
@@ -112,3 +130,17 @@ def _parameters(url: str, shown: str, given: set[str]) -> pika.URLParameters:
         if name not in given:
             setattr(params, name, value)
     return params
+
+
+def _tls_context(tls: dict[str, str], shown: str) -> ssl.SSLContext:
+    """One client context for every host: the broker's certificate verified against `cacertfile` (or
+    the system's CAs) and its name checked; this client's certificate when `certfile` is given."""
+    if "keyfile" in tls and "certfile" not in tls:
+        raise ConfigurationError(f"bad RabbitMQ URL {shown!r}: keyfile needs certfile (the client certificate)")
+    try:
+        context = ssl.create_default_context(cafile=tls.get("cacertfile") or None)
+        if "certfile" in tls:
+            context.load_cert_chain(tls["certfile"], tls.get("keyfile") or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigurationError(f"bad RabbitMQ URL {shown!r}: TLS files: {exc}") from None
+    return context

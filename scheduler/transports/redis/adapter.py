@@ -23,7 +23,8 @@ version 0 and the handler's conditional claim decides what a delivery means.
 
 URL: `redis://[[user]:password@]host[:port][/db][?option=value&...]`, `rediss://` for TLS, or under
 Sentinel `redis+sentinel://[[user]:password@]h1:26379,h2:26379/SERVICE[/DB][?option=value&...]`
-(sentinel.py: every connection goes to the primary the sentinels name, and follows a failover).
+(`rediss+sentinel://` for TLS; sentinel.py: every connection goes to the primary the sentinels
+name, and follows a failover).
 Options:
 
 - `prefix` (default `order_timeouts`): first part of every key; one per deployment. No `{` or `}`:

@@ -1,4 +1,5 @@
-"""Redis under Sentinel: `redis+sentinel://[[user]:password@]h1:26379,h2:26379/SERVICE[/DB][?options]`.
+"""Redis under Sentinel: `redis+sentinel://[[user]:password@]h1:26379,h2:26379/SERVICE[/DB][?options]`,
+`rediss+sentinel://` for TLS to the sentinels and the servers alike (the `ssl_*` options apply to both).
 
 The hosts are sentinels (port 26379 when left out); SERVICE is the name they monitor; the user and
 password are the Redis servers' (and the sentinels' too with `sentinel_auth=1`). The client comes from
@@ -20,7 +21,7 @@ from scheduler.config import redact
 from scheduler.errors import ConfigurationError
 
 #: URL schemes of a Redis under Sentinel (the rq transport's `rq+` in front is taken off before)
-SENTINEL_SCHEMES = ("redis+sentinel",)
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 #: a sentinel's port when the URL leaves it out
 SENTINEL_DEFAULT_PORT = 26379
 
@@ -36,6 +37,14 @@ class SentinelTarget:
     sentinel_auth: bool = False
     #: query options for redis-py, as redis-py's URL parser types them (socket_timeout, ...)
     redis_options: dict[str, Any] = field(default_factory=dict)
+    #: TLS to the sentinels and the servers (`rediss+sentinel://`)
+    tls: bool = False
+
+    def tls_options(self) -> dict[str, Any]:
+        """redis-py's keyword arguments for TLS (`ssl` and the URL's `ssl_*` options), empty without it."""
+        if not self.tls:
+            return {}
+        return {"ssl": True, **{key: value for key, value in self.redis_options.items() if key.startswith("ssl_")}}
 
 
 def is_sentinel_url(url: str) -> bool:
@@ -87,6 +96,7 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
         password=unquote(password) if colon else None,
         sentinel_auth=sentinel_auth,
         redis_options=options,
+        tls=parts.scheme.lower() == "rediss+sentinel",
     )
 
 
@@ -117,7 +127,9 @@ def connect_sentinel(target: SentinelTarget, **defaults: Any) -> Any:
     }
     if target.sentinel_auth:
         sentinel_kwargs.update(credentials)
+    # The sentinels speak TLS with the same CA and client certificate as the servers.
+    sentinel_kwargs.update(target.tls_options())
     sentinel = Sentinel(list(target.sentinels), sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
     return sentinel.master_for(  # type: ignore[no-untyped-call]  # redis-py leaves both unannotated
-        target.service, db=target.db, **credentials, **{**defaults, **target.redis_options}
+        target.service, db=target.db, **credentials, **{**defaults, **target.redis_options, **target.tls_options()}
     )

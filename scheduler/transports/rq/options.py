@@ -45,9 +45,9 @@ _LIMITS = {
 def parse_url(broker_url: str) -> tuple[str, RQOptions]:
     """The redis:// URL redis-py gets, and our options; bad options raise ConfigurationError."""
     scheme, sep, rest = broker_url.partition("://")
-    if not sep or scheme.lower() not in ("rq+redis", "rq+rediss", "rq+redis+sentinel"):
+    if not sep or scheme.lower() not in ("rq+redis", "rq+rediss", "rq+redis+sentinel", "rq+rediss+sentinel"):
         raise ConfigurationError(
-            f"not an rq broker URL (rq+redis://, rq+rediss:// or rq+redis+sentinel://): {redact(broker_url)}"
+            f"not an rq broker URL (rq+redis[s]://, rq+redis[s]+sentinel://): {redact(broker_url)}"
         )
     try:
         parts = urlsplit(f"{scheme.lower().removeprefix('rq+')}://{rest}")
