@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import random
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -83,6 +84,23 @@ def wait_until(condition: Callable[[], bool], timeout: float = 15.0, interval: f
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         time.sleep(interval)
+
+
+def free_port_run(count: int) -> int:
+    """The first of `count` consecutive loopback ports nobody listens on (`worker --processes N
+    --metrics-port P` serves P to P+N-1). Taken below Linux's ephemeral range (32768 and up), where
+    no outgoing connection of a busy machine can be holding one of them meanwhile."""
+    for _ in range(200):
+        first = random.randrange(20000, 32768 - count)
+        try:
+            with contextlib.ExitStack() as probes:
+                for port in range(first, first + count):
+                    probe = probes.enter_context(socket.socket())
+                    probe.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+    raise AssertionError(f"no {count} consecutive free ports below 32768")
 
 
 def free_port() -> int:

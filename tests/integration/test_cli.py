@@ -15,7 +15,7 @@ from sqlalchemy import create_engine, inspect, text
 from scheduler import TimeoutState
 from scheduler.cli import main
 from tests.conftest import Stack
-from tests.support import add_orders, cancel_counts, free_port
+from tests.support import add_orders, cancel_counts, free_port_run
 
 
 class Cli:
@@ -113,7 +113,7 @@ def test_fire_then_worker_burst_cancels(cli: Cli, db_stack: Stack) -> None:
 def test_worker_processes_take_the_logging_options_and_a_metrics_port_each(db_stack: Stack) -> None:
     add_orders(db_stack.engine, ["P-1", "P-2"])
     db_stack.timeouts().schedule_many(["P-1", "P-2"], due_at=datetime.now(UTC))
-    port = free_port()
+    port = free_port_run(2)
     argv = [sys.executable, "-m", "scheduler", "-v", "--log-format", "json", "worker", "--processes", "2", "--burst"]
     done = subprocess.run(
         [*argv, "--metrics-port", str(port)], env=db_stack.env(), capture_output=True, text=True, timeout=120
