@@ -22,6 +22,7 @@ from scheduler.cli.health import EXTRA_CHECKS, Probe
 from scheduler.cli.operate import MetricsPortOption
 from scheduler.cli.render import console
 from scheduler.config import ENV_BROKER_URL, ENV_DATABASE_URL, Settings, redact
+from scheduler.recheck import ORDER_STATUS_READERS, StatusReader
 
 log = logging.getLogger("order_timeouts.worker")
 #: how often `worker --processes` looks whether a child died
@@ -33,6 +34,14 @@ def register(app: typer.Typer) -> None:
     add_command(app, worker, after="fire")
     add_command(app, demo, after="worker")
     EXTRA_CHECKS.append(order_store_probe)
+    ORDER_STATUS_READERS.append(order_status_reader)
+
+
+def order_status_reader(settings: Settings) -> StatusReader:
+    """The recheck's way to the order store (`maintain`): the workers' own store, its payment status."""
+    from consumers.orders import load_order_store
+
+    return load_order_store(settings).payment_status
 
 
 def worker(

@@ -24,6 +24,7 @@ from scheduler.api import OrderTimeouts
 from scheduler.errors import TransportUnavailable
 from scheduler.observability import WorkerMetrics
 from scheduler.outage import Outage, first_line
+from scheduler.registry import control
 
 log = logging.getLogger("order_timeouts.worker")
 
@@ -34,6 +35,7 @@ RECEIVE_SLICE_S = 1.0
 @dataclass
 class WorkerTotals(BatchReport):
     batches: int = 0
+    foreign: int = 0  #: timers of another deployment, dead-lettered by the transport
 
     def add(self, report: BatchReport) -> None:
         self.batches += 1
@@ -100,6 +102,8 @@ class Worker:
         while not self._stop.is_set():
             try:
                 batch = self._transport.receive(self._batch_size, 0.0 if self._burst else RECEIVE_SLICE_S)
+                if batch.foreign:
+                    self._record_foreign(batch.foreign)
                 if not batch:
                     outage.recovered()
                     if self._burst:
@@ -129,3 +133,20 @@ class Worker:
                 # Due rows exist but other workers hold them; their transactions will finish them.
                 self._stop.wait(0.01)
         return self.totals
+
+    def _record_foreign(self, foreign: dict[str, int]) -> None:
+        """Count timers of other deployments (dead-lettered by the transport) where `check`, `stats` and
+        every process's /metrics read them: the registry's control table, not this process's memory."""
+        count = sum(foreign.values())
+        self.totals.foreign += count
+        if self.metrics is not None:
+            self.metrics.foreign.inc(count)
+        with self._timeouts.engine.begin() as conn:
+            control.add_counts(
+                conn,
+                control.FOREIGN,
+                {"total": count, **{f"from:{owner}": n for owner, n in foreign.items()}},
+                now=self._timeouts.clock.now_ms(),
+                last_from=max(foreign, key=lambda owner: foreign[owner]),
+                last_worker=self._handler.worker_id,
+            )

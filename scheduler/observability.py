@@ -11,14 +11,15 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from scheduler import registry
+from scheduler import recheck, registry
 from scheduler.clock import Clock
 from scheduler.database import reading
+from scheduler.registry import control
 
 _LATENESS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 _BATCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -33,6 +34,11 @@ class WorkerMetrics:
         )
         self.outcomes = Counter(
             "order_timeouts_outcomes_total", "What handling a timeout led to", ["outcome"], registry=prometheus
+        )
+        self.foreign = Counter(
+            "order_timeouts_foreign_deliveries_total",
+            "Timers of another deployment (another registry) delivered to this worker and dead-lettered",
+            registry=prometheus,
         )
         self.batch_seconds = Histogram(
             "order_timeouts_batch_duration_seconds",
@@ -65,7 +71,7 @@ class RegistryCollector(Collector):
         self._engine = engine
         self._clock = clock
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         pending = GaugeMetricFamily("order_timeouts_pending", "Timeouts waiting for their due time or a worker")
         overdue = GaugeMetricFamily("order_timeouts_overdue", "Pending timeouts past their due time")
         lag = GaugeMetricFamily("order_timeouts_overdue_lag_seconds", "Age of the oldest overdue pending timeout")
@@ -89,6 +95,8 @@ class RegistryCollector(Collector):
                 dead_count = registry.count_dead(conn)
                 next_due = registry.next_due_ms(conn)
                 overdue_count = registry.count_pending(conn, due_before=now)
+                found = recheck.figures(conn)
+                foreign = control.read(conn, control.FOREIGN) or {}
         except SQLAlchemyError:
             up.add_metric([], 0)
             yield up
@@ -99,6 +107,28 @@ class RegistryCollector(Collector):
         dead.add_metric([], dead_count)
         up.add_metric([], 1)
         yield from (pending, overdue, lag, dead, up)
+        # Fleet-wide counts kept in the registry (control table), the same from every process.
+        for name, documentation, value in (
+            ("rechecked", "Finished timeouts maintain's recheck asked the order store about again", found["checked"]),
+            (
+                "late_payments",
+                "Rechecked orders paid after this product cancelled them (refunds)",
+                found["late_payments"],
+            ),
+            (
+                "recheck_disagreements",
+                "Rechecked timeouts whose recorded outcome the order store now contradicts",
+                found["disagreements"],
+            ),
+            (
+                "registry_foreign_deliveries",
+                "Timers of other deployments dead-lettered by this deployment's workers",
+                int(foreign.get("total", 0)),
+            ),
+        ):
+            family = CounterMetricFamily(f"order_timeouts_{name}", documentation)
+            family.add_metric([], value)
+            yield family
 
 
 def serve_metrics(port: int, engine: Engine, clock: Clock) -> CollectorRegistry:

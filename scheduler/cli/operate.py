@@ -180,29 +180,37 @@ def maintain(
     purge_interval: Annotated[
         str, typer.Option(help="How often finished timeouts older than ORDER_TIMEOUTS_RETENTION are purged.")
     ] = "1m",
+    recheck_interval: Annotated[
+        str,
+        typer.Option(help="How often a sample of finished timeouts is compared with the order store (late payments)."),
+    ] = "5m",
     once: Annotated[bool, typer.Option("--once", help="Run each job once and exit (cron, tests).")] = False,
     metrics_port: MetricsPortOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Run the outbox relay, the reconciler and the purge (several processes may run; leases keep them apart)."""
+    """Run the relay, the reconciler, the purge and the recheck (several processes may run; leases keep them apart)."""
     from scheduler.maintenance import JOB_VERBS, Maintenance, MaintenancePlan
+    from scheduler.recheck import ORDER_STATUS_READERS
 
     plan = MaintenancePlan(
         relay_interval=parse_duration(relay_interval, "--relay-interval"),
         sweep_interval=parse_duration(sweep_interval, "--sweep-interval"),
         grace=parse_duration(grace, "--grace"),
         purge_interval=parse_duration(purge_interval, "--purge-interval"),
+        recheck_interval=parse_duration(recheck_interval, "--recheck-interval"),
     )
     intervals = {
         "--relay-interval": plan.relay_interval,
         "--sweep-interval": plan.sweep_interval,
         "--purge-interval": plan.purge_interval,
+        "--recheck-interval": plan.recheck_interval,
     }
     for name, value in intervals.items():
         if value.total_seconds() <= 0:
             raise InvalidTimeout(f"{name} must be positive")
     timeouts = ctx.ensure_object(Context).timeouts()
-    jobs = Maintenance(timeouts, plan)
+    readers = [factory(timeouts.settings) for factory in ORDER_STATUS_READERS]
+    jobs = Maintenance(timeouts, plan, order_status=readers[0] if readers else None)
     if not once:
         jobs.install_signal_handlers()  # before the metrics port: a process seen up stops cleanly
     if metrics_port is not None:

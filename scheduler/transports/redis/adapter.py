@@ -64,7 +64,15 @@ from sqlalchemy import Engine
 
 from scheduler.clock import Clock
 from scheduler.errors import MalformedMessage, TransportUnavailable
-from scheduler.transports.base import FAILED_REDELIVERY_MS, Batch, BrokerTransport, Delivery, Settlement, TimerMessage
+from scheduler.transports.base import (
+    FAILED_REDELIVERY_MS,
+    Batch,
+    BrokerTransport,
+    Delivery,
+    Deployment,
+    Settlement,
+    TimerMessage,
+)
 from scheduler.transports.redis.keys import (
     REDIS_FIELD_MESSAGE,
     REDIS_FIELD_WAKE,
@@ -100,22 +108,20 @@ class RedisTransport(BrokerTransport):
 
     @classmethod
     def from_url(cls, broker_url: str, engine: Engine, clock: Clock) -> Self:
-        return cls(broker_url, clock)
+        return cls(broker_url, clock, engine)
 
-    def __init__(self, broker_url: str, clock: Clock) -> None:
+    def __init__(self, broker_url: str, clock: Clock, engine: Engine | None = None) -> None:
         self._url, self.options = parse_url(broker_url)
         self._clock = clock
+        self.deployment = Deployment(engine, clock)
         self._client: Any = None  # connected on first use: a dead broker must not break start-up
         self._move: Any = None
         self._claim: Any = None
-        shards = range(self.options.shards)
-        self._timers = [redis_timers_key(self.options.prefix, n) for n in shards]
-        self._streams = [redis_due_key(self.options.prefix, n) for n in shards]
-        self._shard_of_stream = {key.encode(): n for n, key in enumerate(self._streams)}
-        self._dead = redis_dead_key(self.options.prefix)
-        self._markers = LineageMarkers(
-            [redis_lineage_key(self.options.prefix, n) for n in shards], cluster=self.options.cluster
-        )
+        self._timers: list[str] = []  # the key names: known once the deployment is (`_redis`)
+        self._streams: list[str] = []
+        self._shard_of_stream: dict[bytes, int] = {}
+        self._dead = ""
+        self._markers: LineageMarkers | None = None
         self._consumer = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._groups_ready = False
         self._consumed = False
@@ -126,6 +132,24 @@ class RedisTransport(BrokerTransport):
         self._claim_every_s = min(max(self.options.claim_idle_ms / 4000, 0.05), 2.0)
         self._earliest_shard = 0  # where a cluster worker blocks: the shard of the earliest timer
         self._first_shard = 0  # rotates, so that no shard's stream waits behind the others
+        self._foreign: dict[str, int] = {}  # dead-lettered since the last receive returned, by owner
+
+    @property
+    def namespace(self) -> str:
+        """What every key starts with: the prefix and the deployment's identity, `prefix:identity`
+        (the prefix alone when unbound). Two deployments on one Redis database and one prefix never
+        share a key; a deployment upgraded from a release without identities finds its new keys
+        without a lineage marker, so its relay publishes every pending timeout into them at once."""
+        identity = self.deployment.id
+        return self.options.prefix if identity is None else f"{self.options.prefix}:{identity}"
+
+    def _bind(self) -> None:
+        namespace, shards = self.namespace, range(self.options.shards)
+        self._timers = [redis_timers_key(namespace, n) for n in shards]
+        self._streams = [redis_due_key(namespace, n) for n in shards]
+        self._shard_of_stream = {key.encode(): n for n, key in enumerate(self._streams)}
+        self._dead = redis_dead_key(namespace)
+        self._markers = LineageMarkers([redis_lineage_key(namespace, n) for n in shards], cluster=self.options.cluster)
 
     def shard_of(self, order_id: str) -> int:
         return zlib.crc32(order_id.encode()) % self.options.shards
@@ -153,11 +177,15 @@ class RedisTransport(BrokerTransport):
     def lost_timers(self) -> bool:
         """A shard's marker is missing or names another replication ID than its server's (lineage.py)."""
         with self._edge("lineage"):
-            return self._markers.lost(self._redis())
+            client = self._redis()
+            assert self._markers is not None
+            return self._markers.lost(client)
 
     def timers_restored(self) -> None:
         with self._edge("lineage"):
-            self._markers.restore(self._redis())
+            client = self._redis()
+            assert self._markers is not None
+            self._markers.restore(client)
 
     def revoke(self, order_ids: Sequence[str]) -> None:
         by_shard: dict[int, list[str]] = {}
@@ -206,14 +234,18 @@ class RedisTransport(BrokerTransport):
                 if len(deliveries) < limit:
                     deliveries += self._read(limit - len(deliveries))
                 if deliveries:
-                    return Batch(deliveries)
+                    return self._batch(deliveries)
                 wait_ms = int((deadline - time.monotonic()) * 1000)
                 if earliest is not None:
                     wait_ms = min(wait_ms, earliest - self._clock.now_ms())
                 if wait_ms > 0:
                     deliveries = self._read(limit, block_ms=min(wait_ms, MAX_BLOCK_MS))
                 elif time.monotonic() >= deadline:
-                    return Batch()
+                    return self._batch([])
+
+    def _batch(self, deliveries: list[Delivery]) -> Batch:
+        batch, self._foreign = Batch(deliveries, foreign=self._foreign), {}
+        return batch
 
     def settle(self, settlement: Settlement) -> None:
         now = self._clock.now_ms()
@@ -249,6 +281,7 @@ class RedisTransport(BrokerTransport):
     def _ensure_groups(self) -> None:
         if self._groups_ready:
             return
+        self._redis()  # binds the names
         for stream in self._streams:
             try:
                 # From id 0: an entry moved in before the group existed is still delivered.
@@ -261,10 +294,11 @@ class RedisTransport(BrokerTransport):
     def move_due(self, shards: Sequence[int] | None = None, now_ms: int | None = None) -> int | None:
         """Run the mover on these shards (all by default); return the earliest due time left in them."""
         shards = range(self.options.shards) if shards is None else shards
-        args = [self._clock.now_ms() if now_ms is None else now_ms, self.options.move_batch, REDIS_FIELD_MESSAGE]
-        keys = [[self._timers[n], self._streams[n]] for n in shards]
         with self._edge("move"):
             client = self._redis()
+            now = self._clock.now_ms() if now_ms is None else now_ms
+            args = [now, self.options.move_batch, REDIS_FIELD_MESSAGE, self.deployment.id or ""]
+            keys = [[self._timers[n], self._streams[n]] for n in shards]
             if self.options.cluster:
                 # Each shard's keys live on their own node: one script call each.
                 replies = [self._move(keys=k, args=args) for k in keys]
@@ -328,7 +362,8 @@ class RedisTransport(BrokerTransport):
         return deliveries
 
     def _accept_entries(self, shard: int, entries: list[tuple[bytes, dict[bytes, bytes], int]]) -> list[Delivery]:
-        """Timer messages become deliveries; wake-ups are dropped; anything else is dead-lettered."""
+        """Timer messages of this deployment become deliveries; wake-ups are dropped; anything else
+        (not a timer, another deployment's timer) is dead-lettered with the reason."""
         deliveries: list[Delivery] = []
         drop: list[bytes] = []
         malformed: list[_Malformed] = []
@@ -338,6 +373,12 @@ class RedisTransport(BrokerTransport):
                     message = TimerMessage.decode(fields[_FIELD_MESSAGE])
                 except MalformedMessage as exc:
                     malformed.append((shard, entry_id, fields, str(exc)))
+                    continue
+                foreign = self.deployment.foreign(message)
+                if foreign is not None:
+                    malformed.append((shard, entry_id, fields, foreign))
+                    owner = str(message.deployment)
+                    self._foreign[owner] = self._foreign.get(owner, 0) + 1
                 else:
                     deliveries.append(Delivery(message, receipt=(shard, entry_id), deliveries=count))
                 continue
@@ -439,6 +480,7 @@ class RedisTransport(BrokerTransport):
 
     def _redis(self) -> Any:
         if self._client is None:
+            self._bind()  # the registry first: a registry that cannot be read leaves us unconnected
             self._client = connect(self._url, self.options)
             self._move = self._client.register_script(MOVE_SCRIPT)
             self._claim = self._client.register_script(CLAIM_SCRIPT)
