@@ -238,6 +238,12 @@ class Transport(ABC):
         transport that lives in it."""
         self.figures()
 
+    def foreign_consumers(self) -> str | None:
+        """For `check`: consumers this broker shows on names another deployment's workers read where
+        this deployment's could have been (the names of releases before identities), described;
+        None when there are none or the transport has no shared names."""
+        return None
+
     def clock_offset_ms(self) -> int | None:
         """The broker's clock minus the registry's, for `check` (None where the broker has no clock
         to read). No transport decides by the broker's clock; a broker far off it is reported."""

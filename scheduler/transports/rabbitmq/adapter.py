@@ -257,6 +257,17 @@ class RabbitMQTransport(BrokerTransport):
         figures["delayed"] = delayed
         return figures
 
+    def foreign_consumers(self) -> str | None:
+        """Consumers of the ready queue of releases before identities (`order_timeouts.ready`): workers
+        not upgraded yet, of this deployment or of another one on the vhost."""
+        legacy = RabbitMQNames()
+        if self.names == legacy:
+            return None
+        found = self._connected().queue_depths([legacy.ready], CONFIRM_TIMEOUT_S).get(legacy.ready)
+        if found is None or not found[1]:
+            return None
+        return f"{found[1]} consumers on {legacy.ready}, the queue of releases before deployment identities"
+
     def lost_timers(self) -> bool:
         """Whether the marker message `timers_restored` left is gone: the queues were deleted, or the
         cluster lost them all (a reset, a full rebuild). One passive declare on an open channel.

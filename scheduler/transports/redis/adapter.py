@@ -422,6 +422,23 @@ class RedisTransport(BrokerTransport):
 
     # -- figures and lifecycle -------------------------------------------------------------------
 
+    def foreign_consumers(self) -> str | None:
+        """Consumers in the groups of the streams of releases before identities (the prefix alone):
+        workers not upgraded yet, of this deployment or of another one on this Redis database."""
+        if self.namespace == self.options.prefix:
+            return None
+        found = 0
+        with self._edge("figures"):
+            client = self._redis()
+            for shard in range(self.options.shards):
+                legacy = redis_due_key(self.options.prefix, shard)
+                if client.exists(legacy):
+                    found += sum(int(group["consumers"]) for group in client.xinfo_groups(legacy))
+        if not found:
+            return None
+        legacy = redis_due_key(self.options.prefix, 0)
+        return f"{found} consumers on {legacy}…, the streams of releases before identities"
+
     def clock_offset_ms(self) -> int | None:
         """Redis's TIME minus the registry's clock."""
         with self._edge("time"):
