@@ -150,7 +150,7 @@ def ha_stack(cluster: Cluster, tmp_path: Path, first: int = 1) -> Iterator[Stack
             vhost = add_cluster_vhost(first)
             try:
                 broker_url = cluster_url(vhost, first)
-                declare_topology(broker_url)
+                declare_topology(broker_url, database_url)
                 yield database_url, broker_url
             finally:
                 if cluster.killed:

@@ -99,8 +99,8 @@ WAKE_HORIZON_MS = MAX_BLOCK_MS
 
 _FIELD_MESSAGE, _FIELD_WAKE = REDIS_FIELD_MESSAGE.encode(), REDIS_FIELD_WAKE.encode()
 
-#: (shard, stream id, fields, reason) of an entry that is not a timer message
-_Malformed = tuple[int, bytes, dict[bytes, bytes], str]
+#: (shard, stream id, what the dead letter says) of an entry that is not a timer message of ours
+_Rejected = tuple[int, bytes, dict[str, Any]]
 
 
 class RedisTransport(BrokerTransport):
@@ -366,17 +366,18 @@ class RedisTransport(BrokerTransport):
         (not a timer, another deployment's timer) is dead-lettered with the reason."""
         deliveries: list[Delivery] = []
         drop: list[bytes] = []
-        malformed: list[_Malformed] = []
+        malformed: list[_Rejected] = []
         for entry_id, fields, count in entries:
             if _FIELD_MESSAGE in fields:
                 try:
                     message = TimerMessage.decode(fields[_FIELD_MESSAGE])
                 except MalformedMessage as exc:
-                    malformed.append((shard, entry_id, fields, str(exc)))
+                    malformed.append((shard, entry_id, {**_describe(fields), "reason": str(exc)}))
                     continue
                 foreign = self.deployment.foreign(message)
                 if foreign is not None:
-                    malformed.append((shard, entry_id, fields, foreign))
+                    letter = {"order_id": message.order_id, "body": fields[_FIELD_MESSAGE], "reason": foreign}
+                    malformed.append((shard, entry_id, letter))
                     owner = str(message.deployment)
                     self._foreign[owner] = self._foreign.get(owner, 0) + 1
                 else:
@@ -385,13 +386,14 @@ class RedisTransport(BrokerTransport):
             if _FIELD_WAKE in fields:
                 drop.append(entry_id)
             else:
-                malformed.append((shard, entry_id, fields, f"entry has no {REDIS_FIELD_MESSAGE!r} field"))
+                reason = f"entry has no {REDIS_FIELD_MESSAGE!r} field"
+                malformed.append((shard, entry_id, {**_describe(fields), "reason": reason}))
         if malformed:
             pipe = self._redis().pipeline(transaction=False)
-            for _, entry_id, fields, reason in malformed:
-                self._dead_letter(pipe, {**_describe(fields), "reason": reason, "from": self._source(shard, entry_id)})
+            for _, entry_id, letter in malformed:
+                self._dead_letter(pipe, {**letter, "from": self._source(shard, entry_id)})
             pipe.execute()
-            drop += [entry_id for _, entry_id, _, _ in malformed]
+            drop += [entry_id for _, entry_id, _ in malformed]
         if drop:
             self._ack({shard: drop})
         return deliveries
