@@ -84,24 +84,27 @@ def test_two_deployments_on_one_broker_under_load_neither_lose_a_timer_nor_fire_
     blue, green = pair
     # The same order ids in both registries (the worst case for shared names), and some of each's own.
     shared = [f"o-{n:04d}" for n in range(300)]
-    ids = {blue: [*shared, *(f"b-{n:03d}" for n in range(100))], green: [*shared, *(f"g-{n:03d}" for n in range(100))]}
-    for stack, orders in ids.items():
+    ids = [
+        (blue, [*shared, *(f"b-{n:03d}" for n in range(100))]),
+        (green, [*shared, *(f"g-{n:03d}" for n in range(100))]),
+    ]
+    for stack, orders in ids:
         add_orders(stack.engine, orders)
     workers = [stack.start_worker("--batch-size", "50") for stack in (blue, green) for _ in range(2)]
     try:
         start = datetime.now(UTC) + timedelta(seconds=1)
         # 100 timeouts due every 0.25 s in each deployment, 800 in all over 1 s: both workers' groups
         # are busy at once.
-        for stack, orders in ids.items():
+        for stack, orders in ids:
             client = stack.timeouts()
             for n, at in enumerate(range(0, len(orders), 100)):
                 client.schedule_many(orders[at : at + 100], due_at=start + timedelta(seconds=n * 0.25))
-        for stack, orders in ids.items():
+        for stack, orders in ids:
             wait_until(lambda stack=stack, orders=orders: done(stack, orders), timeout=60, interval=0.2)
     finally:
         stop(workers)
 
-    for stack, orders in ids.items():
+    for stack, orders in ids:
         assert cancel_counts(stack.engine) == dict.fromkeys(orders, 1), f"{stack.name}: every order cancelled once"
         records = registry_records(stack.engine)
         late = {oid: r.fired_ms - r.due_ms for oid, r in records.items() if r.fired_ms - r.due_ms > LATE_BOUND_MS}  # type: ignore[operator]
