@@ -29,7 +29,7 @@ from scheduler.transports.rabbitmq.topology import Queue as DeclaredQueue
 from scheduler.transports.rabbitmq.topology import declarations, routing_key
 from scheduler.transports.redis.adapter import RedisTransport
 from scheduler.transports.redis.keys import redis_dead_key, redis_due_key, redis_lineage_key, redis_timers_key
-from scheduler.transports.rq.keys import RQ_JOB_FUNCTION, rq_lineage_key
+from scheduler.transports.rq.keys import RQ_JOB_FUNCTION, rq_lineage_key, rq_owner_keys
 from tests.conftest import Stack, open_stack
 from tests.rabbitmq_support import channel, rabbitmqctl
 from tests.services import REDIS_URL
@@ -192,7 +192,7 @@ def rq_leftovers(stack: Stack) -> list[str]:
         expiry = time.time() + FAILURE_TTL_S + 5
         scores = client.zrange(failed, 0, -1, withscores=True)
         problems += [f"{job} stays failed past failure_ttl" for job, at in scores if at > expiry]
-        for key in sorted(keys - {failed, rq_lineage_key(name)}):
+        for key in sorted(keys - {failed, rq_lineage_key(name), *rq_owner_keys(name, name)}):
             ttl = client.ttl(key)
             job = key.rsplit(":", 1)[-1]
             if key.startswith(("rq:job:", "rq:results:")) and job not in dead_jobs:

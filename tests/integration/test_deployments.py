@@ -20,6 +20,7 @@ from sqlalchemy import Engine, delete, text
 
 from consumers.worker import Worker
 from scheduler.database import make_engine
+from scheduler.errors import ForeignNames
 from scheduler.observability import RegistryCollector, WorkerMetrics
 from scheduler.registry import TimeoutState, control
 from scheduler.registry.schema import control as control_table
@@ -33,6 +34,7 @@ from scheduler.transports.redis.keys import redis_dead_key, redis_due_key
 from tests.conftest import ROOT, Stack, deployed
 from tests.rabbitmq_support import channel, rabbitmq_vhost
 from tests.redis_support import broker_url, redis_prefix
+from tests.rq_support import rq_broker_url, rq_namespace
 from tests.services import REDIS_URL
 from tests.support import add_orders, cancel_counts, postgres_schema, registry_records, wait_until
 
@@ -281,3 +283,23 @@ def test_two_init_db_at_once_write_one_identity_and_a_process_creates_a_missing_
             assert created != written["id"] and control.deployment_id(engine, now=0) == created
         finally:
             engine.dispose()
+
+
+def test_a_second_deployment_on_the_same_rq_queue_is_refused_and_the_first_keeps_its_timers() -> None:
+    with rq_namespace() as name, postgres_schema() as first_db, postgres_schema() as second_db:
+        url = rq_broker_url(name)
+        deploy = contextlib.contextmanager(deployed)
+        with deploy(Stack("first", first_db, url)) as first, deploy(Stack("second", second_db, url)) as second:
+            add_orders(first.engine, ["o-1"])
+            add_orders(second.engine, ["o-1"])
+            first.timeouts().schedule("o-1", due_at=datetime.now(UTC))  # the first to connect: the names are its
+            second.timeouts().schedule("o-1", due_at=datetime.now(UTC))  # committed; left to its relay
+            record = second.timeouts().get("o-1")
+            assert record is not None and record.published_ms is None, "nothing reached the other's queue"
+            with pytest.raises(ForeignNames, match="belongs to deployment"):
+                second.timeouts().transport.receive(10, timeout=0)  # its workers back off, logging this
+
+            code, _ = check(second)
+            assert code == 1
+            first.drain_until(lambda: cancel_counts(first.engine) == {"o-1": 1})
+            assert cancel_counts(second.engine) == {}
