@@ -21,8 +21,9 @@ from sqlalchemy import Engine, delete, text
 from consumers.worker import Worker
 from scheduler.database import make_engine
 from scheduler.errors import ForeignNames
+from scheduler.maintenance import Maintenance
 from scheduler.observability import RegistryCollector, WorkerMetrics
-from scheduler.registry import TimeoutState, control
+from scheduler.registry import TimeoutState, control, mark_published
 from scheduler.registry.schema import control as control_table
 from scheduler.schema import init_db
 from scheduler.transports import TimerMessage
@@ -303,3 +304,41 @@ def test_a_second_deployment_on_the_same_rq_queue_is_refused_and_the_first_keeps
             assert code == 1
             first.drain_until(lambda: cancel_counts(first.engine) == {"o-1": 1})
             assert cancel_counts(second.engine) == {}
+
+
+def old_release_transport(stack: Stack) -> RedisTransport | RabbitMQTransport:
+    """The stack's broker as a release before identities used it: the same URL, no identity."""
+    if stack.name == "redis":
+        return RedisTransport(stack.broker_url, stack.timeouts().clock)
+    return RabbitMQTransport(stack.broker_url, stack.timeouts().clock)
+
+
+def test_an_upgrade_republishes_the_timers_of_the_old_names_into_the_new_ones_at_once(lone: Stack) -> None:
+    ids = [f"u-{n}" for n in range(20)]
+    add_orders(lone.engine, ids)
+    client = lone.timeouts()
+    old = old_release_transport(lone)
+    try:
+        # What a running deployment holds before the upgrade: its timers in the old names, published.
+        with lone.engine.connect() as conn:  # a bare Connection: nothing is published after commit
+            client.schedule_many(ids, due_at=datetime.now(UTC) + timedelta(seconds=2), connection=conn)
+            conn.commit()
+        due = {oid: record.due_ms for oid, record in registry_records(lone.engine).items()}
+        old.publish([TimerMessage(oid, due[oid], 1) for oid in ids])
+        with lone.engine.begin() as conn:
+            mark_published(conn, [(oid, 1) for oid in ids], now=client.clock.now_ms())
+        if isinstance(old, RedisTransport):
+            old.receive(1, timeout=0)  # an old-release worker in the old group
+        else:
+            old.receive(1, timeout=0.1)  # an old-release worker consuming the old ready queue
+        assert client.transport.foreign_consumers() is not None, "check names the old release's consumers"
+
+        # The upgraded relay finds no marker in the new names: every pending timeout goes there now.
+        [relay] = [run for run in Maintenance(client).run_once() if run.job == "relay"]
+        assert relay.rows == len(ids)
+        lone.drain_until(lambda: done(lone, ids), timeout=30)
+    finally:
+        old.close()
+    assert cancel_counts(lone.engine) == dict.fromkeys(ids, 1)
+    records = registry_records(lone.engine)
+    assert max(r.fired_ms - r.due_ms for r in records.values()) < LATE_BOUND_MS  # type: ignore[operator]

@@ -5,6 +5,10 @@ that the workers consume as competing consumers.
                                                                           │ x-delivery-limit
                                                   dead letters ─────────▶ order_timeouts.dead
 
+The ready, dead-letter and marker queues are the deployment's own, `order_timeouts.<identity>.…`,
+and every routing key ends in its identity (keys.RabbitMQNames); the cascade is shared by every
+deployment on the vhost. A timer of another deployment that arrives anyway is dead-lettered in
+`receive` with the reason, and counted (base.Deployment).
 The cascade and why it is built that way: scheduler/transports/rabbitmq/topology.py. The connection
 and its I/O thread (heartbeats, windowed publisher confirms): scheduler/transports/rabbitmq/link.py.
 

@@ -26,8 +26,10 @@ Sentinel `redis+sentinel://[[user]:password@]h1:26379,h2:26379/SERVICE[/DB][?opt
 (sentinel.py: every connection goes to the primary the sentinels name, and follows a failover).
 Options:
 
-- `prefix` (default `order_timeouts`): first part of every key; one per deployment. No `{` or `}`:
-  it sits inside the per-shard hash tag `{<prefix>:<shard>}`.
+- `prefix` (default `order_timeouts`): first part of every key. No `{` or `}`: it sits inside the
+  per-shard hash tag `{<prefix>:<identity>:<shard>}`, where the registry's identity keeps apart
+  deployments that share a Redis database and a prefix (`namespace`); a timer of another deployment
+  found in our streams anyway is dead-lettered in `receive` with the reason, and counted.
 - `shards` (default 1): sorted-set/stream pairs the timers are spread over (crc32 of the order id).
   Each shard hashes to its own cluster slot, so on Redis Cluster the shards spread over the nodes.
   Changing it strands timers on shards no longer read: the reconciler republishes them.
