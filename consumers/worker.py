@@ -74,6 +74,7 @@ class Worker:
         self._stop = threading.Event()
         self.metrics = metrics
         self.totals = WorkerTotals()
+        self._foreign_unrecorded: dict[str, int] = {}  # by owner: counted here, not yet in the registry
 
     def stop(self) -> None:
         self._stop.set()
@@ -136,17 +137,28 @@ class Worker:
 
     def _record_foreign(self, foreign: dict[str, int]) -> None:
         """Count timers of other deployments (dead-lettered by the transport) where `check`, `stats` and
-        every process's /metrics read them: the registry's control table, not this process's memory."""
+        every process's /metrics read them: the registry's control table, not this process's memory.
+
+        Never raises: the batch that came with them is handled first. Counts the registry could not
+        take are added to the next ones."""
         count = sum(foreign.values())
         self.totals.foreign += count
         if self.metrics is not None:
             self.metrics.foreign.inc(count)
-        with self._timeouts.engine.begin() as conn:
-            control.add_counts(
-                conn,
-                control.FOREIGN,
-                {"total": count, **{f"from:{owner}": n for owner, n in foreign.items()}},
-                now=self._timeouts.clock.now_ms(),
-                last_from=max(foreign, key=lambda owner: foreign[owner]),
-                last_worker=self._handler.worker_id,
-            )
+        for owner, n in foreign.items():
+            self._foreign_unrecorded[owner] = self._foreign_unrecorded.get(owner, 0) + n
+        pending = self._foreign_unrecorded
+        try:
+            with self._timeouts.engine.begin() as conn:
+                control.add_counts(
+                    conn,
+                    control.FOREIGN,
+                    {"total": sum(pending.values()), **{f"from:{owner}": n for owner, n in pending.items()}},
+                    now=self._timeouts.clock.now_ms(),
+                    last_from=max(foreign, key=lambda owner: foreign[owner]),
+                    last_worker=self._handler.worker_id,
+                )
+        except SQLAlchemyError as exc:
+            log.warning("foreign deliveries not recorded in the registry yet: %s", first_line(exc))
+            return
+        self._foreign_unrecorded = {}

@@ -260,7 +260,9 @@ class BrokerTransport(Transport):
     Rules for the producer side:
     - Every message carries the deployment's identity (`Deployment.stamp`), and where deployments
       could share the broker's names (a Redis database, a RabbitMQ vhost) the names carry it too, so
-      that two registries on one broker never see each other's timers.
+      that two registries on one broker never see each other's timers. A broker whose names and
+      messages cannot carry it (rq) owns its names instead: a process of another deployment is
+      refused with ForeignNames.
     - `publish` returns only once the broker has confirmed every message (raise otherwise): a
       message is never assumed sent. The caller then marks its rows published; rows left unmarked
       are published again by the relay.
