@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -342,3 +343,23 @@ def test_an_upgrade_republishes_the_timers_of_the_old_names_into_the_new_ones_at
     assert cancel_counts(lone.engine) == dict.fromkeys(ids, 1)
     records = registry_records(lone.engine)
     assert max(r.fired_ms - r.due_ms for r in records.values()) < LATE_BOUND_MS  # type: ignore[operator]
+
+
+def test_a_plain_rq_worker_of_another_deployment_runs_none_of_the_owners_jobs() -> None:
+    with rq_namespace() as name, postgres_schema() as owner_db, postgres_schema() as other_db:
+        url = rq_broker_url(name)
+        deploy = contextlib.contextmanager(deployed)
+        with deploy(Stack("owner", owner_db, url)) as owner, deploy(Stack("other", other_db, url)) as other:
+            add_orders(owner.engine, ["o-1"])
+            add_orders(other.engine, ["o-1"])
+            owner.timeouts().schedule("o-1", due_at=datetime.now(UTC))
+            rq_cli = str(Path(sys.executable).with_name("rq"))
+            command = [rq_cli, "worker", "--with-scheduler", "--burst", "-S", "json", "-n", f"{name}-other", name]
+            ran = subprocess.run(command, env=other.env(), capture_output=True, text=True, timeout=60, check=False)
+            assert "belongs to deployment" in ran.stderr, ran.stderr[-2000:]
+            assert cancel_counts(other.engine) == {} and cancel_counts(owner.engine) == {}
+            record = owner.timeouts().get("o-1")
+            assert record is not None and record.state is TimeoutState.PENDING, "the owner's row waits, untouched"
+            # The owner's reconciler publishes it again; its own workers handle it.
+            assert owner.timeouts().republish_stranded(timedelta(0)) == 1
+            owner.drain_until(lambda: cancel_counts(owner.engine) == {"o-1": 1})
