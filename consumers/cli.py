@@ -13,16 +13,16 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
 
 from scheduler.cli import Context, add_command
 from scheduler.cli.health import EXTRA_CHECKS, Probe
-from scheduler.cli.operate import MetricsPortOption
+from scheduler.cli.operate import ORDER_STATUS_READERS, MetricsPortOption
 from scheduler.cli.render import console
 from scheduler.config import ENV_BROKER_URL, ENV_DATABASE_URL, Settings, redact
-from scheduler.recheck import ORDER_STATUS_READERS, StatusReader
 
 log = logging.getLogger("order_timeouts.worker")
 #: how often `worker --processes` looks whether a child died
@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
     ORDER_STATUS_READERS.append(order_status_reader)
 
 
-def order_status_reader(settings: Settings) -> StatusReader:
+def order_status_reader(settings: Settings) -> Callable[..., Any]:
     """The recheck's way to the order store (`maintain`): the workers' own store, its payment status."""
     from consumers.orders import load_order_store
 

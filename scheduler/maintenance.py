@@ -16,7 +16,7 @@
   the registry recorded (scheduler/recheck.py): orders paid after this product cancelled them (late
   payments, the shop's refunds) and outcomes the store now contradicts are counted in the
   registry's control table, for `stats` and /metrics. Runs where an order store is known (the
-  consumers side registers it, see recheck.ORDER_STATUS_READERS).
+  consumers side registers it, see scheduler.cli.operate.ORDER_STATUS_READERS).
 
 Jobs never overlap (max_instances=1) and missed runs coalesce. Several `maintain` processes may
 run: each job takes a lease row in the registry first, so only one process works on it at a time,

@@ -24,15 +24,10 @@ from typing import Any
 from sqlalchemy import Connection, Engine
 
 from scheduler import registry
-from scheduler.config import Settings
 from scheduler.registry import Outcome, control
 
 #: how the recheck asks the order store: payment status per order id (consumers' OrderStore.payment_status)
 StatusReader = Callable[[Connection, Sequence[str]], Mapping[str, Any]]
-
-#: how `maintain` asks the order store for payment statuses: factories that the consumers side
-#: registers (consumers/cli.py), since `scheduler` never imports `consumers`
-ORDER_STATUS_READERS: list[Callable[[Settings], StatusReader]] = []
 
 #: most timeouts one run asks about: one call to the order store, whatever the throughput
 RECHECK_SAMPLE = 200

@@ -5,9 +5,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 from scheduler.cli import Context, app
 from scheduler.cli.render import console, iso, parse_instant, print_json, record_json
 from scheduler.clock import parse_duration
-from scheduler.config import redact
+from scheduler.config import Settings, redact
 from scheduler.errors import InvalidTimeout
 
 DelayOption = Annotated[str | None, typer.Option("--delay", help="From now: 90s, 30m, 2h, 1d.")]
@@ -30,6 +30,11 @@ MetricsPortOption = Annotated[
     int | None, typer.Option("--metrics-port", min=1, max=65535, help="Serve Prometheus /metrics on this port.")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+#: how `maintain`'s recheck asks the order store for payment statuses (scheduler/recheck.py
+#: StatusReader): factories the consumers side registers (consumers/cli.py), since `scheduler`
+#: never imports `consumers`
+ORDER_STATUS_READERS: list[Callable[[Settings], Callable[..., Any]]] = []
 
 
 @app.command("init-db")
@@ -190,7 +195,6 @@ def maintain(
 ) -> None:
     """Run the relay, the reconciler, the purge and the recheck (several processes may run; leases keep them apart)."""
     from scheduler.maintenance import JOB_VERBS, Maintenance, MaintenancePlan
-    from scheduler.recheck import ORDER_STATUS_READERS
 
     plan = MaintenancePlan(
         relay_interval=parse_duration(relay_interval, "--relay-interval"),

@@ -352,11 +352,13 @@ def test_a_plain_rq_worker_of_another_deployment_runs_none_of_the_owners_jobs() 
         with deploy(Stack("owner", owner_db, url)) as owner, deploy(Stack("other", other_db, url)) as other:
             add_orders(owner.engine, ["o-1"])
             add_orders(other.engine, ["o-1"])
-            owner.timeouts().schedule("o-1", due_at=datetime.now(UTC))
+            # Due 2 s ago: RQ's scheduler moves a job once its whole-second clock has passed the due time.
+            owner.timeouts().schedule("o-1", due_at=datetime.now(UTC) - timedelta(seconds=2))
             rq_cli = str(Path(sys.executable).with_name("rq"))
             command = [rq_cli, "worker", "--with-scheduler", "--burst", "-S", "json", "-n", f"{name}-other", name]
             ran = subprocess.run(command, env=other.env(), capture_output=True, text=True, timeout=60, check=False)
-            assert "belongs to deployment" in ran.stderr, ran.stderr[-2000:]
+            output = ran.stdout + ran.stderr
+            assert "belongs to deployment" in output, output[-2000:]
             assert cancel_counts(other.engine) == {} and cancel_counts(owner.engine) == {}
             record = owner.timeouts().get("o-1")
             assert record is not None and record.state is TimeoutState.PENDING, "the owner's row waits, untouched"
