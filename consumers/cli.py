@@ -13,14 +13,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from scheduler.cli import Context, add_command
 from scheduler.cli.health import EXTRA_CHECKS, Probe
-from scheduler.cli.operate import MetricsPortOption
+from scheduler.cli.operate import ORDER_STATUS_READERS, MetricsPortOption
 from scheduler.cli.render import console
 from scheduler.config import ENV_BROKER_URL, ENV_DATABASE_URL, ENV_MODE, Settings, parse_mode, redact
 
@@ -34,6 +35,14 @@ def register(app: typer.Typer) -> None:
     add_command(app, worker, after="fire")
     add_command(app, demo, after="worker")
     EXTRA_CHECKS.append(order_store_probe)
+    ORDER_STATUS_READERS.append(order_status_reader)
+
+
+def order_status_reader(settings: Settings) -> Callable[..., Any]:
+    """The recheck's way to the order store (`maintain`): the workers' own store, its payment status."""
+    from consumers.orders import load_order_store
+
+    return load_order_store(settings).payment_status
 
 
 def worker(

@@ -37,7 +37,7 @@ from consumers.worker import worker_id
 from scheduler.api import OrderTimeouts
 from scheduler.clock import Clock
 from scheduler.config import ENV_BROKER_URL, Settings, redact
-from scheduler.errors import ConfigurationError, MalformedMessage
+from scheduler.errors import ConfigurationError, ForeignNames, MalformedMessage, TransportUnavailable
 from scheduler.transports.base import FAILED_REDELIVERY_MS, Batch, Delivery, TimerMessage
 from scheduler.transports.rq.adapter import RQTransport, job_message
 from scheduler.transports.rq.jobs import job_args
@@ -59,6 +59,17 @@ def fire_timeout(*_call: Any) -> Retry | None:
     if job is None:
         raise RuntimeError("fire_timeout is an RQ job function: an rq worker runs it")
     context = _context()
+    try:
+        # The queue may belong to another deployment (another registry): then none of its jobs is run
+        # here, where this registry would ack it as stale (keys.rq_owner_keys). The job fails, and RQ
+        # keeps it in its FailedJobRegistry for its owner. A no-op once connected.
+        context.transport.connect()
+    except ForeignNames as exc:
+        log.error("job %s not run: %s", job.id, exc)
+        _no_crash_retry(job)
+        raise
+    except TransportUnavailable:
+        pass  # an outage: the handler below finds it and hands the job back (`settlement.failed`)
     try:
         timer = job_message(job, context.transport.options.prefix)
     except MalformedMessage:

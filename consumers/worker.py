@@ -29,6 +29,7 @@ from scheduler.config import Mode
 from scheduler.errors import TransportUnavailable
 from scheduler.observability import Health, WorkerMetrics
 from scheduler.outage import Outage, first_line
+from scheduler.registry import control
 from scheduler.registry.control import Pause
 
 log = logging.getLogger("order_timeouts.worker")
@@ -42,6 +43,7 @@ PAUSED_POLL_S = 1.0
 @dataclass
 class WorkerTotals(BatchReport):
     batches: int = 0
+    foreign: int = 0  #: timers of another deployment, dead-lettered by the transport
 
     def add(self, report: BatchReport) -> None:
         self.batches += 1
@@ -89,6 +91,7 @@ class Worker:
         self.totals = WorkerTotals()
         #: the pause this worker last reported, so that it logs each pause once
         self._seen_pause: tuple[int, str] | None = None
+        self._foreign_unrecorded: dict[str, int] = {}  # by owner: counted here, not yet in the registry
 
     def stop(self) -> None:
         self._stop.set()
@@ -120,6 +123,8 @@ class Worker:
             health.beat()
             try:
                 batch = self._transport.receive(self._batch_size, 0.0 if self._burst else RECEIVE_SLICE_S)
+                if batch.foreign:
+                    self._record_foreign(batch.foreign)
                 if not batch:
                     outage.recovered()
                     health.connected(True)
@@ -177,3 +182,31 @@ class Worker:
             from_ms(pause.since_ms).isoformat(timespec="seconds"),
             pause.reason,
         )
+
+    def _record_foreign(self, foreign: dict[str, int]) -> None:
+        """Count timers of other deployments (dead-lettered by the transport) where `check`, `stats` and
+        every process's /metrics read them: the registry's control table, not this process's memory.
+
+        Never raises: the batch that came with them is handled first. Counts the registry could not
+        take are added to the next ones."""
+        count = sum(foreign.values())
+        self.totals.foreign += count
+        if self.metrics is not None:
+            self.metrics.foreign.inc(count)
+        for owner, n in foreign.items():
+            self._foreign_unrecorded[owner] = self._foreign_unrecorded.get(owner, 0) + n
+        pending = self._foreign_unrecorded
+        try:
+            with self._timeouts.engine.begin() as conn:
+                control.add_counts(
+                    conn,
+                    control.FOREIGN,
+                    {"total": sum(pending.values()), **{f"from:{owner}": n for owner, n in pending.items()}},
+                    now=self._timeouts.clock.now_ms(),
+                    last_from=max(foreign, key=lambda owner: foreign[owner]),
+                    last_worker=self._handler.worker_id,
+                )
+        except SQLAlchemyError as exc:
+            log.warning("foreign deliveries not recorded in the registry yet: %s", first_line(exc))
+            return
+        self._foreign_unrecorded = {}

@@ -27,6 +27,11 @@ class TransportUnavailable(OrderTimeoutsError):
     """The broker cannot be reached; the registry still holds the timeout and the relay will publish it."""
 
 
+class ForeignNames(TransportUnavailable):
+    """The broker names this transport would use belong to another deployment (another registry):
+    nothing is taken from them, so that neither deployment handles, and acks, the other's timers."""
+
+
 class OrderStoreUnavailable(OrderTimeoutsError):
     """The order store could not answer at all: an outage, not an answer about the orders. The batch
     is handed back whole: nothing is cancelled or decided, and no attempt is spent."""

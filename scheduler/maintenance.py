@@ -10,6 +10,13 @@
   backlog (retention just turned on, or shortened) goes over several runs and never holds the
   lease or the database for long. Dead timeouts stay for a person to look at. Off with
   ORDER_TIMEOUTS_RETENTION=off.
+- recheck: exactly-once watched in production. A sample of the timeouts that finished since the
+  last run (at most RECHECK_SAMPLE, the newest, each at least one interval old, read from the
+  finished-rows index) is asked of the order store again, in one call, and compared with the outcome
+  the registry recorded (scheduler/recheck.py): orders paid after this product cancelled them (late
+  payments, the shop's refunds) and outcomes the store now contradicts are counted in the
+  registry's control table, for `stats` and /metrics. Runs where an order store is known (the
+  consumers side registers it, see scheduler.cli.operate.ORDER_STATUS_READERS).
 
 Jobs never overlap (max_instances=1) and missed runs coalesce. Several `maintain` processes may
 run: each job takes a lease row in the registry first, so only one process works on it at a time,
@@ -33,11 +40,12 @@ from types import FrameType
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.exc import SQLAlchemyError
 
-from scheduler import registry, retention
+from scheduler import recheck, registry, retention
 from scheduler.api import OrderTimeouts
-from scheduler.errors import TransportUnavailable
+from scheduler.errors import OrderStoreUnavailable, TransportUnavailable
 from scheduler.observability import GAUGES_LEASE, MaintenanceMetrics
 from scheduler.outage import Outage, first_line
+from scheduler.recheck import StatusReader
 
 log = logging.getLogger("order_timeouts.maintain")
 
@@ -49,7 +57,7 @@ MAX_ROWS_PER_RUN = 100_000
 #: at the design's rates (500 a second is 30,000 a minute)
 MAX_PURGE_ROWS_PER_RUN = 100_000
 #: what each job's rows are, for its log line and `maintain --once`
-JOB_VERBS = {"relay": "published", "reconciler": "published", "purge": "purged"}
+JOB_VERBS = {"relay": "published", "reconciler": "published", "purge": "purged", "recheck": "rechecked"}
 #: how often `serve` looks whether it was asked to stop
 STOP_POLL_S = 0.2
 
@@ -60,6 +68,7 @@ class MaintenancePlan:
     sweep_interval: timedelta = timedelta(seconds=15)
     grace: timedelta = timedelta(seconds=60)
     purge_interval: timedelta = timedelta(minutes=1)
+    recheck_interval: timedelta = timedelta(minutes=5)
 
 
 @dataclass
@@ -71,9 +80,16 @@ class JobRun:
 
 
 class Maintenance:
-    def __init__(self, timeouts: OrderTimeouts, plan: MaintenancePlan | None = None) -> None:
+    def __init__(
+        self,
+        timeouts: OrderTimeouts,
+        plan: MaintenancePlan | None = None,
+        *,
+        order_status: StatusReader | None = None,
+    ) -> None:
         self._timeouts = timeouts
         self.plan = plan or MaintenancePlan()
+        self._order_status = order_status
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"[:128]
         #: set by `maintain --metrics-port`: when each task last ran without error
         self.metrics: MaintenanceMetrics | None = None
@@ -110,6 +126,18 @@ class Maintenance:
 
         return self._run("purge", self.plan.purge_interval, step)
 
+    def recheck(self) -> JobRun:
+        """Ask the order store again about a sample of recently finished timeouts (skipped without one)."""
+        read_status = self._order_status
+        if read_status is None:
+            return JobRun("recheck", skipped=True)
+        timeouts, interval = self._timeouts, self.plan.recheck_interval
+
+        def step() -> int:
+            return recheck.run(timeouts.engine, read_status, now=timeouts.clock.now_ms(), min_age=interval)
+
+        return self._run("recheck", interval, step)
+
     @property
     def jobs(self) -> list[tuple[str, Callable[[], JobRun], timedelta]]:
         """(name, run, interval) of every job this process runs: the purge only with a retention."""
@@ -119,6 +147,8 @@ class Maintenance:
         ]
         if self._timeouts.settings.retention is not None:
             jobs.append(("purge", self.purge, self.plan.purge_interval))
+        if self._order_status is not None:
+            jobs.append(("recheck", self.recheck, self.plan.recheck_interval))
         return jobs
 
     def run_once(self) -> list[JobRun]:
@@ -181,6 +211,10 @@ class Maintenance:
         except TransportUnavailable as exc:
             run.error = str(exc)
             self._backoff_until[job] = time.monotonic() + outage.failed(timeouts.transport.component, run.error)
+            return run
+        except OrderStoreUnavailable as exc:
+            run.error = str(exc)
+            self._backoff_until[job] = time.monotonic() + outage.failed("the order store", run.error)
             return run
         except SQLAlchemyError as exc:
             run.error = f"registry unavailable: {type(exc).__name__}: {first_line(exc)}"

@@ -19,13 +19,13 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from scheduler import registry
+from scheduler import recheck, registry
 from scheduler.clock import Clock
 from scheduler.database import reading
 from scheduler.registry import control
@@ -49,6 +49,11 @@ class WorkerMetrics:
         self.breaker_trips = Counter(
             "order_timeouts_breaker_trips_total",
             "Pauses this worker's circuit breaker started (the fleet's pause: order_timeouts_paused)",
+            registry=prometheus,
+        )
+        self.foreign = Counter(
+            "order_timeouts_foreign_deliveries_total",
+            "Timers of another deployment (another registry) delivered to this worker and dead-lettered",
             registry=prometheus,
         )
         self.batch_seconds = Histogram(
@@ -138,7 +143,7 @@ class RegistryCollector(Collector):
         self._clock = clock
         self._lease = lease
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         pending = GaugeMetricFamily("order_timeouts_pending", "Timeouts waiting for their due time or a worker")
         overdue = GaugeMetricFamily("order_timeouts_overdue", "Pending timeouts past their due time")
         lag = GaugeMetricFamily("order_timeouts_overdue_lag_seconds", "Age of the oldest overdue pending timeout")
@@ -175,6 +180,8 @@ class RegistryCollector(Collector):
                 unpublished_count = registry.count_unpublished(conn)
                 oldest_finished = registry.oldest_finished_ms(conn, registry.PURGED_STATES)
                 paused = control.read_pause(conn)
+                found = recheck.figures(conn)
+                foreign = control.read(conn, control.FOREIGN) or {}
         except SQLAlchemyError:
             up.add_metric([], 0)
             yield up
@@ -188,6 +195,28 @@ class RegistryCollector(Collector):
         finished_age.add_metric([], max(now - oldest_finished, 0) / 1000 if oldest_finished is not None else 0.0)
         up.add_metric([], 1)
         yield from (pending, overdue, due_soon, lag, dead, unpublished, finished_age, up, *_pause_gauges(paused, now))
+        # Fleet-wide counts kept in the registry (control table), the same from every process.
+        for name, documentation, value in (
+            ("rechecked", "Finished timeouts maintain's recheck asked the order store about again", found["checked"]),
+            (
+                "late_payments",
+                "Rechecked orders paid after this product cancelled them (refunds)",
+                found["late_payments"],
+            ),
+            (
+                "recheck_disagreements",
+                "Rechecked timeouts whose recorded outcome the order store now contradicts",
+                found["disagreements"],
+            ),
+            (
+                "registry_foreign_deliveries",
+                "Timers of other deployments dead-lettered by this deployment's workers",
+                int(foreign.get("total", 0)),
+            ),
+        ):
+            family = CounterMetricFamily(f"order_timeouts_{name}", documentation)
+            family.add_metric([], value)
+            yield family
 
 
 def _pause_gauges(pause: Pause | None, now: int) -> tuple[GaugeMetricFamily, GaugeMetricFamily]:

@@ -8,12 +8,14 @@ the default SQL order store of `consumers` reads and cancels through it.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Column, Connection, DateTime, Engine, MetaData, String, Table, inspect, text
 
 from scheduler.config import OrdersTableNames
 from scheduler.names import LEASE_TABLE, MIGRATIONS_VERSION_TABLE, REGISTRY_TABLE
+from scheduler.registry import control
 
 # Alembic is imported by the functions that migrate: the workers import this module for the
 # orders table alone.
@@ -103,6 +105,9 @@ def init_db(engine: Engine, orders: OrdersTableNames | None) -> list[str]:
             # Created by create_all before migrations existed: record what it already has.
             command.stamp(config, "0002" if LEASE_TABLE in before else "0001")
         command.upgrade(config, "head")
+        # The deployment's identity (registry/control.py), before any process publishes: init-db
+        # runs before the workers in every documented deploy, so their names are this one's.
+        control.ensure_deployment(conn, now=int(time.time() * 1000))
         if orders is not None and orders.table not in before:
             extra = MetaData()
             orders_table(orders, extra)

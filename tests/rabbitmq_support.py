@@ -18,6 +18,8 @@ import pika
 import pytest
 
 from scheduler.clock import SystemClock
+from scheduler.database import make_engine
+from scheduler.schema import init_db
 from scheduler.transports.rabbitmq.adapter import RabbitMQTransport
 from tests.services import RABBITMQ_URL, require, unique
 from tests.support import postgres_schema
@@ -50,18 +52,25 @@ def rabbitmq_vhost() -> Iterator[str]:
         rabbitmqctl("delete_vhost", vhost)
 
 
-def declare_topology(broker_url: str) -> None:
+def declare_topology(broker_url: str, database_url: str | None = None) -> None:
     """What a deployment's first worker does: create the quorum queues (about half a second here);
     and what its relay's first run leaves: the marker saying the broker holds its timers.
 
     Done before the test starts, so that the test's first schedule() publishes in milliseconds, and
-    its first relay run publishes only what is unpublished, as on a broker already in service.
+    its first relay run publishes only what is unpublished, as on a broker already in service. With
+    the registry's database, the registry is created first and the queues are its deployment's.
     """
-    transport = RabbitMQTransport(broker_url, SystemClock())
+    engine = None
+    if database_url is not None:
+        engine = make_engine(database_url)
+        init_db(engine, None)
+    transport = RabbitMQTransport(broker_url, SystemClock(), engine)
     try:
         transport.timers_restored()
     finally:
         transport.close()
+        if engine is not None:
+            engine.dispose()
 
 
 @contextlib.contextmanager
@@ -70,7 +79,7 @@ def rabbitmq_stack(tmp: Path, **options: object) -> Iterator[tuple[str, str]]:
     with postgres_schema() as database_url, rabbitmq_vhost() as broker_url:
         if options:
             broker_url += "?" + "&".join(f"{key}={value}" for key, value in options.items())
-        declare_topology(broker_url)
+        declare_topology(broker_url, database_url)
         yield database_url, broker_url
 
 

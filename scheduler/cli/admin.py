@@ -134,7 +134,7 @@ def show(ctx: typer.Context, order_id: str, as_json: JsonOption = False) -> None
 @app.command()
 def stats(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Pending, overdue and dead counts, overdue lag, what finished in the last 5 minutes, broker figures."""
-    from scheduler import registry
+    from scheduler import recheck, registry
     from scheduler.cli.health import clock_offset_ms
     from scheduler.database import reading
     from scheduler.registry import Outcome, TimeoutState, control
@@ -156,6 +156,9 @@ def stats(ctx: typer.Context, as_json: JsonOption = False) -> None:
         oldest_finished = registry.oldest_finished_ms(conn, registry.PURGED_STATES)
         oldest_dead = registry.oldest_finished_ms(conn, [TimeoutState.DEAD])
         paused = control.read_pause(conn)
+        deployment = control.read(conn, control.DEPLOYMENT) or {}
+        foreign = control.read(conn, control.FOREIGN) or {}
+        found = recheck.figures(conn)
     # Shadow outcomes apart from what was done to orders: nothing was cancelled for them.
     shadow_5m = {"would_cancel": last_5_minutes.pop(f"done:{Outcome.WOULD_CANCEL.value}", 0)}
     retention = timeouts.settings.retention
@@ -181,6 +184,24 @@ def stats(ctx: typer.Context, as_json: JsonOption = False) -> None:
         "oldest_finished_at": iso(oldest_finished),
         "oldest_finished_age_seconds": None if oldest_finished is None else round((now - oldest_finished) / 1000, 3),
         "oldest_dead_at": iso(oldest_dead),
+        # This registry's identity, which its broker names and messages carry (docs/operations.md)
+        "deployment": deployment.get("id"),
+        # Timers of other deployments that reached this one's workers and were dead-lettered
+        "foreign_deliveries": {
+            "total": int(foreign.get("total", 0)),
+            "last_at": iso(foreign.get("updated_ms")),
+            "last_from": foreign.get("last_from"),
+        },
+        # maintain's recheck: finished timeouts asked of the order store again (scheduler/recheck.py)
+        "exactly_once": {
+            "rechecked": found["checked"],
+            "late_payments": found["late_payments"],
+            "disagreements": found["disagreements"],
+            "unknown": found["unknown"],
+            "last_recheck_at": iso(found["last_run_ms"]),
+            "late_payment_examples": found["late_payments_examples"],
+            "disagreement_examples": found["disagreements_examples"],
+        },
     }
     if as_json:
         print_json(data)
@@ -206,6 +227,13 @@ def stats(ctx: typer.Context, as_json: JsonOption = False) -> None:
     table.add_row("oldest dead", relative(oldest_dead, now))
     if offset_ms is not None:
         table.add_row("this clock vs the registry's", f"{offset_ms / 1000:+.3f} s")
+    table.add_row("deployment", str(data["deployment"] or "-"))
+    table.add_row("foreign deliveries (dead-lettered)", str(data["foreign_deliveries"]["total"]))
+    checked = data["exactly_once"]
+    table.add_row(
+        "late payments (paid after cancel)", f"{checked['late_payments']} of {checked['rechecked']} rechecked"
+    )
+    table.add_row("outcomes the order store disagrees with", f"{checked['disagreements']} of {checked['rechecked']}")
     if paused is not None:
         console.print(f"[bold red]{escape(pause_line(paused, now))}[/]", highlight=False, soft_wrap=True)
     console.print(table)

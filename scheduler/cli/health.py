@@ -22,6 +22,8 @@ from scheduler.names import REGISTRY_TABLE
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
+    from scheduler.api import OrderTimeouts
+
 
 @dataclass(frozen=True)
 class Probe:
@@ -87,6 +89,10 @@ def check(
         if broker_offset_ms is not None:
             results.append(_clock_result("broker clock", broker_offset_ms, settings, started))
 
+    if database_problem is None:
+        started = time.perf_counter()
+        results.append(_deployment_result(timeouts, problem, started))
+
     for extra in EXTRA_CHECKS:
         probe = extra(settings)
         if probe is None:
@@ -128,6 +134,45 @@ def _pause_result(engine: Engine, now_ms: int) -> dict[str, object]:
         return _result("pause", "unknown", f"the control table cannot be read: {type(exc).__name__}", started)
     result = _result("pause", "not paused" if paused is None else pause_line(paused, now_ms), None, started)
     return {**result, "paused": pause_json(paused)}
+
+
+#: `check` fails while the latest foreign delivery is younger than this
+FOREIGN_RECENT_MS = 3_600_000
+
+
+def _deployment_result(timeouts: OrderTimeouts, broker_problem: str | None, started: float) -> dict[str, object]:
+    """This registry's identity, and anything of another deployment seen on its broker: timers its
+    workers dead-lettered as foreign in the last hour, consumers on names another deployment reads."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from scheduler.database import reading
+    from scheduler.registry import control
+
+    try:
+        with reading(timeouts.engine) as conn:
+            deployment = control.read(conn, control.DEPLOYMENT) or {}
+            foreign = control.read(conn, control.FOREIGN) or {}
+    except SQLAlchemyError as exc:
+        problem = f"control table unreadable ({type(exc).__name__}): run `order-timeouts init-db`"
+        return _result("deployment", "unknown", problem, started)
+    problems = []
+    latest = foreign.get("updated_ms")
+    if latest is not None and timeouts.clock.now_ms() - int(latest) < FOREIGN_RECENT_MS:
+        problems.append(
+            f"{foreign.get('total', 0)} foreign deliveries dead-lettered so far, the latest "
+            f"{(timeouts.clock.now_ms() - int(latest)) / 1000:.0f} s ago from deployment {foreign.get('last_from')}"
+        )
+    if broker_problem is None:
+        try:
+            consumers = timeouts.transport.foreign_consumers()
+        except OrderTimeoutsError as exc:
+            consumers = f"cannot list consumers: {exc}"
+        if consumers is not None:
+            problems.append(consumers)
+    if problems:
+        problems.append("another deployment shares this broker's names (docs/operations.md)")
+    target = str(deployment.get("id") or "no identity yet (init-db, or the first worker, writes it)")
+    return _result("deployment", target, "; ".join(problems) or None, started)
 
 
 def _clock_result(component: str, offset_ms: int, settings: Settings, started: float) -> dict[str, object]:

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 from scheduler.cli import Context, app
 from scheduler.cli.render import console, iso, parse_instant, print_json, record_json
 from scheduler.clock import parse_duration
-from scheduler.config import redact
+from scheduler.config import Settings, redact
 from scheduler.errors import InvalidTimeout
 
 DelayOption = Annotated[str | None, typer.Option("--delay", help="From now: 90s, 30m, 2h, 1d.")]
@@ -31,6 +31,11 @@ MetricsPortOption = Annotated[
     int | None, typer.Option("--metrics-port", min=1, max=65535, help="Serve Prometheus /metrics on this port.")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+#: how `maintain`'s recheck asks the order store for payment statuses (scheduler/recheck.py
+#: StatusReader): factories the consumers side registers (consumers/cli.py), since `scheduler`
+#: never imports `consumers`
+ORDER_STATUS_READERS: list[Callable[[Settings], Callable[..., Any]]] = []
 
 
 @app.command("init-db")
@@ -226,6 +231,10 @@ def maintain(
     purge_interval: Annotated[
         str, typer.Option(help="How often finished timeouts older than ORDER_TIMEOUTS_RETENTION are purged.")
     ] = "1m",
+    recheck_interval: Annotated[
+        str,
+        typer.Option(help="How often a sample of finished timeouts is compared with the order store (late payments)."),
+    ] = "5m",
     once: Annotated[bool, typer.Option("--once", help="Run each job once and exit (cron, tests).")] = False,
     metrics_port: MetricsPortOption = None,
     gauge_lease: Annotated[
@@ -236,7 +245,7 @@ def maintain(
     ] = "45s",
     as_json: JsonOption = False,
 ) -> None:
-    """Run the outbox relay, the reconciler and the purge (several processes may run; leases keep them apart)."""
+    """Run the relay, the reconciler, the purge and the recheck (several processes may run; leases keep them apart)."""
     from scheduler.maintenance import JOB_VERBS, Maintenance, MaintenancePlan
 
     plan = MaintenancePlan(
@@ -244,6 +253,7 @@ def maintain(
         sweep_interval=parse_duration(sweep_interval, "--sweep-interval"),
         grace=parse_duration(grace, "--grace"),
         purge_interval=parse_duration(purge_interval, "--purge-interval"),
+        recheck_interval=parse_duration(recheck_interval, "--recheck-interval"),
     )
     gauge_lease_ttl = parse_duration(gauge_lease, "--gauge-lease")
     intervals = {
@@ -251,12 +261,14 @@ def maintain(
         "--sweep-interval": plan.sweep_interval,
         "--purge-interval": plan.purge_interval,
         "--gauge-lease": gauge_lease_ttl,
+        "--recheck-interval": plan.recheck_interval,
     }
     for name, value in intervals.items():
         if value.total_seconds() <= 0:
             raise InvalidTimeout(f"{name} must be positive")
     timeouts = ctx.ensure_object(Context).timeouts()
-    jobs = Maintenance(timeouts, plan)
+    readers = [factory(timeouts.settings) for factory in ORDER_STATUS_READERS]
+    jobs = Maintenance(timeouts, plan, order_status=readers[0] if readers else None)
     if not once:
         jobs.install_signal_handlers()  # before the metrics port: a process seen up stops cleanly
     if metrics_port is not None:

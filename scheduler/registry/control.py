@@ -1,24 +1,32 @@
-"""The control table's rows that steer the whole fleet: the pause, and when it was last lifted.
+"""The control table's rows (schema.py `control`): one JSON document each, steering the whole fleet
+of one deployment.
 
-    pause     {"reason": "...", "since_ms": 1764650000000, "by": "operator" | "breaker"}
-              present while the fleet is paused; `resume` deletes it
-    resumed   {"since_ms": 1764650000000, "by": "operator"}
-              the last resume: the circuit breaker counts cancels from then on, not from before
+- `pause`: `{"reason": …, "since_ms": …, "by": "operator" | "breaker"}`, present while the fleet is
+  paused; `resume` deletes it.
+- `resumed`: `{"since_ms": …, "by": "operator"}`, the last resume: the circuit breaker counts cancels
+  from then on, not from before.
+- `deployment`: this registry's identity, `{"id": …}`. Every broker message carries it, and the
+  redis and rabbitmq transports put it in their key and queue names, so two registries on one broker
+  never take each other's timers (docs/operations.md, "Several deployments on one broker").
+  `init-db` writes it; a process on a registry migrated without `init-db` creates it on first use.
+  Whoever comes first wins and everyone reads the winner's: the insert is a no-op when the row is there.
+- `foreign`: deliveries of another deployment that reached this one's workers (dead-lettered).
+- `recheck`: what `maintain`'s re-check of finished timeouts found against the order store.
 
-Workers read both rows with one primary-key read inside each batch transaction (`read_valves`),
-so a pause written by `order-timeouts pause` or by a worker's breaker holds from the next batch of
-every worker, survives restarts, and needs no message to reach anyone. Other fleet-wide rows (the
-deployment's identity) sit beside these in the same table.
+Workers read `pause` and `resumed` with one primary-key read inside each batch transaction
+(`read_valves`), so a pause written by `order-timeouts pause` or by a worker's breaker holds from the
+next batch of every worker, survives restarts, and needs no message to reach anyone.
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, delete, select, update
+from sqlalchemy import Connection, Engine, delete, select, update
 
 from scheduler.errors import InvalidInput
 from scheduler.registry.queries import fast_paths
@@ -26,6 +34,10 @@ from scheduler.registry.schema import control
 
 PAUSE = "pause"
 RESUMED = "resumed"
+DEPLOYMENT = "deployment"
+FOREIGN = "foreign"
+RECHECK = "recheck"
+
 #: longest pause reason kept; it is shown in one line by `stats`, `check`, logs and a metric label
 MAX_REASON_LENGTH = 200
 
@@ -120,3 +132,43 @@ def resume(conn: Connection, *, now: int, by: PausedBy = PausedBy.OPERATOR) -> P
     if written is None:
         fast_paths(conn).insert_control(conn, RESUMED, value, now=now)
     return None if lifted is None else Pause.from_row(lifted.value, lifted.updated_ms)
+
+
+def deployment_id(engine: Engine, *, now: int) -> str:
+    """This registry's deployment identity, created when the registry has none yet."""
+    with engine.begin() as conn:
+        return ensure_deployment(conn, now=now)
+
+
+def ensure_deployment(conn: Connection, *, now: int) -> str:
+    """Inside the caller's transaction (`init-db`): the identity, written first if absent."""
+    value = read(conn, DEPLOYMENT)
+    if value is None:
+        _insert_absent(conn, DEPLOYMENT, {"id": uuid.uuid4().hex[:12]}, now=now)
+        value = read(conn, DEPLOYMENT)
+    assert value is not None
+    return str(value["id"])
+
+
+def read(conn: Connection, name: str) -> dict[str, Any] | None:
+    text = conn.execute(select(control.c.value).where(control.c.name == name)).scalar()
+    return None if text is None else dict(json.loads(text))
+
+
+def add_counts(conn: Connection, name: str, counts: dict[str, int], *, now: int, **latest: Any) -> dict[str, Any]:
+    """Add to the row's counters and set its other fields, under a row lock (concurrent writers add up);
+    return the new value."""
+    _insert_absent(conn, name, {}, now=now)
+    locked = select(control.c.value).where(control.c.name == name).with_for_update()
+    value = dict(json.loads(conn.execute(locked).scalar_one()))
+    for key, count in counts.items():
+        value[key] = int(value.get(key, 0)) + count
+    value.update(latest, updated_ms=now)
+    conn.execute(update(control).where(control.c.name == name).values(value=json.dumps(value), updated_ms=now))
+    return value
+
+
+def _insert_absent(conn: Connection, name: str, value: dict[str, Any], *, now: int) -> None:
+    """Insert the row unless it is there; a concurrent insert of the same row wins (INSERT … ON
+    CONFLICT DO NOTHING)."""
+    fast_paths(conn).insert_control(conn, name, json.dumps(value), now=now)

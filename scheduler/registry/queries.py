@@ -393,6 +393,23 @@ def outcomes_between(conn: Connection, start_ms: int, end_ms: int) -> dict[Outco
     return result
 
 
+def finished_sample(conn: Connection, *, start_ms: int, end_ms: int, limit: int) -> list[tuple[str, str]]:
+    """(order id, outcome) of the newest `limit` done timeouts that finished in [start_ms, end_ms),
+    read backwards on the finished-rows index over the window only (the recheck's sample)."""
+    stmt = (
+        select(timeouts.c.order_id, timeouts.c.outcome)
+        .where(
+            is_finished,
+            timeouts.c.state == TimeoutState.DONE.value,
+            timeouts.c.finished_ms >= start_ms,
+            timeouts.c.finished_ms < end_ms,
+        )
+        .order_by(timeouts.c.finished_ms.desc())
+        .limit(limit)
+    )
+    return [(order_id, outcome) for order_id, outcome in conn.execute(stmt)]
+
+
 def rows_estimate(conn: Connection) -> int | None:
     """The database's own estimate of the registry's rows, from its planner statistics (no count is
     run); None when it has none yet."""

@@ -20,15 +20,18 @@ never lose one and never hand one to the handler before its due time.
 
 from __future__ import annotations
 
+import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from sqlalchemy import Connection, Engine
 
 from scheduler import registry
 from scheduler.clock import Clock
+from scheduler.errors import TransportUnavailable
 from scheduler.registry import Claim
 from scheduler.registry.control import Pause
 from scheduler.transports.message import TimerMessage
@@ -36,11 +39,14 @@ from scheduler.transports.message import TimerMessage
 if TYPE_CHECKING:
     from scheduler.outbox import Outbox
 
+log = logging.getLogger("order_timeouts.transport")
+
 __all__ = [
     "FAILED_REDELIVERY_MS",
     "Batch",
     "BrokerTransport",
     "Delivery",
+    "Deployment",
     "Settlement",
     "TimerMessage",
     "Transport",
@@ -64,6 +70,8 @@ class Batch:
     """What `receive` hands the worker: the delivered timers, and how the handler takes their rows."""
 
     deliveries: list[Delivery] = field(default_factory=list)
+    #: timers of another deployment this receive dead-lettered (never among `deliveries`), by their owner
+    foreign: dict[str, int] = field(default_factory=dict)
 
     def claim(self, conn: Connection, *, now: int, worker: str) -> list[Claim]:
         """Inside the batch transaction: take the registry rows of the delivered timers that are still
@@ -73,6 +81,71 @@ class Batch:
 
     def __bool__(self) -> bool:
         return bool(self.deliveries)
+
+
+#: a foreign delivery is logged as an error at most this often per process (with the count since)
+FOREIGN_LOG_EVERY_S = 10.0
+
+
+class Deployment:
+    """The deployment a transport is bound to: its registry's identity (registry/control.py), read on
+    first use and kept. Broker transports stamp it on every message they publish, namespace their
+    names with it where the broker shares names, and dead-letter in `receive` what carries another.
+
+    Built without a registry (`engine` None: tools and tests that only talk to a broker), it is
+    unbound: no identity, the names of releases before identities, nothing is foreign.
+    """
+
+    def __init__(self, engine: Engine | None, clock: Clock) -> None:
+        self._engine = engine
+        self._clock = clock
+        self._id: str | None = None
+        self._foreign_since_log = 0
+        self._logged_at = -FOREIGN_LOG_EVERY_S
+
+    @property
+    def id(self) -> str | None:
+        """The identity; TransportUnavailable while the registry cannot be read (no name is known)."""
+        if self._id is None and self._engine is not None:
+            from sqlalchemy.exc import SQLAlchemyError
+
+            from scheduler.registry import control
+
+            try:
+                self._id = control.deployment_id(self._engine, now=self._clock.now_ms())
+            except SQLAlchemyError as exc:
+                raise TransportUnavailable(
+                    f"the deployment identity cannot be read from the registry: {type(exc).__name__}"
+                ) from exc
+        return self._id
+
+    def stamp(self, messages: Sequence[TimerMessage]) -> list[TimerMessage]:
+        """The messages as this deployment publishes them: carrying its identity."""
+        identity = self.id
+        return [m if m.deployment == identity else replace(m, deployment=identity) for m in messages]
+
+    def foreign(self, message: TimerMessage) -> str | None:
+        """The dead-letter reason of a timer that belongs to another deployment (None for ours, and for
+        one without an identity: a message of an earlier release, in names only ours use).
+
+        Logged as an error, at most every FOREIGN_LOG_EVERY_S: a foreign timer means two
+        deployments' workers share names on the broker (docs/operations.md)."""
+        if not message.foreign_to(self.id):
+            return None
+        reason = f"foreign: timer of deployment {message.deployment}, delivered to deployment {self.id}"
+        self._foreign_since_log += 1
+        now = time.monotonic()
+        if now - self._logged_at >= FOREIGN_LOG_EVERY_S:
+            log.error(
+                "%d foreign timers dead-lettered (latest: order %s of deployment %s); this is deployment %s:"
+                " two deployments share broker names, see docs/operations.md",
+                self._foreign_since_log,
+                message.order_id,
+                message.deployment,
+                self.id,
+            )
+            self._foreign_since_log, self._logged_at = 0, now
+        return reason
 
 
 @dataclass
@@ -139,6 +212,9 @@ class Transport(ABC):
           the worker carries on: it never reaches the handler and never stops the loop.
         - Where the broker counts deliveries, `Delivery.deliveries` carries the count, so that the
           handler can dead-letter a timer that keeps killing workers.
+        - A timer of another deployment (`Deployment.foreign`) is dead-lettered with the reason, inside
+          `receive`, and counted in `Batch.foreign`: acked as stale it would be lost to its owner
+          until the owner's reconciler. A timer without an identity (an earlier release) is ours.
         """
 
     @abstractmethod
@@ -166,6 +242,12 @@ class Transport(ABC):
         transport that lives in it."""
         self.figures()
 
+    def foreign_consumers(self) -> str | None:
+        """For `check`: consumers this broker shows on names another deployment's workers read where
+        this deployment's could have been (the names of releases before identities), described;
+        None when there are none or the transport has no shared names."""
+        return None
+
     def clock_offset_ms(self) -> int | None:
         """The broker's clock minus the registry's, for `check` (None where the broker has no clock
         to read). No transport decides by the broker's clock; a broker far off it is reported."""
@@ -180,6 +262,11 @@ class BrokerTransport(Transport):
     """A transport whose timers live on a broker: writes publish after their commit (`AfterCommit`).
 
     Rules for the producer side:
+    - Every message carries the deployment's identity (`Deployment.stamp`), and where deployments
+      could share the broker's names (a Redis database, a RabbitMQ vhost) the names carry it too, so
+      that two registries on one broker never see each other's timers. A broker whose names and
+      messages cannot carry it (rq) owns its names instead: a process of another deployment is
+      refused with ForeignNames.
     - `publish` returns only once the broker has confirmed every message (raise otherwise): a
       message is never assumed sent. The caller then marks its rows published; rows left unmarked
       are published again by the relay.

@@ -8,17 +8,30 @@ from dataclasses import dataclass
 from scheduler.errors import MalformedMessage
 from scheduler.registry import MAX_ORDER_ID_LENGTH
 
+#: longest deployment identity a message may carry (the control table's own are 12 characters)
+MAX_DEPLOYMENT = 64
+
 
 @dataclass(frozen=True)
 class TimerMessage:
-    """The order, its due time in epoch milliseconds, and the registry version it was published for."""
+    """The order, its due time in epoch milliseconds, the registry version it was published for, and
+    the deployment (registry/control.py) whose registry holds it: None in messages of releases before
+    identities, which are taken as this deployment's."""
 
     order_id: str
     due_ms: int
     version: int
+    deployment: str | None = None
 
     def encode(self) -> bytes:
-        return json.dumps({"order_id": self.order_id, "due_ms": self.due_ms, "version": self.version}).encode()
+        data: dict[str, object] = {"order_id": self.order_id, "due_ms": self.due_ms, "version": self.version}
+        if self.deployment is not None:
+            data["deployment"] = self.deployment
+        return json.dumps(data).encode()
+
+    def foreign_to(self, deployment: str | None) -> bool:
+        """Whether this timer belongs to another deployment's registry than `deployment` (None: unbound)."""
+        return deployment is not None and self.deployment is not None and self.deployment != deployment
 
     @classmethod
     def decode(cls, body: bytes | str) -> TimerMessage:
@@ -40,4 +53,7 @@ class TimerMessage:
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise MalformedMessage(f"{name} must be a non-negative integer")
         assert isinstance(due_ms, int) and isinstance(version, int)
-        return cls(order_id, due_ms, version)
+        deployment = data.get("deployment")
+        if deployment is not None and (not isinstance(deployment, str) or not 0 < len(deployment) <= MAX_DEPLOYMENT):
+            raise MalformedMessage(f"deployment must be a non-empty string of at most {MAX_DEPLOYMENT} characters")
+        return cls(order_id, due_ms, version, deployment)

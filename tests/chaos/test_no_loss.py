@@ -57,9 +57,12 @@ def lose_everything(stack: Stack) -> None:
     elif stack.name == "rabbitmq":
         connection = pika.BlockingConnection(pika.URLParameters(stack.broker_url))
         channel = connection.channel()
-        from scheduler.transports.rabbitmq.keys import RABBITMQ_READY_QUEUE, rabbitmq_delay_queue
+        from scheduler.transports.rabbitmq.adapter import RabbitMQTransport
+        from scheduler.transports.rabbitmq.keys import rabbitmq_delay_queue
 
-        for queue in [RABBITMQ_READY_QUEUE, *(rabbitmq_delay_queue(level) for level in range(64))]:
+        transport = stack.timeouts().transport
+        assert isinstance(transport, RabbitMQTransport)
+        for queue in [transport.names.ready, *(rabbitmq_delay_queue(level) for level in range(64))]:
             try:
                 channel.queue_purge(queue)
             except pika.exceptions.ChannelClosedByBroker:

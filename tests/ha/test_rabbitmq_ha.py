@@ -150,7 +150,7 @@ def ha_stack(cluster: Cluster, tmp_path: Path, first: int = 1) -> Iterator[Stack
             vhost = add_cluster_vhost(first)
             try:
                 broker_url = cluster_url(vhost, first)
-                declare_topology(broker_url)
+                declare_topology(broker_url, database_url)
                 yield database_url, broker_url
             finally:
                 if cluster.killed:
@@ -280,7 +280,7 @@ def test_a_nacked_publish_is_not_counted_as_sent_and_the_relay_sends_it_again(cl
         add_orders(stack.engine, ids)
         vhost = rabbitmq_options(stack.broker_url).hosts[0].virtual_host
         # A full queue that rejects publishes (x-overflow reject-publish) makes the broker nack them.
-        policy = ["full", "^order_timeouts\\.(delay|ready)", '{"max-length": 0}']
+        policy = ["full", "^order_timeouts\\.(delay|[0-9a-f]{12}\\.ready)", '{"max-length": 0}']
         rabbitmq_cluster("ctl", "1", "-q", "set_policy", "-p", vhost, "--apply-to", "queues", *policy)
         client = stack.timeouts()
         client.transport.publish([TimerMessage("filler", 0, 1)])  # a queue at max-length 0 takes one, then is full

@@ -353,7 +353,9 @@ def test_the_redis_transport_follows_a_cluster_failover(redis_cluster_with_repli
     try:
         with side_by_side(tmp_path, {"redis": cluster_url}) as runs:
             run = runs["redis"]
-            victim = seed.get_node_from_key(redis_timers_key(prefix, 0))
+            transport = run.stack.timeouts().transport
+            assert isinstance(transport, RedisTransport)
+            victim = seed.get_node_from_key(redis_timers_key(transport.namespace, 0))
             run.start()
             ids = run.schedule(200, first_due_in=2.0, every=0.2)
             paid = run.pay(ids[::10])

@@ -23,11 +23,13 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from scheduler import TimeoutState
-from scheduler.transports.rabbitmq.keys import RABBITMQ_DEAD_QUEUE, RABBITMQ_MARKER_QUEUE, RABBITMQ_TIMERS_EXCHANGE
+from scheduler.transports.rabbitmq.adapter import RabbitMQTransport
+from scheduler.transports.rabbitmq.keys import RABBITMQ_TIMERS_EXCHANGE, RabbitMQNames
 from scheduler.transports.rabbitmq.topology import Queue as DeclaredQueue
 from scheduler.transports.rabbitmq.topology import declarations, routing_key
+from scheduler.transports.redis.adapter import RedisTransport
 from scheduler.transports.redis.keys import redis_dead_key, redis_due_key, redis_lineage_key, redis_timers_key
-from scheduler.transports.rq.keys import RQ_JOB_FUNCTION, rq_lineage_key
+from scheduler.transports.rq.keys import RQ_JOB_FUNCTION, rq_lineage_key, rq_owner_keys
 from tests.conftest import Stack, open_stack
 from tests.rabbitmq_support import channel, rabbitmqctl
 from tests.services import REDIS_URL
@@ -99,11 +101,24 @@ def query(stack: Stack, name: str) -> str:
     return parse_qs(urlsplit(stack.broker_url).query)[name][0]
 
 
+def redis_namespace(stack: Stack) -> str:
+    """The deployment's key namespace: the prefix and the registry's identity."""
+    transport = stack.timeouts().transport
+    assert isinstance(transport, RedisTransport)
+    return transport.namespace
+
+
+def rabbitmq_names(stack: Stack) -> RabbitMQNames:
+    transport = stack.timeouts().transport
+    assert isinstance(transport, RabbitMQTransport)
+    return transport.names
+
+
 def malform_redis(stack: Stack) -> None:
     client = redis.Redis.from_url(REDIS_URL)
     try:
         for n in range(MALFORMED):
-            client.xadd(redis_due_key(query(stack, "prefix"), 0), {"m": f"not json {n}"})
+            client.xadd(redis_due_key(redis_namespace(stack), 0), {"m": f"not json {n}"})
     finally:
         client.close()
 
@@ -123,7 +138,8 @@ def malform_rabbitmq(stack: Stack) -> None:
     with channel(stack.broker_url.partition("?")[0]) as ch:
         ch.confirm_delivery()
         for n in range(MALFORMED):
-            ch.basic_publish(RABBITMQ_TIMERS_EXCHANGE, routing_key(0), f"not json {n}".encode(), mandatory=True)
+            key = routing_key(0, rabbitmq_names(stack))
+            ch.basic_publish(RABBITMQ_TIMERS_EXCHANGE, key, f"not json {n}".encode(), mandatory=True)
 
 
 MALFORM: dict[str, Callable[[Stack], None]] = {"redis": malform_redis, "rq": malform_rq, "rabbitmq": malform_rabbitmq}
@@ -135,7 +151,7 @@ MALFORM: dict[str, Callable[[Stack], None]] = {"redis": malform_redis, "rq": mal
 def redis_leftovers(stack: Stack) -> list[str]:
     """The shard's stream (empty, its group without consumers), its marker, and the dead-letter
     stream within `dead_maxlen` plus one stream node (the trim is approximate): nothing else."""
-    prefix = query(stack, "prefix")
+    prefix = redis_namespace(stack)
     due, dead = redis_due_key(prefix, 0), redis_dead_key(prefix)
     client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
     try:
@@ -176,7 +192,7 @@ def rq_leftovers(stack: Stack) -> list[str]:
         expiry = time.time() + FAILURE_TTL_S + 5
         scores = client.zrange(failed, 0, -1, withscores=True)
         problems += [f"{job} stays failed past failure_ttl" for job, at in scores if at > expiry]
-        for key in sorted(keys - {failed, rq_lineage_key(name)}):
+        for key in sorted(keys - {failed, rq_lineage_key(name), *rq_owner_keys(name, name)}):
             ttl = client.ttl(key)
             job = key.rsplit(":", 1)[-1]
             if key.startswith(("rq:job:", "rq:results:")) and job not in dead_jobs:
@@ -194,12 +210,13 @@ def rabbitmq_leftovers(stack: Stack) -> list[str]:
     vhost = unquote(urlsplit(stack.broker_url).path[1:])
     listed = rabbitmqctl("list_queues", "-p", vhost, "-q", "--no-table-headers", "name", "messages")
     depths = {name: int(count) for name, count in (line.split() for line in listed.splitlines() if line.strip())}
-    declared = {step.name for step in declarations() if isinstance(step, DeclaredQueue)}
+    names = rabbitmq_names(stack)
+    declared = {step.name for step in declarations(names=names) if isinstance(step, DeclaredQueue)}
     problems = [f"queue {name} is not the transport's" for name in sorted(set(depths) - declared)]
-    bounds = {RABBITMQ_MARKER_QUEUE: 1, RABBITMQ_DEAD_QUEUE: DEAD_MAXLEN}
+    bounds = {names.marker: 1, names.dead: DEAD_MAXLEN}
     problems += [f"{name}: {count} messages" for name, count in depths.items() if count > bounds.get(name, 0)]
-    if depths.get(RABBITMQ_DEAD_QUEUE) != DEAD_MAXLEN:
-        problems.append(f"the dead-letter queue holds {depths.get(RABBITMQ_DEAD_QUEUE)}, its bound {DEAD_MAXLEN}")
+    if depths.get(names.dead) != DEAD_MAXLEN:
+        problems.append(f"the dead-letter queue holds {depths.get(names.dead)}, its bound {DEAD_MAXLEN}")
     return problems
 
 

@@ -36,6 +36,7 @@ from scheduler.transports.rabbitmq.keys import (
     RABBITMQ_READY_QUEUE,
     RABBITMQ_REASON_HEADER,
     RABBITMQ_TIMERS_EXCHANGE,
+    RabbitMQNames,
     rabbitmq_delay_queue,
     rabbitmq_expired_exchange,
 )
@@ -59,6 +60,13 @@ SOON = timedelta(milliseconds=300)
 @pytest.fixture
 def rabbit(tmp_path: Path) -> Iterator[Stack]:
     yield from open_stack("rabbitmq", {"rabbitmq": rabbitmq_stack}, tmp_path)
+
+
+def names(stack: Stack) -> RabbitMQNames:
+    """The deployment's queue names (they carry its registry's identity)."""
+    transport = stack.timeouts().transport
+    assert isinstance(transport, RabbitMQTransport)
+    return transport.names
 
 
 def finished(stack: Stack, *ids: str) -> bool:
@@ -276,18 +284,18 @@ def test_an_unroutable_timer_is_an_error_and_the_next_connection_declares_the_to
     transport = rabbit.timeouts().transport
     transport.publish([TimerMessage("first", 0, 1)])
     with channel(rabbit.broker_url) as ch:
-        ch.queue_delete(RABBITMQ_READY_QUEUE)  # an operator's mistake: timers due now route nowhere
+        ch.queue_delete(names(rabbit).ready)  # an operator's mistake: timers due now route nowhere
     with pytest.raises(TransportUnavailable, match="unroutable"):
         transport.publish([TimerMessage("lost", 0, 1)])
     transport.publish([TimerMessage("healed", 0, 1)])
     assert [d.message.order_id for d in transport.receive(10, 10).deliveries] == ["healed"]
 
 
-def dead_letters(broker_url: str) -> list[tuple[bytes, dict[str, Any]]]:
+def dead_letters(broker_url: str, queue: str = RABBITMQ_DEAD_QUEUE) -> list[tuple[bytes, dict[str, Any]]]:
     found = []
     with channel(broker_url) as ch:
         while True:
-            method, properties, body = ch.basic_get(RABBITMQ_DEAD_QUEUE, auto_ack=True)
+            method, properties, body = ch.basic_get(queue, auto_ack=True)
             if method is None:
                 return found
             found.append((body, properties.headers or {}))
@@ -300,14 +308,15 @@ def test_malformed_messages_are_dead_lettered_with_their_reason_and_the_worker_c
     with channel(rabbit.broker_url) as ch:
         ch.confirm_delivery()
         for body in MALFORMED:
-            ch.basic_publish(RABBITMQ_TIMERS_EXCHANGE, routing_key(0), body, mandatory=True)
+            ch.basic_publish(RABBITMQ_TIMERS_EXCHANGE, routing_key(0, names(rabbit)), body, mandatory=True)
     client.schedule("good", delay=SOON)
 
     rabbit.drain_until(lambda: finished(rabbit, "good"))
     assert cancel_counts(rabbit.engine) == {"good": 1}
     figures = client.transport.figures()
     assert (figures["dead_letters"], figures["ready"]) == (len(MALFORMED), 0)
-    reasons = {body: headers[RABBITMQ_REASON_HEADER] for body, headers in dead_letters(rabbit.broker_url)}
+    letters = dead_letters(rabbit.broker_url, names(rabbit).dead)
+    reasons = {body: headers[RABBITMQ_REASON_HEADER] for body, headers in letters}
     assert reasons.keys() == set(MALFORMED)
     for body, reason in zip(MALFORMED, ("not JSON", "order_id", "non-empty JSON array", "order_id"), strict=True):
         assert reason in reasons[body]
@@ -388,9 +397,10 @@ def test_a_delivery_of_a_failed_batch_comes_back_uncounted_and_can_be_dead_lette
 
     transport.settle(Settlement(dead=[(again[0], "kills every worker")]))
     assert not transport.receive(10, 0.5).deliveries, "acked after dead-lettering"
-    [(body, headers)] = dead_letters(rabbit.broker_url)
+    [(body, headers)] = dead_letters(rabbit.broker_url, names(rabbit).dead)
     dead = TimerMessage.decode(body)
-    assert (dead.order_id, dead.version) == ("poison", 1)  # due when it was handed back last
+    # Due when it was handed back last; stamped with this deployment's identity when published.
+    assert (dead.order_id, dead.version, dead.deployment) == ("poison", 1, names(rabbit).deployment)
     assert headers[RABBITMQ_REASON_HEADER] == "kills every worker"
 
 
@@ -404,7 +414,8 @@ def test_an_early_timer_is_held_until_due_and_a_far_too_early_one_re_armed(rabbi
     with channel(rabbit.broker_url) as ch:
         ch.confirm_delivery()
         for oid, at in due.items():
-            ch.basic_publish(RABBITMQ_TIMERS_EXCHANGE, routing_key(0), TimerMessage(oid, at, 1).encode())
+            key = routing_key(0, names(rabbit))
+            ch.basic_publish(RABBITMQ_TIMERS_EXCHANGE, key, TimerMessage(oid, at, 1).encode())
     assert not transport.receive(10, 0.5).deliveries
     figures = transport.figures()
     assert (figures["delayed"], figures["ready"]) == (1, 0), "one back in the cascade, one held unacked"

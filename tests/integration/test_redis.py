@@ -345,7 +345,7 @@ def test_an_entry_delivered_too_often_is_dead_lettered_and_the_registry_says_so(
     add_orders(rstack.engine, ["poison"])
     client.schedule("poison", due_at=datetime.now(UTC))
     # A worker takes it and dies without a word (here: never settles).
-    crashed = RedisTransport(url, SystemClock())
+    crashed = RedisTransport(url, SystemClock(), rstack.engine)
     assert [d.message.order_id for d in crashed.receive(10, timeout=0).deliveries] == ["poison"]
 
     rstack.drain_until(lambda: state(rstack, "poison") is not TimeoutState.PENDING, client=client)
@@ -353,8 +353,7 @@ def test_an_entry_delivered_too_often_is_dead_lettered_and_the_registry_says_so(
     assert record is not None and record.state is TimeoutState.DEAD
     assert record.error == "delivered 2 times without an ack (limit 1)"
     assert cancel_counts(rstack.engine) == {}
-    prefix = parse_url(url)[1].prefix
-    [letter] = dead_letters(raw, prefix)
+    [letter] = dead_letters(raw, crashed.namespace)
     assert (letter["order_id"], letter["reason"]) == ("poison", record.error)
     crashed.close()
     assert client.transport.figures()["pending"] == 0
@@ -399,7 +398,9 @@ def test_a_malformed_entry_goes_to_the_dead_stream_with_its_reason(
 
 
 def test_a_worker_dead_letters_malformed_entries_and_carries_on(rstack: Stack, raw: Any) -> None:
-    prefix = parse_url(rstack.broker_url)[1].prefix
+    transport = rstack.timeouts().transport
+    assert isinstance(transport, RedisTransport)
+    prefix = transport.namespace
     add_orders(rstack.engine, ["good"])
     client = rstack.timeouts()
     client.transport.receive(1, timeout=0)  # the consumer group exists

@@ -10,6 +10,7 @@ from importlib.metadata import EntryPoint
 import pytest
 
 from scheduler import ConfigurationError, transports
+from scheduler.errors import MalformedMessage
 from scheduler.testing import InMemoryTransport, ManualClock
 from scheduler.transports import SCHEMES, Transport, open_transport
 from scheduler.transports.base import FAILED_REDELIVERY_MS, Settlement
@@ -74,3 +75,22 @@ def test_a_failed_delivery_comes_back_soon_unless_a_later_timer_was_armed_meanwh
     clock.advance(timedelta(milliseconds=FAILED_REDELIVERY_MS))
     (again,) = transport.receive(10, 0).deliveries
     assert again.message.order_id == "a" and again.deliveries == 1, "a fresh delivery, not counted"
+
+
+def test_a_message_carries_its_deployment_and_one_without_it_is_read_as_ours() -> None:
+    stamped = TimerMessage("A-1", 5, 2, "3f9a1c2b9d0e")
+    assert TimerMessage.decode(stamped.encode()) == stamped
+    legacy = TimerMessage.decode(b'{"order_id": "A-1", "due_ms": 5, "version": 2}')
+    assert legacy.deployment is None
+    assert not legacy.foreign_to("3f9a1c2b9d0e") and not stamped.foreign_to("3f9a1c2b9d0e")
+    assert stamped.foreign_to("0123456789ab") and not stamped.foreign_to(None)
+
+
+@pytest.mark.parametrize("deployment", ['""', "7", "null", '"' + "x" * 65 + '"', "[]"])
+def test_a_message_whose_deployment_is_not_a_short_string_is_malformed(deployment: str) -> None:
+    body = f'{{"order_id": "A-1", "due_ms": 5, "version": 2, "deployment": {deployment}}}'.encode()
+    if deployment == "null":  # an explicit null is the same as no identity
+        assert TimerMessage.decode(body).deployment is None
+        return
+    with pytest.raises(MalformedMessage, match="deployment must be a non-empty string"):
+        TimerMessage.decode(body)

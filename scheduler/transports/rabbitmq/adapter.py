@@ -5,6 +5,10 @@ that the workers consume as competing consumers.
                                                                           │ x-delivery-limit
                                                   dead letters ─────────▶ order_timeouts.dead
 
+The ready, dead-letter and marker queues are the deployment's own, `order_timeouts.<identity>.…`,
+and every routing key ends in its identity (keys.RabbitMQNames); the cascade is shared by every
+deployment on the vhost. A timer of another deployment that arrives anyway is dead-lettered in
+`receive` with the reason, and counted (base.Deployment).
 The cascade and why it is built that way: scheduler/transports/rabbitmq/topology.py. The connection
 and its I/O thread (heartbeats, windowed publisher confirms): scheduler/transports/rabbitmq/link.py.
 
@@ -71,13 +75,20 @@ from sqlalchemy import Engine
 
 from scheduler.clock import Clock
 from scheduler.errors import MalformedMessage
-from scheduler.transports.base import FAILED_REDELIVERY_MS, Batch, BrokerTransport, Delivery, Settlement, TimerMessage
+from scheduler.transports.base import (
+    FAILED_REDELIVERY_MS,
+    Batch,
+    BrokerTransport,
+    Delivery,
+    Deployment,
+    Settlement,
+    TimerMessage,
+)
 from scheduler.transports.rabbitmq.keys import (
-    RABBITMQ_DEAD_EXCHANGE,
     RABBITMQ_DELIVERIES_HEADER,
-    RABBITMQ_MARKER_QUEUE,
     RABBITMQ_REASON_HEADER,
     RABBITMQ_TIMERS_EXCHANGE,
+    RabbitMQNames,
 )
 from scheduler.transports.rabbitmq.link import Inbound, Link, Outgoing
 from scheduler.transports.rabbitmq.options import rabbitmq_options
@@ -104,7 +115,6 @@ HOLD_MS = 2500
 ENVELOPE_MAX = 100
 
 _TIMER = pika.BasicProperties(content_type="application/json", delivery_mode=2)
-_MARKER: Outgoing = ("", RABBITMQ_MARKER_QUEUE, b"{}", pika.BasicProperties(delivery_mode=2))
 
 
 def _persistent(deliveries: int, headers: dict[str, Any] | None = None) -> pika.BasicProperties:
@@ -170,17 +180,27 @@ class RabbitMQTransport(BrokerTransport):
 
     @classmethod
     def from_url(cls, broker_url: str, engine: Engine, clock: Clock) -> Self:
-        return cls(broker_url, clock)
+        return cls(broker_url, clock, engine)
 
-    def __init__(self, broker_url: str, clock: Clock) -> None:
+    def __init__(self, broker_url: str, clock: Clock, engine: Engine | None = None) -> None:
         options = rabbitmq_options(broker_url)
+        self._options = options
         self._hosts = options.hosts  # the order to try them in: a host whose connection was lost goes last
-        self._topology = declarations(options.quorum_group_size, options.dead_maxlen)
+        self.deployment = Deployment(engine, clock)
+        self._names_known: RabbitMQNames | None = None  # once the deployment is known (first connect)
+        self._foreign: dict[str, int] = {}  # dead-lettered since the last receive returned, by owner
         self._clock = clock
         self._link: Link | None = None
         self._connecting = threading.RLock()  # publish may be called from many threads
         self._held: list[_Held] = []  # a heap, earliest due first; only the consumer thread touches it
         self._arrivals = itertools.count()
+
+    @property
+    def names(self) -> RabbitMQNames:
+        """This deployment's queue names and routing-key ending (keys.py); read from the registry once."""
+        if self._names_known is None:
+            self._names_known = RabbitMQNames(self.deployment.id)
+        return self._names_known
 
     def publish(self, messages: Sequence[TimerMessage]) -> None:
         if messages:
@@ -196,13 +216,17 @@ class RabbitMQTransport(BrokerTransport):
         while True:
             deliveries = self._release(limit)
             if deliveries:
-                return Batch(deliveries)
+                return self._batch(deliveries)
             wait = deadline - time.monotonic()
             if self._held:
                 wait = min(wait, (self._held[0].due_ms - self._clock.now_ms()) / 1000)
             self._sort(link, link.take(limit, max(wait, 0.0), COLLECT_S))
             if not self._due() and time.monotonic() >= deadline:
-                return Batch()
+                return self._batch([])
+
+    def _batch(self, deliveries: list[Delivery]) -> Batch:
+        batch, self._foreign = Batch(deliveries, foreign=self._foreign), {}
+        return batch
 
     def settle(self, settlement: Settlement) -> None:
         republish = self._timers([message for _, message in settlement.retry])
@@ -241,7 +265,7 @@ class RabbitMQTransport(BrokerTransport):
 
         Counts are messages, as the broker knows them: timers published together share one (up to
         ENVELOPE_MAX), so the registry, not these figures, counts pending timeouts."""
-        labels = figure_queues()
+        labels = figure_queues(self.names)
         depths = self._connected().queue_depths(list(labels.values()), CONFIRM_TIMEOUT_S)
         figures: dict[str, Any] = {}
         delayed = 0
@@ -258,6 +282,17 @@ class RabbitMQTransport(BrokerTransport):
         figures["delayed"] = delayed
         return figures
 
+    def foreign_consumers(self) -> str | None:
+        """Consumers of the ready queue of releases before identities (`order_timeouts.ready`): workers
+        not upgraded yet, of this deployment or of another one on the vhost."""
+        legacy = RabbitMQNames()
+        if self.names == legacy:
+            return None
+        found = self._connected().queue_depths([legacy.ready], CONFIRM_TIMEOUT_S).get(legacy.ready)
+        if found is None or not found[1]:
+            return None
+        return f"{found[1]} consumers on {legacy.ready}, the queue of releases before deployment identities"
+
     def lost_timers(self) -> bool:
         """Whether the marker message `timers_restored` left is gone: the queues were deleted, or the
         cluster lost them all (a reset, a full rebuild). One passive declare on an open channel.
@@ -265,7 +300,8 @@ class RabbitMQTransport(BrokerTransport):
         Losing a node loses nothing of a quorum queue that still has a majority of its replicas: the
         marker stays, like the timers."""
         link = self._connected()
-        depth = link.queue_depths([RABBITMQ_MARKER_QUEUE], CONFIRM_TIMEOUT_S).get(RABBITMQ_MARKER_QUEUE)
+        marker = self.names.marker
+        depth = link.queue_depths([marker], CONFIRM_TIMEOUT_S).get(marker)
         if depth is None:
             # The queues were deleted under this connection: the next one declares them again.
             self._drop(link)
@@ -273,7 +309,8 @@ class RabbitMQTransport(BrokerTransport):
         return depth[0] == 0
 
     def timers_restored(self) -> None:
-        self._connected().publish([_MARKER], CONFIRM_TIMEOUT_S)
+        marker: Outgoing = ("", self.names.marker, b"{}", pika.BasicProperties(delivery_mode=2))
+        self._connected().publish([marker], CONFIRM_TIMEOUT_S)
 
     def close(self) -> None:
         with self._connecting:
@@ -288,7 +325,9 @@ class RabbitMQTransport(BrokerTransport):
             if self._link is not None:
                 self._drop(self._link)
             timeout = CONNECT_TIMEOUT_S + sum(host.stack_timeout or 0.0 for host in self._hosts)
-            self._link = Link(self._hosts, self._topology, timeout)
+            names = self.names
+            topology = declarations(self._options.quorum_group_size, self._options.dead_maxlen, names)
+            self._link = Link(self._hosts, topology, timeout, names.ready)
             return self._link
 
     def _drop(self, link: Link) -> None:
@@ -308,11 +347,11 @@ class RabbitMQTransport(BrokerTransport):
         # Sharing a route means arriving within every one's window before its due time.
         now = self._clock.now_ms()
         routes: dict[int, list[TimerMessage]] = {}
-        for message in messages:
+        for message in self.deployment.stamp(messages):
             routes.setdefault(self._delay_ticks(message.due_ms - now), []).append(message)
         outgoing: list[Outgoing] = []
         for ticks, timers in routes.items():
-            key = routing_key(ticks)
+            key = routing_key(ticks, self.names)
             for start in range(0, len(timers), ENVELOPE_MAX):
                 body = encode_timers(timers[start : start + ENVELOPE_MAX])
                 outgoing.append((RABBITMQ_TIMERS_EXCHANGE, key, body, _TIMER))
@@ -326,11 +365,11 @@ class RabbitMQTransport(BrokerTransport):
         """The timer as a message of its own that remembers how often it was delivered before."""
         ticks = self._delay_ticks(message.due_ms - self._clock.now_ms())
         properties = _persistent(deliveries)
-        return (RABBITMQ_TIMERS_EXCHANGE, routing_key(ticks), message.encode(), properties)
+        (stamped,) = self.deployment.stamp([message])
+        return (RABBITMQ_TIMERS_EXCHANGE, routing_key(ticks, self.names), stamped.encode(), properties)
 
-    @staticmethod
-    def _dead_letter(body: bytes, reason: str, deliveries: int) -> Outgoing:
-        return (RABBITMQ_DEAD_EXCHANGE, "", body, _persistent(deliveries, {RABBITMQ_REASON_HEADER: reason}))
+    def _dead_letter(self, body: bytes, reason: str, deliveries: int) -> Outgoing:
+        return (self.names.dead, "", body, _persistent(deliveries, {RABBITMQ_REASON_HEADER: reason}))
 
     def _due(self) -> bool:
         return bool(self._held) and self._held[0].due_ms <= self._clock.now_ms()
@@ -360,6 +399,16 @@ class RabbitMQTransport(BrokerTransport):
                 handled.append(item.tag)
                 continue
             deliveries = item.redeliveries + _earlier_deliveries(item.headers) + 1
+            foreign = [(m, self.deployment.foreign(m)) for m in timers]
+            for message, reason in foreign:
+                if reason is not None:
+                    republish.append(self._dead_letter(message.encode(), reason, deliveries))
+                    owner = str(message.deployment)
+                    self._foreign[owner] = self._foreign.get(owner, 0) + 1
+            timers = [m for m, reason in foreign if reason is None]
+            if not timers:
+                handled.append(item.tag)
+                continue
             if len(timers) > 1 and item.redeliveries > 0:
                 republish += [self._alone(message, deliveries - 1) for message in timers]
                 handled.append(item.tag)

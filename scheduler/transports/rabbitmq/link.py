@@ -81,8 +81,15 @@ class _Job:
 
 
 class Link:
-    def __init__(self, hosts: Sequence[pika.URLParameters], topology: Sequence[Declaration], timeout: float) -> None:
+    def __init__(
+        self,
+        hosts: Sequence[pika.URLParameters],
+        topology: Sequence[Declaration],
+        timeout: float,
+        ready_queue: str = RABBITMQ_READY_QUEUE,
+    ) -> None:
         self._hosts = list(hosts)
+        self._ready_queue = ready_queue  # the queue `consume` reads
         #: the host this link connected to, once it has
         self.host: pika.URLParameters | None = None
         self._topology = topology
@@ -418,7 +425,7 @@ class Link:
             # Deliveries of the old consumer stay valid on this channel.
             self._sub.basic_cancel(self._consumer)
         self._sub.basic_qos(prefetch_count=prefetch)
-        self._consumer = self._sub.basic_consume(RABBITMQ_READY_QUEUE, self._on_delivery)
+        self._consumer = self._sub.basic_consume(self._ready_queue, self._on_delivery)
 
     def _on_delivery(self, _channel: Any, method: Any, properties: Any, body: bytes) -> None:
         with self._cond:

@@ -54,11 +54,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scheduler.transports.rabbitmq.keys import (
-    RABBITMQ_DEAD_EXCHANGE,
-    RABBITMQ_DEAD_QUEUE,
-    RABBITMQ_MARKER_QUEUE,
-    RABBITMQ_READY_QUEUE,
     RABBITMQ_TIMERS_EXCHANGE,
+    RabbitMQNames,
     rabbitmq_delay_queue,
     rabbitmq_expired_exchange,
 )
@@ -75,8 +72,6 @@ DELIVERY_LIMIT = 20
 #: dead letters the dead-letter queue keeps by default (`dead_maxlen`); beyond it the oldest are
 #: dropped (the registry keeps every dead timeout with its reason regardless)
 DEAD_MAXLEN = 100_000
-#: the last word of every routing key; the whole key of a timer that is due already
-_NOW = "now"
 
 _AT_LEAST_ONCE: dict[str, Any] = {
     # At-least-once dead-lettering keeps a timer in its queue until the next queue has confirmed
@@ -135,29 +130,34 @@ def fewest_hops(earliest_ms: int, latest_ms: int) -> int:
     return ticks
 
 
-def routing_key(ticks: int) -> str:
-    """The key of a timer to delay by `ticks`: the levels of its set bits, in random order, then `now`."""
+def routing_key(ticks: int, names: RabbitMQNames | None = None) -> str:
+    """The key of a timer to delay by `ticks`: the levels of its set bits, in random order, then `now`
+    and the deployment's identity (RabbitMQNames.last_words)."""
     levels = list(_set_levels(ticks))
     random.shuffle(levels)
-    return ".".join([*levels, _NOW])
+    return ".".join([*levels, (names or RabbitMQNames()).last_words])
 
 
-def bindings() -> list[Binding]:
+def bindings(names: RabbitMQNames | None = None) -> list[Binding]:
     """Entry: to the queue of the key's first level. After level k: to the level that follows k, or ready.
 
     Keys are short (one word per set bit), so each topic match is cheap: a key with one word per
     level (NServiceBus's layout) makes the topic exchange the bottleneck of publishing.
     """
+    names = names or RabbitMQNames()
+    ready, last = names.ready, names.last_words
     result = [Binding(rabbitmq_delay_queue(j), RABBITMQ_TIMERS_EXCHANGE, f"{j}.#") for j in range(LEVELS)]
-    result.append(Binding(RABBITMQ_READY_QUEUE, RABBITMQ_TIMERS_EXCHANGE, _NOW))
+    result.append(Binding(ready, RABBITMQ_TIMERS_EXCHANGE, last))
     for k in range(LEVELS):
         after = rabbitmq_expired_exchange(k)
         result += [Binding(rabbitmq_delay_queue(j), after, f"#.{k}.{j}.#") for j in range(LEVELS) if j != k]
-        result.append(Binding(RABBITMQ_READY_QUEUE, after, f"#.{k}.{_NOW}"))
+        result.append(Binding(ready, after, f"#.{k}.{last}"))
     return result
 
 
-def declarations(quorum_group_size: int | None = None, dead_maxlen: int = DEAD_MAXLEN) -> list[Declaration]:
+def declarations(
+    quorum_group_size: int | None = None, dead_maxlen: int = DEAD_MAXLEN, names: RabbitMQNames | None = None
+) -> list[Declaration]:
     """Everything the transport needs, in an order that can be declared idempotently at every connect.
 
     Every queue is a quorum queue, replicated on `quorum_group_size` nodes of the cluster, or as
@@ -167,6 +167,7 @@ def declarations(quorum_group_size: int | None = None, dead_maxlen: int = DEAD_M
     queue declared by an earlier release (no bound) or with another bound keeps what it has, and a
     policy (`max-length`) bounds it instead (docs/transports.md).
     """
+    names = names or RabbitMQNames()
     replicas: dict[str, Any] = {"x-queue-type": "quorum"}
     if quorum_group_size is not None:
         replicas["x-quorum-initial-group-size"] = quorum_group_size
@@ -185,30 +186,31 @@ def declarations(quorum_group_size: int | None = None, dead_maxlen: int = DEAD_M
         for k in range(LEVELS)
     ]
     ready = Queue(
-        RABBITMQ_READY_QUEUE,
+        names.ready,
         {
             **replicas,
             **_AT_LEAST_ONCE,
             "x-delivery-limit": DELIVERY_LIMIT,
-            "x-dead-letter-exchange": RABBITMQ_DEAD_EXCHANGE,
+            "x-dead-letter-exchange": names.dead,
         },
     )
     dead: list[Declaration] = [
-        Exchange(RABBITMQ_DEAD_EXCHANGE, "fanout"),
+        Exchange(names.dead, "fanout"),
         Queue(
-            RABBITMQ_DEAD_QUEUE,
+            names.dead,
             {**replicas, "x-max-length": dead_maxlen, "x-overflow": "drop-head"},
             existing_may_differ=True,
         ),
-        Binding(RABBITMQ_DEAD_QUEUE, RABBITMQ_DEAD_EXCHANGE, ""),
+        Binding(names.dead, names.dead, ""),
     ]
     # One marker at most: the newest is kept.
-    marker = Queue(RABBITMQ_MARKER_QUEUE, {**replicas, "x-max-length": 1, "x-overflow": "drop-head"})
-    return [*dead, ready, marker, *exchanges, *queues, *bindings()]
+    marker = Queue(names.marker, {**replicas, "x-max-length": 1, "x-overflow": "drop-head"})
+    return [*dead, ready, marker, *exchanges, *queues, *bindings(names)]
 
 
-def figure_queues() -> dict[str, str]:
+def figure_queues(names: RabbitMQNames | None = None) -> dict[str, str]:
     """Label → queue name, for `stats`."""
-    labels = {"ready": RABBITMQ_READY_QUEUE, "dead_letters": RABBITMQ_DEAD_QUEUE}
+    names = names or RabbitMQNames()
+    labels = {"ready": names.ready, "dead_letters": names.dead}
     labels.update({f"delay_{delay_ms(k) / 1000:g}s": rabbitmq_delay_queue(k) for k in range(LEVELS)})
     return labels

@@ -27,8 +27,10 @@ Sentinel `redis+sentinel://[[user]:password@]h1:26379,h2:26379/SERVICE[/DB][?opt
 name, and follows a failover).
 Options:
 
-- `prefix` (default `order_timeouts`): first part of every key; one per deployment. No `{` or `}`:
-  it sits inside the per-shard hash tag `{<prefix>:<shard>}`.
+- `prefix` (default `order_timeouts`): first part of every key. No `{` or `}`: it sits inside the
+  per-shard hash tag `{<prefix>:<identity>:<shard>}`, where the registry's identity keeps apart
+  deployments that share a Redis database and a prefix (`namespace`); a timer of another deployment
+  found in our streams anyway is dead-lettered in `receive` with the reason, and counted.
 - `shards` (default 1): sorted-set/stream pairs the timers are spread over (crc32 of the order id).
   Each shard hashes to its own cluster slot, so on Redis Cluster the shards spread over the nodes.
   Changing it strands timers on shards no longer read: the reconciler republishes them.
@@ -65,7 +67,15 @@ from sqlalchemy import Engine
 
 from scheduler.clock import Clock
 from scheduler.errors import MalformedMessage, TransportUnavailable
-from scheduler.transports.base import FAILED_REDELIVERY_MS, Batch, BrokerTransport, Delivery, Settlement, TimerMessage
+from scheduler.transports.base import (
+    FAILED_REDELIVERY_MS,
+    Batch,
+    BrokerTransport,
+    Delivery,
+    Deployment,
+    Settlement,
+    TimerMessage,
+)
 from scheduler.transports.redis.keys import (
     REDIS_FIELD_MESSAGE,
     REDIS_FIELD_WAKE,
@@ -92,8 +102,8 @@ WAKE_HORIZON_MS = MAX_BLOCK_MS
 
 _FIELD_MESSAGE, _FIELD_WAKE = REDIS_FIELD_MESSAGE.encode(), REDIS_FIELD_WAKE.encode()
 
-#: (shard, stream id, fields, reason) of an entry that is not a timer message
-_Malformed = tuple[int, bytes, dict[bytes, bytes], str]
+#: (shard, stream id, what the dead letter says) of an entry that is not a timer message of ours
+_Rejected = tuple[int, bytes, dict[str, Any]]
 
 
 class RedisTransport(BrokerTransport):
@@ -101,22 +111,20 @@ class RedisTransport(BrokerTransport):
 
     @classmethod
     def from_url(cls, broker_url: str, engine: Engine, clock: Clock) -> Self:
-        return cls(broker_url, clock)
+        return cls(broker_url, clock, engine)
 
-    def __init__(self, broker_url: str, clock: Clock) -> None:
+    def __init__(self, broker_url: str, clock: Clock, engine: Engine | None = None) -> None:
         self._url, self.options = parse_url(broker_url)
         self._clock = clock
+        self.deployment = Deployment(engine, clock)
         self._client: Any = None  # connected on first use: a dead broker must not break start-up
         self._move: Any = None
         self._claim: Any = None
-        shards = range(self.options.shards)
-        self._timers = [redis_timers_key(self.options.prefix, n) for n in shards]
-        self._streams = [redis_due_key(self.options.prefix, n) for n in shards]
-        self._shard_of_stream = {key.encode(): n for n, key in enumerate(self._streams)}
-        self._dead = redis_dead_key(self.options.prefix)
-        self._markers = LineageMarkers(
-            [redis_lineage_key(self.options.prefix, n) for n in shards], cluster=self.options.cluster
-        )
+        self._timers: list[str] = []  # the key names: known once the deployment is (`_redis`)
+        self._streams: list[str] = []
+        self._shard_of_stream: dict[bytes, int] = {}
+        self._dead = ""
+        self._markers: LineageMarkers | None = None
         self._consumer = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._groups_ready = False
         self._consumed = False
@@ -127,6 +135,24 @@ class RedisTransport(BrokerTransport):
         self._claim_every_s = min(max(self.options.claim_idle_ms / 4000, 0.05), 2.0)
         self._earliest_shard = 0  # where a cluster worker blocks: the shard of the earliest timer
         self._first_shard = 0  # rotates, so that no shard's stream waits behind the others
+        self._foreign: dict[str, int] = {}  # dead-lettered since the last receive returned, by owner
+
+    @property
+    def namespace(self) -> str:
+        """What every key starts with: the prefix and the deployment's identity, `prefix:identity`
+        (the prefix alone when unbound). Two deployments on one Redis database and one prefix never
+        share a key; a deployment upgraded from a release without identities finds its new keys
+        without a lineage marker, so its relay publishes every pending timeout into them at once."""
+        identity = self.deployment.id
+        return self.options.prefix if identity is None else f"{self.options.prefix}:{identity}"
+
+    def _bind(self) -> None:
+        namespace, shards = self.namespace, range(self.options.shards)
+        self._timers = [redis_timers_key(namespace, n) for n in shards]
+        self._streams = [redis_due_key(namespace, n) for n in shards]
+        self._shard_of_stream = {key.encode(): n for n, key in enumerate(self._streams)}
+        self._dead = redis_dead_key(namespace)
+        self._markers = LineageMarkers([redis_lineage_key(namespace, n) for n in shards], cluster=self.options.cluster)
 
     def shard_of(self, order_id: str) -> int:
         return zlib.crc32(order_id.encode()) % self.options.shards
@@ -154,11 +180,15 @@ class RedisTransport(BrokerTransport):
     def lost_timers(self) -> bool:
         """A shard's marker is missing or names another replication ID than its server's (lineage.py)."""
         with self._edge("lineage"):
-            return self._markers.lost(self._redis())
+            client = self._redis()
+            assert self._markers is not None
+            return self._markers.lost(client)
 
     def timers_restored(self) -> None:
         with self._edge("lineage"):
-            self._markers.restore(self._redis())
+            client = self._redis()
+            assert self._markers is not None
+            self._markers.restore(client)
 
     def revoke(self, order_ids: Sequence[str]) -> None:
         by_shard: dict[int, list[str]] = {}
@@ -207,14 +237,18 @@ class RedisTransport(BrokerTransport):
                 if len(deliveries) < limit:
                     deliveries += self._read(limit - len(deliveries))
                 if deliveries:
-                    return Batch(deliveries)
+                    return self._batch(deliveries)
                 wait_ms = int((deadline - time.monotonic()) * 1000)
                 if earliest is not None:
                     wait_ms = min(wait_ms, earliest - self._clock.now_ms())
                 if wait_ms > 0:
                     deliveries = self._read(limit, block_ms=min(wait_ms, MAX_BLOCK_MS))
                 elif time.monotonic() >= deadline:
-                    return Batch()
+                    return self._batch([])
+
+    def _batch(self, deliveries: list[Delivery]) -> Batch:
+        batch, self._foreign = Batch(deliveries, foreign=self._foreign), {}
+        return batch
 
     def settle(self, settlement: Settlement) -> None:
         now = self._clock.now_ms()
@@ -250,6 +284,7 @@ class RedisTransport(BrokerTransport):
     def _ensure_groups(self) -> None:
         if self._groups_ready:
             return
+        self._redis()  # binds the names
         for stream in self._streams:
             try:
                 # From id 0: an entry moved in before the group existed is still delivered.
@@ -262,10 +297,11 @@ class RedisTransport(BrokerTransport):
     def move_due(self, shards: Sequence[int] | None = None, now_ms: int | None = None) -> int | None:
         """Run the mover on these shards (all by default); return the earliest due time left in them."""
         shards = range(self.options.shards) if shards is None else shards
-        args = [self._clock.now_ms() if now_ms is None else now_ms, self.options.move_batch, REDIS_FIELD_MESSAGE]
-        keys = [[self._timers[n], self._streams[n]] for n in shards]
         with self._edge("move"):
             client = self._redis()
+            now = self._clock.now_ms() if now_ms is None else now_ms
+            args = [now, self.options.move_batch, REDIS_FIELD_MESSAGE, self.deployment.id or ""]
+            keys = [[self._timers[n], self._streams[n]] for n in shards]
             if self.options.cluster:
                 # Each shard's keys live on their own node: one script call each.
                 replies = [self._move(keys=k, args=args) for k in keys]
@@ -329,29 +365,38 @@ class RedisTransport(BrokerTransport):
         return deliveries
 
     def _accept_entries(self, shard: int, entries: list[tuple[bytes, dict[bytes, bytes], int]]) -> list[Delivery]:
-        """Timer messages become deliveries; wake-ups are dropped; anything else is dead-lettered."""
+        """Timer messages of this deployment become deliveries; wake-ups are dropped; anything else
+        (not a timer, another deployment's timer) is dead-lettered with the reason."""
         deliveries: list[Delivery] = []
         drop: list[bytes] = []
-        malformed: list[_Malformed] = []
+        malformed: list[_Rejected] = []
         for entry_id, fields, count in entries:
             if _FIELD_MESSAGE in fields:
                 try:
                     message = TimerMessage.decode(fields[_FIELD_MESSAGE])
                 except MalformedMessage as exc:
-                    malformed.append((shard, entry_id, fields, str(exc)))
+                    malformed.append((shard, entry_id, {**_describe(fields), "reason": str(exc)}))
+                    continue
+                foreign = self.deployment.foreign(message)
+                if foreign is not None:
+                    letter = {"order_id": message.order_id, "body": fields[_FIELD_MESSAGE], "reason": foreign}
+                    malformed.append((shard, entry_id, letter))
+                    owner = str(message.deployment)
+                    self._foreign[owner] = self._foreign.get(owner, 0) + 1
                 else:
                     deliveries.append(Delivery(message, receipt=(shard, entry_id), deliveries=count))
                 continue
             if _FIELD_WAKE in fields:
                 drop.append(entry_id)
             else:
-                malformed.append((shard, entry_id, fields, f"entry has no {REDIS_FIELD_MESSAGE!r} field"))
+                reason = f"entry has no {REDIS_FIELD_MESSAGE!r} field"
+                malformed.append((shard, entry_id, {**_describe(fields), "reason": reason}))
         if malformed:
             pipe = self._redis().pipeline(transaction=False)
-            for _, entry_id, fields, reason in malformed:
-                self._dead_letter(pipe, {**_describe(fields), "reason": reason, "from": self._source(shard, entry_id)})
+            for _, entry_id, letter in malformed:
+                self._dead_letter(pipe, {**letter, "from": self._source(shard, entry_id)})
             pipe.execute()
-            drop += [entry_id for _, entry_id, _, _ in malformed]
+            drop += [entry_id for _, entry_id, _ in malformed]
         if drop:
             self._ack({shard: drop})
         return deliveries
@@ -381,6 +426,23 @@ class RedisTransport(BrokerTransport):
         return f"{self._streams[delivery_or_shard]} {entry_id.decode()}"
 
     # -- figures and lifecycle -------------------------------------------------------------------
+
+    def foreign_consumers(self) -> str | None:
+        """Consumers in the groups of the streams of releases before identities (the prefix alone):
+        workers not upgraded yet, of this deployment or of another one on this Redis database."""
+        if self.namespace == self.options.prefix:
+            return None
+        found = 0
+        with self._edge("figures"):
+            client = self._redis()
+            for shard in range(self.options.shards):
+                legacy = redis_due_key(self.options.prefix, shard)
+                if client.exists(legacy):
+                    found += sum(int(group["consumers"]) for group in client.xinfo_groups(legacy))
+        if not found:
+            return None
+        legacy = redis_due_key(self.options.prefix, 0)
+        return f"{found} consumers on {legacy}…, the streams of releases before identities"
 
     def clock_offset_ms(self) -> int | None:
         """Redis's TIME minus the registry's clock."""
@@ -440,6 +502,7 @@ class RedisTransport(BrokerTransport):
 
     def _redis(self) -> Any:
         if self._client is None:
+            self._bind()  # the registry first: a registry that cannot be read leaves us unconnected
             self._client = connect(self._url, self.options)
             self._move = self._client.register_script(MOVE_SCRIPT)
             self._claim = self._client.register_script(CLAIM_SCRIPT)

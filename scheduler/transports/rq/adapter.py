@@ -116,14 +116,29 @@ from rq.utils import now, utcformat
 from sqlalchemy import Engine
 
 from scheduler.clock import Clock
-from scheduler.errors import MalformedMessage, TransportUnavailable
-from scheduler.transports.base import FAILED_REDELIVERY_MS, Batch, BrokerTransport, Delivery, Settlement, TimerMessage
+from scheduler.errors import ForeignNames, MalformedMessage, TransportUnavailable
+from scheduler.transports.base import (
+    FAILED_REDELIVERY_MS,
+    Batch,
+    BrokerTransport,
+    Delivery,
+    Deployment,
+    Settlement,
+    TimerMessage,
+)
 from scheduler.transports.redis.lineage import LineageMarkers
 from scheduler.transports.redis.options import MAX_BLOCK_MS, RedisOptions, connect
 from scheduler.transports.redis.sentinel import connect_sentinel, is_sentinel_url, parse_sentinel_url
 from scheduler.transports.rq.executions import Executions
 from scheduler.transports.rq.jobs import ARM_SCRIPT, JobTemplate, seconds
-from scheduler.transports.rq.keys import RQ_JOB_FUNCTION, RQ_META_DELIVERIES, rq_job_id, rq_lineage_key, rq_order_id
+from scheduler.transports.rq.keys import (
+    RQ_JOB_FUNCTION,
+    RQ_META_DELIVERIES,
+    rq_job_id,
+    rq_lineage_key,
+    rq_order_id,
+    rq_owner_keys,
+)
 from scheduler.transports.rq.options import parse_url
 
 log = logging.getLogger("order_timeouts.transports.rq")
@@ -186,11 +201,12 @@ class RQTransport(BrokerTransport):
 
     @classmethod
     def from_url(cls, broker_url: str, engine: Engine, clock: Clock) -> Self:
-        return cls(broker_url, clock)
+        return cls(broker_url, clock, engine)
 
-    def __init__(self, broker_url: str, clock: Clock) -> None:
+    def __init__(self, broker_url: str, clock: Clock, engine: Engine | None = None) -> None:
         self._url, self.options = parse_url(broker_url)
         self._clock = clock
+        self.deployment = Deployment(engine, clock)
         self._client: Any = None  # connected on first use: a dead broker must not break start-up
         self._queue: Queue | None = None
         self._move: Any = None
@@ -447,11 +463,44 @@ class RQTransport(BrokerTransport):
 
     def _redis(self) -> Any:
         if self._client is None:
-            self._client = connect(self._url, RedisOptions())
+            client = connect(self._url, RedisOptions())
+            try:
+                self.claim_names(client)
+            except BaseException:
+                client.close()
+                raise
+            self._client = client
             self._move = self._client.register_script(MOVE_SCRIPT)
             self._take = self._client.register_script(TAKE_SCRIPT)
             self._arm_script = self._client.register_script(ARM_SCRIPT)
         return self._client
+
+    def connect(self) -> None:
+        """Connect now (rq workers' job function: before running a job), claiming the names."""
+        with self._edge("connect"):
+            self._redis()
+
+    def claim_names(self, client: Any) -> None:
+        """Make sure the queue and the job ids of the prefix are this deployment's (keys.rq_owner_keys),
+        claiming them if no deployment has: TransportUnavailable, logged by whoever calls, when another
+        deployment owns them (ForeignNames), so that this one's workers never run, and ack, the other's jobs."""
+        identity = self.deployment.id
+        if identity is None:
+            return
+        keys = rq_owner_keys(self.options.queue, self.options.prefix)
+        with self._edge("owner"):
+            pipe = client.pipeline(transaction=False)
+            for key in keys:
+                pipe.set(key, identity, nx=True)
+                pipe.get(key)
+            owners = pipe.execute()[1::2]
+        for key, owner in zip(keys, owners, strict=True):
+            if owner is not None and owner.decode() != identity:
+                what = key.removeprefix("rq:order_timeouts:owner:").replace(":", " ", 1)
+                raise ForeignNames(
+                    f"rq {what} belongs to deployment {owner.decode()}, not to this registry's {identity}:"
+                    " give each deployment its own prefix and queue (docs/operations.md)"
+                )
 
     def _rq_queue(self) -> Queue:
         if self._queue is None:

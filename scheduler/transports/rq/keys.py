@@ -22,6 +22,14 @@ def rq_lineage_key(queue: str) -> str:
     return f"rq:order_timeouts:lineage:{queue}"
 
 
+def rq_owner_keys(queue: str, prefix: str) -> list[str]:
+    """Which deployment (registry/control.py) owns the queue, and the job ids of the prefix: the first
+    process of a deployment to connect writes its identity into each, and a process of another finds
+    them taken and refuses to use the queue (RQ's names cannot carry the identity: the queue is named
+    on every `rq worker` command line, and job ids are global to the Redis database)."""
+    return [f"rq:order_timeouts:owner:queue:{queue}", f"rq:order_timeouts:owner:prefix:{prefix}"]
+
+
 #: the characters RQ accepts in a job id
 RQ_JOB_ID_CHARACTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 
