@@ -8,13 +8,14 @@ the default SQL order store of `consumers` reads and cancels through it.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Column, Connection, DateTime, Engine, MetaData, String, Table, inspect, text
 
 from scheduler.config import OrdersTableNames
-from scheduler.names import LEASE_TABLE, MIGRATIONS_VERSION_TABLE, REGISTRY_TABLE
+from scheduler.names import CONTROL_TABLE, LEASE_TABLE, MIGRATIONS_VERSION_TABLE, REGISTRY_TABLE
 from scheduler.registry import control
 
 # Alembic is imported by the functions that migrate: the workers import this module for the
@@ -79,6 +80,13 @@ def migration_sql(dialect_name: str, orders: OrdersTableNames | None, since: str
         command.upgrade(config, f"{since}:head" if since else "head", sql=True)
     except CommandError as exc:
         raise ConfigurationError(f"--since {since!r}: {exc}") from None
+    # The deployment's identity, as init-db writes it: once, kept when the registry has one already.
+    identity = json.dumps(control.new_deployment())
+    output.write("-- this deployment's identity (docs/registry.md, the control table), kept if already written\n\n")
+    output.write(
+        f"INSERT INTO {CONTROL_TABLE} (name, value, updated_ms) VALUES ('{control.DEPLOYMENT}', '{identity}', "
+        f"{int(time.time() * 1000)}) ON CONFLICT (name) DO NOTHING;\n\n"
+    )
     if orders is not None:
         from sqlalchemy.engine import URL
 

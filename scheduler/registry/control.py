@@ -144,10 +144,15 @@ def ensure_deployment(conn: Connection, *, now: int) -> str:
     """Inside the caller's transaction (`init-db`): the identity, written first if absent."""
     value = read(conn, DEPLOYMENT)
     if value is None:
-        _insert_absent(conn, DEPLOYMENT, {"id": uuid.uuid4().hex[:12]}, now=now)
+        _insert_absent(conn, DEPLOYMENT, new_deployment(), now=now)
         value = read(conn, DEPLOYMENT)
     assert value is not None
     return str(value["id"])
+
+
+def new_deployment() -> dict[str, str]:
+    """A new identity: 12 hex characters, short enough for key and queue names."""
+    return {"id": uuid.uuid4().hex[:12]}
 
 
 def read(conn: Connection, name: str) -> dict[str, Any] | None:
