@@ -37,6 +37,9 @@ from scheduler.outage import Outage
 from scheduler.transports.message import TimerMessage
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from scheduler.async_outbox import AsyncHandOver
     from scheduler.transports.base import BrokerTransport
 
 log = logging.getLogger("order_timeouts.outbox")
@@ -71,13 +74,19 @@ class Outbox(ABC):
         if not items:
             return {}
         with transaction(self.engine, connection) as conn:
-            versions = registry.insert_many(
-                conn, items, now=self.clock.now_ms(), published=self.published_on_write, replace=replace
-            )
-            messages = _messages(items, versions)
-            self.written(conn, messages)
+            versions, messages = self.write_rows(conn, items, replace, now=self.clock.now_ms())
         self.committed(connection, messages)
         return versions
+
+    def write_rows(
+        self, conn: Connection, items: DueItems, replace: bool, *, now: int
+    ) -> tuple[dict[str, int], list[TimerMessage]]:
+        """The part of a write inside the transaction, for both APIs (the asyncio one runs it through
+        `AsyncConnection.run_sync`): the rows, then what the transport does before the commit."""
+        versions = registry.insert_many(conn, items, now=now, published=self.published_on_write, replace=replace)
+        messages = _messages(items, versions)
+        self.written(conn, messages)
+        return versions, messages
 
     def write_chunks(self, chunks: Sequence[DueItems], replace: bool) -> dict[str, int]:
         """`schedule_many` without a caller's transaction: each chunk is a transaction of its own."""
@@ -103,6 +112,10 @@ class Outbox(ABC):
     @abstractmethod
     def rearmed(self, messages: Sequence[TimerMessage]) -> None:
         """The worker has re-armed these timers with the transport (retries, after `settle`)."""
+
+    @abstractmethod
+    def asyncio(self, engine: AsyncEngine) -> AsyncHandOver:
+        """The after-commit step of the asyncio API (scheduler/async_outbox.py) for this transport."""
 
     # -- the maintenance steps ------------------------------------------------------------------
 
@@ -137,6 +150,11 @@ class InRegistry(Outbox):
     def rearmed(self, messages: Sequence[TimerMessage]) -> None:
         """The handler's retry wrote the row's new due time: that is the re-armed timer."""
 
+    def asyncio(self, engine: AsyncEngine) -> AsyncHandOver:
+        from scheduler.async_outbox import NothingAfterCommit
+
+        return NothingAfterCommit()
+
 
 class AfterCommit(Outbox):
     """A broker holds the timers: publish after commit, mark published on confirm, relay the rest."""
@@ -169,10 +187,15 @@ class AfterCommit(Outbox):
         if messages:
             self.mark_published(messages)
 
+    def asyncio(self, engine: AsyncEngine) -> AsyncHandOver:
+        from scheduler.async_outbox import AsyncAfterCommit
+
+        return AsyncAfterCommit(self, self.transport.async_publisher(), engine, self.clock)
+
     def publish(self, messages: Sequence[TimerMessage]) -> None:
         """Publish and mark published; a broker that is down leaves the rows to the relay (logged
         once per outage). During an outage's backoff a write does not try the broker at all."""
-        if monotonic() < self._quiet_until:
+        if self.quiet():
             return
         if self._send(messages):
             self.mark_published(messages)
@@ -317,15 +340,32 @@ class AfterCommit(Outbox):
         try:
             self.transport.publish(messages)
         except TransportUnavailable as exc:
-            with self._outage_lock:
-                self._quiet_until = monotonic() + self._outage.failed(
-                    self.transport.component, f"{exc}; timeouts are left for the relay"
-                )
+            self.publish_failed(exc)
             return False
+        self.publish_succeeded()
+        return True
+
+    # The outage bookkeeping of the write paths, shared with the asyncio API's publisher
+    # (scheduler/async_outbox.py): one backoff per process, whichever API met the outage.
+
+    def quiet(self) -> bool:
+        """Whether writes leave their timers to the relay without trying the broker (an outage's backoff)."""
+        return monotonic() < self._quiet_until
+
+    def publish_failed(self, exc: TransportUnavailable) -> None:
+        with self._outage_lock:
+            self._quiet_until = monotonic() + self._outage.failed(
+                self.transport.component, f"{exc}; timeouts are left for the relay"
+            )
+
+    def publish_succeeded(self) -> None:
         if self._outage.ongoing:
             with self._outage_lock:
                 self._outage.recovered()
-        return True
+
+    def revoke_failed(self, order_ids: Sequence[str], exc: TransportUnavailable) -> None:
+        # Harmless: the registry says revoked, so the timer is acked as stale when it fires.
+        log.warning("could not remove the broker timers of %s: %s", ", ".join(order_ids[:5]), exc)
 
     def _publish_or_raise(self, messages: Sequence[TimerMessage]) -> int:
         if messages:
@@ -334,13 +374,12 @@ class AfterCommit(Outbox):
         return len(messages)
 
     def _remove_timers(self, order_ids: Sequence[str]) -> None:
-        if monotonic() < self._quiet_until:
-            return  # harmless, as below
+        if self.quiet():
+            return  # harmless, as in revoke_failed
         try:
             self.transport.revoke(order_ids)
         except TransportUnavailable as exc:
-            # Harmless: the registry says revoked, so the timer is acked as stale when it fires.
-            log.warning("could not remove the broker timers of %s: %s", ", ".join(order_ids[:5]), exc)
+            self.revoke_failed(order_ids, exc)
 
 
 def _messages(items: DueItems, versions: dict[str, int]) -> list[TimerMessage]:

@@ -39,10 +39,12 @@ from scheduler.registry.schema import (
 ONE_WRITER_AT_A_TIME = False
 
 
-def database_now_ms(engine: Engine) -> int:
+def database_now_ms(bind: Engine | Connection) -> int:
     """The server's clock: clock_timestamp() is the time of the call, not of the transaction's start."""
-    with engine.connect() as conn:
-        return int(conn.execute(text("SELECT floor(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)")).scalar_one())
+    if isinstance(bind, Engine):
+        with bind.connect() as conn:
+            return database_now_ms(conn)
+    return int(bind.execute(text("SELECT floor(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)")).scalar_one())
 
 
 # Two parameters instead of eight per row: one short statement per chunk, whatever its size, and no

@@ -39,7 +39,7 @@ class FastPaths(Protocol):
     #: an open write transaction holds up every other writer (SQLite's one write lock)
     ONE_WRITER_AT_A_TIME: bool
 
-    def database_now_ms(self, engine: Engine) -> int:
+    def database_now_ms(self, bind: Engine | Connection) -> int:
         """The database's clock in epoch ms, rounded down: the one clock of the deployment."""
         ...
 
@@ -105,9 +105,9 @@ def fast_paths(conn: Connection | Engine) -> FastPaths:
         raise NotImplementedError(f"the registry supports PostgreSQL and SQLite, not {name}") from None
 
 
-def database_now_ms(engine: Engine) -> int:
+def database_now_ms(bind: Engine | Connection) -> int:
     """The registry database's clock, which decides when a timeout is due (scheduler.clock.RegistryClock)."""
-    return fast_paths(engine).database_now_ms(engine)
+    return fast_paths(bind).database_now_ms(bind)
 
 
 def one_writer_at_a_time(engine: Engine) -> bool:

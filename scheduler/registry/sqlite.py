@@ -27,7 +27,7 @@ from scheduler.registry.schema import (
 ONE_WRITER_AT_A_TIME = True
 
 
-def database_now_ms(engine: Engine) -> int:
+def database_now_ms(bind: Engine | Connection) -> int:
     """The host's clock as its kernel keeps it, read from the time it stamps on a file it writes.
 
     SQLite runs inside each process, so its own `now` is the process's clock, which a process-level
@@ -37,7 +37,8 @@ def database_now_ms(engine: Engine) -> int:
     for a database in memory. The kernel stamps files with a coarse clock, behind its own by at
     most a tick: never ahead.
     """
-    folder = Path(engine.url.database).resolve().parent if engine.url.database not in (None, "", ":memory:") else None
+    database = bind.engine.url.database
+    folder = Path(database).resolve().parent if database not in (None, "", ":memory:") else None
     with tempfile.TemporaryFile(dir=folder if folder is not None and folder.is_dir() else None) as probe:
         probe.write(b"t")
         probe.flush()
