@@ -24,7 +24,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from consumers.orders import OrderStore, PaymentStatus
-from scheduler import registry
+from scheduler import registry, tracing
 from scheduler.clock import Clock, from_ms
 from scheduler.config import Settings
 from scheduler.errors import OrderStoreUnavailable
@@ -92,6 +92,7 @@ class Handler:
         worker_id: str,
         outbox: Outbox,
         retry: RetryPolicy | None = None,
+        transport: str = "",
     ) -> None:
         self._engine = engine
         self._store = store
@@ -99,13 +100,28 @@ class Handler:
         self.worker_id = worker_id
         self._outbox = outbox
         self._retry = retry or RetryPolicy()
+        self._transport = transport  #: the transport's name, for the batch's span
 
     def handle(self, batch: Batch) -> tuple[Settlement, BatchReport]:
+        attributes = {tracing.TRANSPORT: self._transport, tracing.COUNT: len(batch.deliveries)}
+        with tracing.span("order-timeouts batch", kind="consumer", attributes=attributes) as step:
+            settlement, report, traced = self._handle(batch)
+            step.set_attribute(tracing.OUTCOME, "rolled back" if settlement.rolled_back else "committed")
+            for claim, outcome in traced:
+                # The scheduling request's trace, linked to the batch that fired its timeout.
+                step.link(claim.trace_context, {tracing.ORDER_ID: claim.order_id, tracing.OUTCOME: outcome})
+            if len(traced) == 1:
+                step.set_attribute(tracing.ORDER_ID, traced[0][0].order_id)
+        return settlement, report
+
+    def _handle(self, batch: Batch) -> tuple[Settlement, BatchReport, list[tuple[Claim, str]]]:
         report = BatchReport()
         try:
-            with self._engine.begin() as conn:
+            with self._engine.connect() as conn:
+                transaction = conn.begin()  # closing the connection without a commit rolls it back
                 now = self._clock.now_ms()
-                claims = batch.claim(conn, now=now, worker=self.worker_id)
+                with tracing.span("order-timeouts claim"):
+                    claims = batch.claim(conn, now=now, worker=self.worker_id)
                 early = self._early(conn, batch.deliveries, claims, now)
                 report.claimed = len(claims)
                 report.lateness_ms = [now - c.due_ms for c in claims]
@@ -118,14 +134,20 @@ class Handler:
                 registry.finish(conn, outcomes, now=finished)
                 registry.retry_later(conn, retries, now=now, published=self._outbox.published_on_write)
                 registry.bury(conn, dead, now=finished)
+                with tracing.span("order-timeouts commit"):
+                    transaction.commit()
         except _StoreOutage as outage:
             # Rolled back, claim and cancel included: the rows stay pending and due, their attempts
             # untouched. A cancel the store committed before failing is found `cancelled` next time.
             reason = f"order store: {outage.__cause__}"
-            return Settlement(failed=list(batch.deliveries), rolled_back=True, unavailable=reason), report
+            return Settlement(failed=list(batch.deliveries), rolled_back=True, unavailable=reason), report, []
         except SQLAlchemyError as exc:
             reason = f"registry database: {type(exc).__name__}: {first_line(exc)}"
-            return Settlement(failed=list(batch.deliveries), rolled_back=True, unavailable=reason), report
+            return Settlement(failed=list(batch.deliveries), rolled_back=True, unavailable=reason), report, []
+        decided = {oid: outcome.value for oid, outcome in outcomes.items()}
+        decided.update({r.order_id: "retried" for r in retries})
+        decided.update(dict.fromkeys(dead, "dead"))
+        traced = [(c, decided[c.order_id]) for c in claims if c.order_id in decided]
         for outcome in outcomes.values():
             if outcome is Outcome.CANCELLED:
                 report.cancelled += 1
@@ -135,7 +157,7 @@ class Handler:
                 report.already_cancelled += 1
         report.retried, report.dead = len(retries), len(dead)
         versions = {c.order_id: c.version for c in claims}
-        return self._settlement(batch.deliveries, retries, dead, early, versions, report), report
+        return self._settlement(batch.deliveries, retries, dead, early, versions, report), report, traced
 
     @staticmethod
     def _early(
@@ -187,9 +209,13 @@ class Handler:
         if claims:
             order_ids = [c.order_id for c in claims]
             try:
-                statuses = self._store.payment_status(conn, order_ids)
+                with tracing.span("order-timeouts payment check"):
+                    statuses = self._store.payment_status(conn, order_ids)
                 unpaid = [oid for oid in order_ids if statuses.get(oid) is PaymentStatus.UNPAID]
-                cancelled = self._store.cancel_unpaid(conn, unpaid, from_ms(now)) if unpaid else set()
+                cancelled: set[str] = set()
+                if unpaid:
+                    with tracing.span("order-timeouts cancel", attributes={tracing.COUNT: len(unpaid)}):
+                        cancelled = self._store.cancel_unpaid(conn, unpaid, from_ms(now))
             except OrderStoreUnavailable as exc:
                 raise _StoreOutage from exc
             for oid in order_ids:

@@ -75,6 +75,7 @@ def fire_timeout(*_call: Any) -> Retry | None:
         worker_id=(job.worker_name or worker_id())[:64],
         outbox=context.timeouts.outbox,
         retry=context.retry,
+        transport=context.transport.name,
     )
     settlement, _ = handler.handle(Batch([Delivery(timer, receipt=job.id, deliveries=deliveries)]))
     if settlement.failed:

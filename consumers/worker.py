@@ -66,6 +66,7 @@ class Worker:
             worker_id=worker_id(),
             outbox=timeouts.outbox,
             retry=RetryPolicy.from_settings(timeouts.settings),
+            transport=timeouts.transport.name,
         )
         self._batch_size = batch_size
         self._burst = burst

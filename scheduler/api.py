@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session
 
-from scheduler import producer, registry, validation
+from scheduler import producer, registry, tracing, validation
 from scheduler.clock import Clock, RegistryClock
 from scheduler.config import Settings
 from scheduler.database import make_engine, reading
@@ -93,7 +93,11 @@ class OrderTimeouts(producer.Producer):
         (returns EXISTS) unless `replace`."""
         oid = validation.order_id(order_id)
         due = self._due(delay, due_at, self.clock.now_ms())
-        return producer.schedule_result(oid, self.outbox.write([(oid, due)], connection, replace))
+        with tracing.span("order-timeouts schedule", kind="producer", attributes=self._traced(oid)) as step:
+            versions = self.outbox.write([(oid, due)], connection, replace, tracing.current_traceparent())
+            result = producer.schedule_result(oid, versions)
+            step.set_attribute(tracing.OUTCOME, result.value)
+        return result
 
     def schedule_many(
         self,
@@ -109,13 +113,16 @@ class OrderTimeouts(producer.Producer):
         Every item is validated before anything is written: one bad item changes nothing.
         """
         items = self._due_items(orders, delay, due_at, self.clock.now_ms())
-        if connection is None:
-            # Chunked transactions of our own: memory stays flat, and each chunk publishes as it commits
-            # (timeouts due far enough ahead just before it commits).
-            chunks = [items[start : start + SCHEDULE_CHUNK] for start in range(0, len(items), SCHEDULE_CHUNK)]
-            written = self.outbox.write_chunks(chunks, replace)
-        else:
-            written = self.outbox.write(items, connection, replace)
+        with tracing.span("order-timeouts schedule_many", kind="producer", attributes=self._traced(None)) as step:
+            step.set_attribute(tracing.COUNT, len(items))
+            trace_context = tracing.current_traceparent()
+            if connection is None:
+                # Chunked transactions of our own: memory stays flat, and each chunk publishes as it
+                # commits (timeouts due far enough ahead just before it commits).
+                chunks = [items[start : start + SCHEDULE_CHUNK] for start in range(0, len(items), SCHEDULE_CHUNK)]
+                written = self.outbox.write_chunks(chunks, replace, trace_context)
+            else:
+                written = self.outbox.write(items, connection, replace, trace_context)
         return producer.schedule_summary(len(items), written)
 
     def cancel(self, order_id: str, *, connection: Connection | Session | None = None) -> bool:

@@ -24,7 +24,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
-from scheduler import producer, registry, validation
+from scheduler import producer, registry, tracing, validation
 from scheduler.clock import Clock, RegistryClock
 from scheduler.config import Settings
 from scheduler.database import READ_ONLY, make_async_engine
@@ -108,8 +108,12 @@ class AsyncOrderTimeouts(producer.Producer):
         (returns EXISTS) unless `replace`."""
         oid = validation.order_id(order_id)
         now = await self._now()
-        versions = await self._write([(oid, self._due(delay, due_at, now))], connection, replace, now)
-        return producer.schedule_result(oid, versions)
+        due = self._due(delay, due_at, now)
+        with tracing.span("order-timeouts schedule", kind="producer", attributes=self._traced(oid)) as step:
+            versions = await self._write([(oid, due)], connection, replace, now, tracing.current_traceparent())
+            result = producer.schedule_result(oid, versions)
+            step.set_attribute(tracing.OUTCOME, result.value)
+        return result
 
     async def schedule_many(
         self,
@@ -124,11 +128,14 @@ class AsyncOrderTimeouts(producer.Producer):
         now = await self._now()
         items = self._due_items(orders, delay, due_at, now)
         written: dict[str, int] = {}
-        if connection is None:
-            for start in range(0, len(items), SCHEDULE_CHUNK):
-                written.update(await self._write(items[start : start + SCHEDULE_CHUNK], None, replace, now))
-        else:
-            written = await self._write(items, connection, replace, now)
+        with tracing.span("order-timeouts schedule_many", kind="producer", attributes=self._traced(None)) as step:
+            step.set_attribute(tracing.COUNT, len(items))
+            trace = tracing.current_traceparent()
+            if connection is None:
+                for start in range(0, len(items), SCHEDULE_CHUNK):
+                    written.update(await self._write(items[start : start + SCHEDULE_CHUNK], None, replace, now, trace))
+            else:
+                written = await self._write(items, connection, replace, now, trace)
         return producer.schedule_summary(len(items), written)
 
     async def cancel(self, order_id: str, *, connection: AsyncCaller = None) -> bool:
@@ -179,12 +186,14 @@ class AsyncOrderTimeouts(producer.Producer):
     # -- internals ----------------------------------------------------------------------------
 
     async def _write(
-        self, items: list[tuple[str, int]], connection: AsyncCaller, replace: bool, now: int
+        self, items: list[tuple[str, int]], connection: AsyncCaller, replace: bool, now: int, trace: str | None
     ) -> dict[str, int]:
         if not items:
             return {}
         async with self._transaction(connection) as conn:
-            versions, messages = await conn.run_sync(self.outbox.write_rows, items, replace, now=now)
+            versions, messages = await conn.run_sync(
+                self.outbox.write_rows, items, replace, now=now, trace_context=trace
+            )
         await self._hand_over.committed(connection, messages)
         return versions
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
-from scheduler import registry
+from scheduler import registry, tracing
 from scheduler.clock import Clock
 from scheduler.errors import TransportUnavailable
 from scheduler.outbox import after_commit
@@ -88,11 +88,15 @@ class AsyncAfterCommit(AsyncHandOver):
         """Publish and mark published; a broker that is down leaves the rows to the relay."""
         if self._outbox.quiet():
             return
-        try:
-            await self._publisher.publish(messages)
-        except TransportUnavailable as exc:
-            self._outbox.publish_failed(exc)
-            return
+        attributes = self._outbox._span_attributes(messages)
+        with tracing.span("order-timeouts publish", kind="producer", attributes=attributes) as step:
+            try:
+                await self._publisher.publish(messages)
+            except TransportUnavailable as exc:
+                self._outbox.publish_failed(exc)
+                step.set_attribute(tracing.OUTCOME, "left for the relay")
+                return
+            step.set_attribute(tracing.OUTCOME, "published")
         self._outbox.publish_succeeded()
         versions = [(m.order_id, m.version) for m in messages]
         async with self._engine.begin() as conn:

@@ -13,16 +13,17 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import Any
 
 from sqlalchemy import Connection
 
-from scheduler import registry, validation
+from scheduler import registry, tracing, validation
 from scheduler.clock import Clock
 from scheduler.config import Settings
 from scheduler.errors import InvalidTimeout, TimeoutNotFound
 from scheduler.outbox import Outbox
 from scheduler.registry import TimeoutRecord
-from scheduler.transports import TimerMessage
+from scheduler.transports import TimerMessage, Transport
 
 
 class ScheduleResult(StrEnum):
@@ -56,6 +57,11 @@ class Producer:
 
     settings: Settings
     clock: Clock
+    transport: Transport
+
+    def _traced(self, oid: str | None) -> dict[str, Any]:
+        """The attributes of a producer span (scheduler/tracing.py)."""
+        return {tracing.TRANSPORT: self.transport.name, tracing.ORDER_ID: oid}
 
     def _due(self, delay: timedelta | None, due_at: datetime | None, now: int) -> int:
         return validation.due_ms(

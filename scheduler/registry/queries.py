@@ -44,11 +44,18 @@ class FastPaths(Protocol):
         ...
 
     def insert_many(
-        self, conn: Connection, due: Sequence[tuple[str, int]], *, now: int, published: bool, replace: bool
+        self,
+        conn: Connection,
+        due: Sequence[tuple[str, int]],
+        *,
+        now: int,
+        published: bool,
+        replace: bool,
+        trace_context: str | None,
     ) -> dict[str, int]:
         """Insert pending rows, version 1; leave existing ones alone, or re-arm them with `replace`
-        (schema.rearm, plus the new due time and published_ms). Return {order_id: version} of the
-        rows inserted or re-armed."""
+        (schema.rearm, plus the new due time, published_ms and trace_context). Return {order_id:
+        version} of the rows inserted or re-armed. One statement, whatever the number of rows."""
         ...
 
     def mark_published(self, conn: Connection, versions: Sequence[tuple[str, int]], *, now: int) -> None:
@@ -122,15 +129,19 @@ def insert_many(
     now: int,
     published: bool,
     replace: bool,
+    trace_context: str | None = None,
 ) -> dict[str, int]:
     """Insert timeouts; return {order_id: version} for those created or (with replace) re-armed.
 
     Rows that exist are left alone unless `replace`: scheduling twice is idempotent.
     `published` is true when the registry itself is the queue (the `sql` transport).
+    `trace_context`: the scheduling request's W3C traceparent, stored with every row written.
     """
     if not due:
         return {}
-    return fast_paths(conn).insert_many(conn, due, now=now, published=published, replace=replace)
+    return fast_paths(conn).insert_many(
+        conn, due, now=now, published=published, replace=replace, trace_context=trace_context
+    )
 
 
 def get(conn: Connection, order_id: str) -> TimeoutRecord | None:

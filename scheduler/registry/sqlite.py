@@ -56,7 +56,13 @@ _IS_PENDING = f"state = '{TimeoutState.PENDING.value}'"
 
 
 def insert_many(
-    conn: Connection, due: Sequence[tuple[str, int]], *, now: int, published: bool, replace: bool
+    conn: Connection,
+    due: Sequence[tuple[str, int]],
+    *,
+    now: int,
+    published: bool,
+    replace: bool,
+    trace_context: str | None,
 ) -> dict[str, int]:
     stmt = insert(timeouts)
     params = [
@@ -69,6 +75,7 @@ def insert_many(
             "created_ms": now,
             "updated_ms": now,
             "published_ms": now if published else None,
+            "trace_context": trace_context,
         }
         for order_id, due_ms in due
     ]
@@ -79,6 +86,7 @@ def insert_many(
                 **rearm(now),
                 "due_ms": stmt.excluded.due_ms,
                 "published_ms": stmt.excluded.published_ms,
+                "trace_context": stmt.excluded.trace_context,
             },
         )
     else:
