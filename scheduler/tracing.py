@@ -27,7 +27,18 @@ OUTCOME = "order_timeouts.outcome"
 COUNT = "order_timeouts.count"
 
 _INSTRUMENTATION = "order_timeouts"
-ENABLED = importlib.util.find_spec("opentelemetry") is not None
+
+
+def _installed() -> bool:
+    """Whether opentelemetry-api is there, asked without importing it."""
+    try:
+        return importlib.util.find_spec("opentelemetry") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+#: decided once per process: without the extra, every call below is a no-op that imports nothing
+ENABLED = _installed()
 
 
 class _NoSpan:

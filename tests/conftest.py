@@ -65,7 +65,7 @@ class Stack:
         return {**os.environ, ENV_DATABASE_URL: self.database_url, ENV_BROKER_URL: self.broker_url, **extra}
 
     def start_worker(
-        self, *args: str, capture: bool = False, log_to: Path | None = None, **env: str
+        self, *args: str, capture: bool = False, log_to: Path | None = None, module: str = "scheduler", **env: str
     ) -> subprocess.Popen[str]:
         """A worker process, returned once it is ready (signal handlers installed, loop started), so
         that a SIGTERM sent from now on means "finish the batch and exit", never a kill at start-up.
@@ -75,7 +75,7 @@ class Stack:
             path = Path(name)
         else:
             fd, path = os.open(log_to, os.O_WRONLY | os.O_CREAT | os.O_APPEND), log_to
-        argv = [sys.executable, "-m", "scheduler", "-v", "worker", *args]
+        argv = [sys.executable, "-m", module, "-v", "worker", *args]
         out = subprocess.PIPE if capture else subprocess.DEVNULL
         process = subprocess.Popen(argv, env=self.env(**env), stdout=out, stderr=fd, text=True, cwd=ROOT)
         os.close(fd)
