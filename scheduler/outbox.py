@@ -398,8 +398,10 @@ class AfterCommit(Outbox):
 
     def _publish_or_raise(self, messages: Sequence[TimerMessage]) -> int:
         if messages:
-            with tracing.span("order-timeouts publish", kind="producer", attributes=self._span_attributes(messages)):
+            attributes = self._span_attributes(messages)
+            with tracing.span("order-timeouts publish", kind="producer", attributes=attributes) as step:
                 self.transport.publish(messages)
+                step.set_attribute(tracing.OUTCOME, "published")
             self.mark_published(messages)
         return len(messages)
 
