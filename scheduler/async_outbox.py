@@ -88,7 +88,7 @@ class AsyncAfterCommit(AsyncHandOver):
         """Publish and mark published; a broker that is down leaves the rows to the relay."""
         if self._outbox.quiet():
             return
-        attributes = self._outbox._span_attributes(messages)
+        attributes = self._outbox.span_attributes(messages)
         with tracing.span("order-timeouts publish", kind="producer", attributes=attributes) as step:
             try:
                 await self._publisher.publish(messages)

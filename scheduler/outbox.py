@@ -205,9 +205,7 @@ class AfterCommit(Outbox):
         once per outage). During an outage's backoff a write does not try the broker at all."""
         if self.quiet():
             return
-        with tracing.span(
-            "order-timeouts publish", kind="producer", attributes=self._span_attributes(messages)
-        ) as step:
+        with tracing.span("order-timeouts publish", kind="producer", attributes=self.span_attributes(messages)) as step:
             sent = self._send(messages)
             step.set_attribute(tracing.OUTCOME, "published" if sent else "left for the relay")
         if sent:
@@ -398,14 +396,14 @@ class AfterCommit(Outbox):
 
     def _publish_or_raise(self, messages: Sequence[TimerMessage]) -> int:
         if messages:
-            attributes = self._span_attributes(messages)
+            attributes = self.span_attributes(messages)
             with tracing.span("order-timeouts publish", kind="producer", attributes=attributes) as step:
                 self.transport.publish(messages)
                 step.set_attribute(tracing.OUTCOME, "published")
             self.mark_published(messages)
         return len(messages)
 
-    def _span_attributes(self, messages: Sequence[TimerMessage]) -> dict[str, object]:
+    def span_attributes(self, messages: Sequence[TimerMessage]) -> dict[str, object]:
         """The transport, and the order id when there is one, or the count when there are more."""
         attributes: dict[str, object] = {tracing.TRANSPORT: self.transport.name, tracing.COUNT: len(messages)}
         if len(messages) == 1:
