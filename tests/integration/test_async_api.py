@@ -8,6 +8,11 @@ tests/contract and tests/integration/test_api.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import subprocess
+import sys
+import textwrap
 import threading
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
@@ -27,10 +32,10 @@ from scheduler.database import make_async_engine
 from scheduler.schema import init_db
 from scheduler.testing import InMemoryTransport
 from scheduler.transports import TimerMessage
-from tests.conftest import Stack, open_stack
+from tests.conftest import ROOT, Stack, open_stack
 from tests.redis_support import broker_url
 from tests.stacks import DATABASES, STACKS
-from tests.support import order_status
+from tests.support import cancel_counts, order_status
 
 #: the asyncio drivers of the registry, each on its database
 DRIVERS = {"sqlite+aiosqlite": "sqlite", "postgresql+psycopg": "postgresql", "postgresql+asyncpg": "postgresql"}
@@ -149,6 +154,74 @@ def test_a_broker_outage_never_fails_the_order_and_the_relay_publishes_later(red
     asyncio.run(main())
     assert stack.timeouts().publish_unpublished() == 2, "the relay publishes both once the broker is there"
     stack.drain_until(lambda: order_status(stack.engine).get("during-outage") == "CANCELLED")
+
+
+#: a listener on this port accepts and never answers: a broker that hangs (one of this project's test ports)
+SILENT_PORT = 8702
+
+
+@pytest.fixture
+def silent_broker() -> Iterator[str]:
+    """redis:// of a server that accepts connections and never replies: every publish hangs."""
+    server = socket.create_server(("127.0.0.1", SILENT_PORT))
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.1)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                accepted.append(server.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"redis://127.0.0.1:{SILENT_PORT}/0"
+    finally:
+        stop.set()
+        thread.join()
+        for conn in accepted:
+            conn.close()
+        server.close()
+
+
+@pytest.mark.slow
+def test_an_order_service_killed_between_its_commit_and_the_publish_loses_nothing(
+    redis_only: Stack, silent_broker: str
+) -> None:
+    """The AsyncSession's publish runs after the commit: a process killed in between leaves the row
+    unpublished, and the relay publishes it."""
+    stack = redis_only
+    hanging = broker_url(parse_qs(urlsplit(stack.broker_url).query)["prefix"][0], base=silent_broker)
+    script = textwrap.dedent(
+        f"""
+        import asyncio, sys
+        from datetime import timedelta
+        from sqlalchemy import text
+        from sqlalchemy.ext.asyncio import AsyncSession
+        from scheduler import AsyncOrderTimeouts
+
+        async def main():
+            timeouts = AsyncOrderTimeouts({stack.database_url!r}, {hanging!r})
+            async with AsyncSession(timeouts.engine) as session, session.begin():
+                await session.execute(text("INSERT INTO orders (id, status) VALUES ('killed', 'PENDING')"))
+                await timeouts.schedule("killed", delay=timedelta(milliseconds=200), connection=session)
+            print("committed", flush=True)
+            await timeouts.flush()  # the publish hangs on the silent broker: the test kills us here
+
+        asyncio.run(main())
+        """
+    )
+    with subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True) as process:
+        try:
+            assert process.stdout is not None and process.stdout.readline().strip() == "committed"
+        finally:
+            process.kill()
+    record = stack.timeouts().get("killed")
+    assert record is not None and record.published_ms is None, "committed with the order, never published"
+    assert stack.timeouts().publish_unpublished() >= 1
+    stack.drain_until(lambda: order_status(stack.engine).get("killed") == "CANCELLED")
+    assert cancel_counts(stack.engine) == {"killed": 1}
 
 
 class BlockingBroker(InMemoryTransport):
