@@ -31,7 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from consumers.breaker import Breaker
 from consumers.orders import OrderStore, PaymentStatus
-from scheduler import registry
+from scheduler import registry, tracing
 from scheduler.clock import Clock, from_ms
 from scheduler.config import Mode, Settings
 from scheduler.errors import OrderStoreUnavailable
@@ -116,6 +116,7 @@ class Handler:
         retry: RetryPolicy | None = None,
         mode: Mode = Mode.LIVE,
         breaker: Breaker | None = None,
+        transport: str = "",
     ) -> None:
         self._engine = engine
         self._mode = mode
@@ -125,18 +126,33 @@ class Handler:
         self.worker_id = worker_id
         self._outbox = outbox
         self._retry = retry or RetryPolicy()
+        self._transport = transport  #: the transport's name, for the batch's span
 
     def handle(self, batch: Batch) -> tuple[Settlement, BatchReport]:
+        attributes = {tracing.TRANSPORT: self._transport, tracing.COUNT: len(batch.deliveries)}
+        with tracing.span("order-timeouts batch", kind="consumer", attributes=attributes) as step:
+            settlement, report, traced = self._handle(batch)
+            step.set_attribute(tracing.OUTCOME, "rolled back" if settlement.rolled_back else "committed")
+            for claim, outcome in traced:
+                # The scheduling request's trace, linked to the batch that fired its timeout.
+                step.link(claim.trace_context, {tracing.ORDER_ID: claim.order_id, tracing.OUTCOME: outcome})
+            if len(traced) == 1:
+                step.set_attribute(tracing.ORDER_ID, traced[0][0].order_id)
+        return settlement, report
+
+    def _handle(self, batch: Batch) -> tuple[Settlement, BatchReport, list[tuple[Claim, str]]]:
         report = BatchReport()
         try:
-            with self._engine.begin() as conn:
+            with self._engine.connect() as conn:
+                transaction = conn.begin()  # closing the connection without a commit rolls it back
                 # Before the claim, in the same transaction: a pause committed before this batch
                 # began stops it, and one committed later stops the next.
                 valves = control.read_valves(conn)
                 if valves.pause is not None:
                     raise _Paused(valves.pause)
                 now = self._clock.now_ms()
-                claims = batch.claim(conn, now=now, worker=self.worker_id)
+                with tracing.span("order-timeouts claim"):
+                    claims = batch.claim(conn, now=now, worker=self.worker_id)
                 early = self._early(conn, batch.deliveries, claims, now)
                 report.claimed = len(claims)
                 report.lateness_ms = [now - c.due_ms for c in claims]
@@ -149,18 +165,24 @@ class Handler:
                 registry.finish(conn, outcomes, now=finished)
                 registry.retry_later(conn, retries, now=now, published=self._outbox.published_on_write)
                 registry.bury(conn, dead, now=finished)
+                with tracing.span("order-timeouts commit"):
+                    transaction.commit()
         except _Paused as paused:
             # Handed back as a failed batch: fresh deliveries after FAILED_REDELIVERY_MS, no attempt spent.
             report.paused = 1
-            return Settlement(failed=list(batch.deliveries), rolled_back=True, paused=paused.pause), report
+            return Settlement(failed=list(batch.deliveries), rolled_back=True, paused=paused.pause), report, []
         except _StoreOutage as outage:
             # Rolled back, claim and cancel included: the rows stay pending and due, their attempts
             # untouched. A cancel the store committed before failing is found `cancelled` next time.
             reason = f"order store: {outage.__cause__}"
-            return Settlement(failed=list(batch.deliveries), rolled_back=True, unavailable=reason), report
+            return Settlement(failed=list(batch.deliveries), rolled_back=True, unavailable=reason), report, []
         except SQLAlchemyError as exc:
             reason = f"registry database: {type(exc).__name__}: {first_line(exc)}"
-            return Settlement(failed=list(batch.deliveries), rolled_back=True, unavailable=reason), report
+            return Settlement(failed=list(batch.deliveries), rolled_back=True, unavailable=reason), report, []
+        decided = {oid: outcome.value for oid, outcome in outcomes.items()}
+        decided.update({r.order_id: "retried" for r in retries})
+        decided.update(dict.fromkeys(dead, "dead"))
+        traced = [(c, decided[c.order_id]) for c in claims if c.order_id in decided]
         for outcome in outcomes.values():
             if outcome is Outcome.CANCELLED:
                 report.cancelled += 1
@@ -173,10 +195,10 @@ class Handler:
         report.retried, report.dead = len(retries), len(dead)
         if self._breaker is not None:
             unpaid = report.cancelled + report.would_cancel
-            decided = unpaid + report.paid + report.already_cancelled
-            report.breaker_trips = int(self._breaker.after_batch(unpaid, decided, valves) is not None)
+            answered = unpaid + report.paid + report.already_cancelled
+            report.breaker_trips = int(self._breaker.after_batch(unpaid, answered, valves) is not None)
         versions = {c.order_id: c.version for c in claims}
-        return self._settlement(batch.deliveries, retries, dead, early, versions, report), report
+        return self._settlement(batch.deliveries, retries, dead, early, versions, report), report, traced
 
     @staticmethod
     def _early(
@@ -228,10 +250,13 @@ class Handler:
         if claims:
             order_ids = [c.order_id for c in claims]
             try:
-                statuses = self._store.payment_status(conn, order_ids)
+                with tracing.span("order-timeouts payment check"):
+                    statuses = self._store.payment_status(conn, order_ids)
                 unpaid = [oid for oid in order_ids if statuses.get(oid) is PaymentStatus.UNPAID]
-                live = bool(unpaid) and self._mode is Mode.LIVE
-                cancelled = self._store.cancel_unpaid(conn, unpaid, from_ms(now)) if live else set()
+                cancelled: set[str] = set()
+                if unpaid and self._mode is Mode.LIVE:
+                    with tracing.span("order-timeouts cancel", attributes={tracing.COUNT: len(unpaid)}):
+                        cancelled = self._store.cancel_unpaid(conn, unpaid, from_ms(now))
             except OrderStoreUnavailable as exc:
                 raise _StoreOutage from exc
             for oid in order_ids:

@@ -89,6 +89,7 @@ def fire_timeout(*_call: Any) -> Retry | None:
         retry=context.retry,
         mode=context.timeouts.settings.mode,
         breaker=context.breaker,
+        transport=context.transport.name,
     )
     # A paused fleet hands the job back like a failed batch: it runs again after FAILED_REDELIVERY_MS
     # as a fresh delivery (its count reset by `_again`), its registry row untouched.

@@ -81,6 +81,7 @@ class Worker:
             retry=RetryPolicy.from_settings(settings),
             mode=self._mode,
             breaker=Breaker(timeouts.engine, timeouts.clock, settings.breaker) if settings.breaker.active else None,
+            transport=timeouts.transport.name,
         )
         self._batch_size = batch_size
         self._burst = burst

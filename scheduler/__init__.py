@@ -19,9 +19,11 @@ from scheduler.errors import (
 
 if TYPE_CHECKING:
     from scheduler.api import OrderTimeouts, ScheduleResult, ScheduleSummary
+    from scheduler.async_api import AsyncOrderTimeouts
     from scheduler.registry import Outcome, TimeoutRecord, TimeoutState
 
 __all__ = [
+    "AsyncOrderTimeouts",
     "ConfigurationError",
     "InvalidInput",
     "InvalidTimeout",
@@ -42,6 +44,7 @@ __all__ = [
 # Names whose modules load SQLAlchemy: imported on first use (PEP 562), so that a process that
 # only needs the errors, the settings or the CLI's help does not pay for it.
 _LAZY = {
+    "AsyncOrderTimeouts": "scheduler.async_api",
     "OrderTimeouts": "scheduler.api",
     "ScheduleResult": "scheduler.api",
     "ScheduleSummary": "scheduler.api",

@@ -15,49 +15,34 @@ unpublished and the relay (`order-timeouts maintain`) publishes it when the brok
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from enum import StrEnum
 from functools import partial
 from typing import Any
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session
 
-from scheduler import registry, validation
+from scheduler import producer, registry, tracing, validation
 from scheduler.clock import Clock, RegistryClock
 from scheduler.config import Settings
 from scheduler.database import make_engine, reading
-from scheduler.errors import InvalidTimeout, TimeoutNotFound
 from scheduler.outbox import SCHEDULE_CHUNK, Outbox, transaction
+from scheduler.producer import DueSpec, ScheduleResult, ScheduleSummary
 from scheduler.registry import TimeoutRecord, control
 from scheduler.registry.control import Pause, PausedBy
-from scheduler.transports import TimerMessage, Transport, open_transport
+from scheduler.transports import Transport, open_transport
+
+__all__ = ["DueSpec", "OrderTimeouts", "ScheduleResult", "ScheduleSummary"]
 
 
-class ScheduleResult(StrEnum):
-    CREATED = "created"  #: a new pending timeout
-    EXISTS = "exists"  #: the order already had a timeout; nothing changed
-    REPLACED = "replaced"  #: replace=True re-armed the existing timeout with the new due time
-
-
-@dataclass(frozen=True)
-class ScheduleSummary:
-    created: int
-    existing: int
-    replaced: int
-
-
-DueSpec = timedelta | datetime
-
-
-class OrderTimeouts:
+class OrderTimeouts(producer.Producer):
     """The payment timeouts of orders: schedule, cancel, reschedule, fire, inspect.
 
     Configured from `settings` (or `from_env()`), with `database_url`/`broker_url` overriding them.
     `engine`, `clock` and `transport` replace the ones the settings would build: a shared engine,
     or `scheduler.testing`'s ManualClock and InMemoryTransport in tests. The default clock is the
     registry database's, so that every process of a deployment agrees on when a timeout is due.
+    The asyncio twin, with the same methods and semantics, is `scheduler.AsyncOrderTimeouts`.
     """
 
     def __init__(
@@ -70,14 +55,10 @@ class OrderTimeouts:
         clock: Clock | None = None,
         transport: Transport | None = None,
     ) -> None:
-        self.settings = settings or Settings()
-        if database_url is not None:
-            self.settings = replace(self.settings, database_url=database_url)
-        if broker_url is not None:
-            self.settings = replace(self.settings, broker_url=broker_url)
+        self.settings = producer.configured(settings, database_url, broker_url)
         self.engine = engine or make_engine(self.settings.database_url)
         #: one clock for the fleet: the registry database's (scheduler/clock.py)
-        self.clock: Clock = clock or RegistryClock(
+        self.clock = clock or RegistryClock(
             partial(registry.database_now_ms, self.engine), tolerance=self.settings.max_clock_skew
         )
         self.transport: Transport = transport or open_transport(self.settings.broker_url, self.engine, self.clock)
@@ -112,11 +93,12 @@ class OrderTimeouts:
         """Schedule the order's payment timeout. Scheduling a pending order again changes nothing
         (returns EXISTS) unless `replace`."""
         oid = validation.order_id(order_id)
-        due = self._due(delay, due_at)
-        versions = self.outbox.write([(oid, due)], connection, replace)
-        if oid not in versions:
-            return ScheduleResult.EXISTS
-        return ScheduleResult.CREATED if versions[oid] == 1 else ScheduleResult.REPLACED
+        due = self._due(delay, due_at, self.clock.now_ms())
+        with tracing.span("order-timeouts schedule", kind="producer", attributes=self._traced(oid)) as step:
+            versions = self.outbox.write([(oid, due)], connection, replace, tracing.current_traceparent())
+            result = producer.schedule_result(oid, versions)
+            step.set_attribute(tracing.OUTCOME, result.value)
+        return result
 
     def schedule_many(
         self,
@@ -131,33 +113,18 @@ class OrderTimeouts:
 
         Every item is validated before anything is written: one bad item changes nothing.
         """
-        now = self.clock.now_ms()
-        shared: int | None = None
-        due: dict[str, int] = {}
-        for item in orders:
-            if isinstance(item, tuple):
-                raw_id, spec = item
-                oid = validation.order_id(raw_id)
-                if isinstance(spec, datetime):
-                    due[oid] = self._due(None, spec, now)
-                else:
-                    due[oid] = self._due(spec, None, now)
+        items = self._due_items(orders, delay, due_at, self.clock.now_ms())
+        with tracing.span("order-timeouts schedule_many", kind="producer", attributes=self._traced(None)) as step:
+            step.set_attribute(tracing.COUNT, len(items))
+            trace_context = tracing.current_traceparent()
+            if connection is None:
+                # Chunked transactions of our own: memory stays flat, and each chunk publishes as it
+                # commits (timeouts due far enough ahead just before it commits).
+                chunks = [items[start : start + SCHEDULE_CHUNK] for start in range(0, len(items), SCHEDULE_CHUNK)]
+                written = self.outbox.write_chunks(chunks, replace, trace_context)
             else:
-                oid = validation.order_id(item)
-                if shared is None:
-                    shared = self._due(delay, due_at, now)
-                due[oid] = shared
-        items = list(due.items())
-        written: dict[str, int] = {}
-        if connection is None:
-            # Chunked transactions of our own: memory stays flat, and each chunk publishes as it commits
-            # (timeouts due far enough ahead just before it commits).
-            chunks = [items[start : start + SCHEDULE_CHUNK] for start in range(0, len(items), SCHEDULE_CHUNK)]
-            written = self.outbox.write_chunks(chunks, replace)
-        else:
-            written = self.outbox.write(items, connection, replace)
-        created = sum(1 for version in written.values() if version == 1)
-        return ScheduleSummary(created=created, existing=len(items) - len(written), replaced=len(written) - created)
+                written = self.outbox.write(items, connection, replace, trace_context)
+        return producer.schedule_summary(len(items), written)
 
     def cancel(self, order_id: str, *, connection: Connection | Session | None = None) -> bool:
         """Revoke the order's timeout (payment arrived).
@@ -168,9 +135,7 @@ class OrderTimeouts:
         oid = validation.order_id(order_id)
         now = self.clock.now_ms()
         with transaction(self.engine, connection) as conn:
-            revoked = registry.revoke(conn, oid, now=now)
-            if not revoked and registry.get(conn, oid) is None:
-                raise TimeoutNotFound(f"no timeout is registered for order {oid!r}")
+            revoked = producer.revoke(conn, oid, now=now)
         if revoked:
             self.outbox.revoked(connection, [oid])
         return revoked
@@ -185,7 +150,7 @@ class OrderTimeouts:
     ) -> TimeoutRecord:
         """Move a pending timeout to a new due time; the old broker copy becomes stale."""
         oid = validation.order_id(order_id)
-        return self._move(oid, self._due(delay, due_at), connection)
+        return self._move(oid, self._due(delay, due_at, self.clock.now_ms()), connection)
 
     def fire(self, order_id: str) -> TimeoutRecord:
         """Make a pending timeout due now."""
@@ -202,15 +167,9 @@ class OrderTimeouts:
         ids = None if order_ids is None else [validation.order_id(oid) for oid in order_ids]
         now = self.clock.now_ms()
         with self.engine.begin() as conn:
-            replayed = registry.replay_dead(conn, ids, now=now, published=self.outbox.published_on_write)
-            if ids is not None and len(replayed) != len(set(ids)):
-                missing = sorted(set(ids) - {oid for oid, _ in replayed})
-                # Raising rolls the whole replay back: all or nothing.
-                raise InvalidTimeout(f"not dead-lettered: {', '.join(missing[:5])}")
-            messages = [TimerMessage(oid, now, version) for oid, version in replayed]
-            self.outbox.written(conn, messages)
+            messages = producer.replay_dead(conn, self.outbox, ids, now=now)
         self.outbox.committed(None, messages)
-        return [oid for oid, _ in replayed]
+        return [message.order_id for message in messages]
 
     def pause(self, reason: str) -> tuple[Pause, bool]:
         """Stop every worker from cancelling, from its next batch on; timers stay pending. Returns the
@@ -241,27 +200,9 @@ class OrderTimeouts:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _due(self, delay: timedelta | None, due_at: datetime | None, now: int | None = None) -> int:
-        return validation.due_ms(
-            now_ms=self.clock.now_ms() if now is None else now,
-            delay=delay,
-            due_at=due_at,
-            default_delay=self.settings.default_delay,
-            max_delay=self.settings.max_delay,
-        )
-
     def _move(self, oid: str, due: int, connection: Connection | Session | None) -> TimeoutRecord:
         now = self.clock.now_ms()
         with transaction(self.engine, connection) as conn:
-            version = registry.move_due(conn, oid, due, now=now, published=self.outbox.published_on_write)
-            if version is None:
-                record = registry.get(conn, oid)
-                if record is None:
-                    raise TimeoutNotFound(f"no timeout is registered for order {oid!r}")
-                raise InvalidTimeout(f"the timeout of order {oid!r} is {record.state.value}, not pending")
-            message = TimerMessage(oid, due, version)
-            self.outbox.written(conn, [message])
-            record = registry.get(conn, oid)
-            assert record is not None
+            message, record = producer.move(conn, self.outbox, oid, due, now=now)
         self.outbox.committed(connection, [message])
         return record

@@ -48,11 +48,14 @@ class RegistryClock:
     While the authority cannot be read (the database is down), the last reading goes on advancing
     by the monotonic clock; before any reading succeeded, the process's wall clock stands in (and
     the next reading is tried after `refresh`).
+
+    With `read=None` the clock never reads by itself: its owner asks `wants_reading()` and hands it
+    each reading with `record` (the asyncio API, whose reads are awaited: `now_ms` does no I/O).
     """
 
     def __init__(
         self,
-        read: Callable[[], int],
+        read: Callable[[], int] | None,
         *,
         refresh: timedelta = timedelta(seconds=5),
         tolerance: timedelta = timedelta(seconds=1),
@@ -75,20 +78,39 @@ class RegistryClock:
     def now_ms(self) -> int:
         with self._lock:
             at = self._monotonic()
-            if self._tried_at is None or at - self._tried_at >= self._refresh_s:
-                self._measure()
+            if self._read is not None and self._wants_reading(at):
+                self._measure(self._read)
                 at = self._monotonic()
             if self._base_ms is None:
                 return self._wall()
             return self._base_ms + int((at - self._base_at) * 1000)
 
-    def _measure(self) -> None:
+    def wants_reading(self) -> bool:
+        """Whether the next `now_ms` is due a fresh reading of the authority (first use, or `refresh`
+        has passed since the last try)."""
+        with self._lock:
+            return self._wants_reading(self._monotonic())
+
+    def record(self, authority_ms: int | None) -> None:
+        """A reading of the authority taken just now by the owner (None: the read failed)."""
+        with self._lock:
+            self._tried_at = self._monotonic()
+            if authority_ms is not None:
+                self._take(authority_ms)
+
+    def _wants_reading(self, at: float) -> bool:
+        return self._tried_at is None or at - self._tried_at >= self._refresh_s
+
+    def _measure(self, read: Callable[[], int]) -> None:
         self._tried_at = self._monotonic()
         try:
-            authority = self._read()
+            authority = read()
         except Exception as exc:  # any failure to read leaves the last reading in force
             log.warning("could not read the registry's clock, keeping the last reading: %s", exc)
             return
+        self._take(authority)
+
+    def _take(self, authority: int) -> None:
         self._base_at = self._monotonic()
         self._base_ms = authority
         self.offset_ms = authority - self._wall()

@@ -207,8 +207,17 @@ def _retention(env: os._Environ[str], name: str, default: timedelta | None) -> t
     return value
 
 
-def database_url(raw: str) -> URL:
-    """Parse a registry URL; plain postgresql:// means psycopg 3, the driver we ship with."""
+#: the registry's drivers for each kind of caller; one URL serves both (the asyncio API, the workers)
+_SYNC_DRIVERS = {"sqlite+aiosqlite": "sqlite", "postgresql+asyncpg": "postgresql+psycopg"}
+_ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "sqlite+pysqlite": "sqlite+aiosqlite"}
+
+
+def database_url(raw: str, *, asyncio: bool = False) -> URL:
+    """Parse a registry URL; plain postgresql:// means psycopg 3, the driver we ship with.
+
+    The driver follows the caller: a synchronous one for the workers, the CLI and `OrderTimeouts`,
+    an asyncio one for `AsyncOrderTimeouts` (aiosqlite; psycopg's async mode, or asyncpg when the
+    URL names it), so that a deployment sets one URL for all of its processes."""
     # Imported here: the settings are read by every command, SQLAlchemy is needed only by those
     # that open the database.
     from sqlalchemy.engine import make_url
@@ -220,6 +229,8 @@ def database_url(raw: str) -> URL:
         raise ConfigurationError(f"not a database URL: {redact(raw)}") from None
     if url.drivername in ("postgresql", "postgres"):
         url = url.set(drivername="postgresql+psycopg")
+    drivers = _ASYNC_DRIVERS if asyncio else _SYNC_DRIVERS
+    url = url.set(drivername=drivers.get(url.drivername, url.drivername))
     backend = url.get_backend_name()
     if backend not in ("sqlite", "postgresql"):
         raise ConfigurationError(f"the registry needs SQLite or PostgreSQL, not {backend}: {redact(raw)}")

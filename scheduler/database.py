@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.pool import NullPool
 
 from scheduler.config import database_url
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 _SQLITE_BEGIN = "order_timeouts_sqlite_begin"
 #: how long a SQLite writer waits for another process's write lock before giving up
@@ -24,6 +27,10 @@ POSTGRESQL_CONNECT_DEFAULTS = {
     "keepalives_count": 3,
 }
 IDLE_IN_TRANSACTION_TIMEOUT = "12s"
+
+
+#: execution options of a read-only connection (see `reading`)
+READ_ONLY = {_SQLITE_BEGIN: "DEFERRED"}
 
 
 def make_engine(url: str, *, pool_size: int = 5) -> Engine:
@@ -66,6 +73,17 @@ def postgresql_connect_args(query: Mapping[str, str | tuple[str, ...]]) -> dict[
     return args
 
 
+def _server_settings(options: str | tuple[str, ...]) -> dict[str, str]:
+    """libpq's `options` ("-c a=1 -cb=2") as name -> value."""
+    words = " ".join(options) if isinstance(options, tuple) else options
+    settings: dict[str, str] = {}
+    for word in words.replace("-c ", "-c").split():
+        name, _, value = word.removeprefix("-c").partition("=")
+        if name and value:
+            settings[name] = value
+    return settings
+
+
 def _configure_sqlite(engine: Engine) -> None:
     # WAL lets readers (CLI, demo progress) run beside the one writer; the busy timeout makes
     # several worker processes queue for the write lock instead of failing.
@@ -91,4 +109,37 @@ def _configure_sqlite(engine: Engine) -> None:
 
 def reading(engine: Engine) -> Connection:
     """A connection for reads only: on SQLite it does not take the write lock."""
-    return engine.connect().execution_options(**{_SQLITE_BEGIN: "DEFERRED"})
+    return engine.connect().execution_options(**READ_ONLY)
+
+
+def make_async_engine(url: str, *, pool_size: int = 5) -> AsyncEngine:
+    """The registry engine of `AsyncOrderTimeouts`: the same settings as `make_engine`'s on an
+    asyncio driver (sqlite+aiosqlite, postgresql+psycopg in its async mode, postgresql+asyncpg)."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    parsed = database_url(url, asyncio=True)
+    if parsed.get_backend_name() == "sqlite":
+        engine = create_async_engine(
+            parsed,
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False},
+            poolclass=NullPool if parsed.database in (None, "", ":memory:") else None,
+        )
+        # aiosqlite's connection takes the same pragmas and BEGIN as pysqlite's, through the
+        # engine's synchronous facade (SQLAlchemy's documented way for this driver).
+        _configure_sqlite(engine.sync_engine)
+        return engine
+    if parsed.drivername == "postgresql+asyncpg":
+        # asyncpg does not go through libpq: the same bounds in its own words (it has no TCP keepalive
+        # option), and libpq's `options=-c name=value` of the URL as server settings.
+        settings = _server_settings(parsed.query.get("options", ""))
+        settings.setdefault("idle_in_transaction_session_timeout", IDLE_IN_TRANSACTION_TIMEOUT)
+        parsed = parsed.difference_update_query(["options"])
+        connect_args: dict[str, Any] = {
+            "timeout": POSTGRESQL_CONNECT_DEFAULTS["connect_timeout"],
+            "server_settings": settings,
+        }
+    else:
+        connect_args = postgresql_connect_args(dict(parsed.query))
+    return create_async_engine(
+        parsed, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, connect_args=connect_args
+    )

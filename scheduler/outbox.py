@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Connection, Engine, event
 from sqlalchemy.orm import Session
 
-from scheduler import registry
+from scheduler import registry, tracing
 from scheduler.clock import Clock
 from scheduler.database import reading
 from scheduler.errors import TransportUnavailable
@@ -37,6 +37,9 @@ from scheduler.outage import Outage
 from scheduler.transports.message import TimerMessage
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from scheduler.async_outbox import AsyncHandOver
     from scheduler.transports.base import BrokerTransport
 
 log = logging.getLogger("order_timeouts.outbox")
@@ -65,25 +68,39 @@ class Outbox(ABC):
 
     # -- the write paths ------------------------------------------------------------------------
 
-    def write(self, items: DueItems, connection: Caller, replace: bool) -> dict[str, int]:
+    def write(
+        self, items: DueItems, connection: Caller, replace: bool, trace_context: str | None = None
+    ) -> dict[str, int]:
         """Insert timeouts in the caller's transaction (or one of our own); return {order_id: version}
         of those created or, with `replace`, re-armed. Existing rows are left alone otherwise."""
         if not items:
             return {}
         with transaction(self.engine, connection) as conn:
-            versions = registry.insert_many(
-                conn, items, now=self.clock.now_ms(), published=self.published_on_write, replace=replace
+            versions, messages = self.write_rows(
+                conn, items, replace, now=self.clock.now_ms(), trace_context=trace_context
             )
-            messages = _messages(items, versions)
-            self.written(conn, messages)
         self.committed(connection, messages)
         return versions
 
-    def write_chunks(self, chunks: Sequence[DueItems], replace: bool) -> dict[str, int]:
+    def write_rows(
+        self, conn: Connection, items: DueItems, replace: bool, *, now: int, trace_context: str | None = None
+    ) -> tuple[dict[str, int], list[TimerMessage]]:
+        """The part of a write inside the transaction, for both APIs (the asyncio one runs it through
+        `AsyncConnection.run_sync`): the rows, then what the transport does before the commit."""
+        versions = registry.insert_many(
+            conn, items, now=now, published=self.published_on_write, replace=replace, trace_context=trace_context
+        )
+        messages = _messages(items, versions)
+        self.written(conn, messages)
+        return versions, messages
+
+    def write_chunks(
+        self, chunks: Sequence[DueItems], replace: bool, trace_context: str | None = None
+    ) -> dict[str, int]:
         """`schedule_many` without a caller's transaction: each chunk is a transaction of its own."""
         written: dict[str, int] = {}
         for chunk in chunks:
-            written.update(self.write(chunk, None, replace))
+            written.update(self.write(chunk, None, replace, trace_context))
         return written
 
     # -- what each kind of transport does around a write ------------------------------------------
@@ -103,6 +120,10 @@ class Outbox(ABC):
     @abstractmethod
     def rearmed(self, messages: Sequence[TimerMessage]) -> None:
         """The worker has re-armed these timers with the transport (retries, after `settle`)."""
+
+    @abstractmethod
+    def asyncio(self, engine: AsyncEngine) -> AsyncHandOver:
+        """The after-commit step of the asyncio API (scheduler/async_outbox.py) for this transport."""
 
     # -- the maintenance steps ------------------------------------------------------------------
 
@@ -137,6 +158,11 @@ class InRegistry(Outbox):
     def rearmed(self, messages: Sequence[TimerMessage]) -> None:
         """The handler's retry wrote the row's new due time: that is the re-armed timer."""
 
+    def asyncio(self, engine: AsyncEngine) -> AsyncHandOver:
+        from scheduler.async_outbox import NothingAfterCommit
+
+        return NothingAfterCommit()
+
 
 class AfterCommit(Outbox):
     """A broker holds the timers: publish after commit, mark published on confirm, relay the rest."""
@@ -169,12 +195,20 @@ class AfterCommit(Outbox):
         if messages:
             self.mark_published(messages)
 
+    def asyncio(self, engine: AsyncEngine) -> AsyncHandOver:
+        from scheduler.async_outbox import AsyncAfterCommit
+
+        return AsyncAfterCommit(self, self.transport.async_publisher(), engine, self.clock)
+
     def publish(self, messages: Sequence[TimerMessage]) -> None:
         """Publish and mark published; a broker that is down leaves the rows to the relay (logged
         once per outage). During an outage's backoff a write does not try the broker at all."""
-        if monotonic() < self._quiet_until:
+        if self.quiet():
             return
-        if self._send(messages):
+        with tracing.span("order-timeouts publish", kind="producer", attributes=self.span_attributes(messages)) as step:
+            sent = self._send(messages)
+            step.set_attribute(tracing.OUTCOME, "published" if sent else "left for the relay")
+        if sent:
             self.mark_published(messages)
 
     def mark_published(self, messages: Sequence[TimerMessage]) -> None:
@@ -188,14 +222,19 @@ class AfterCommit(Outbox):
         A broker that lost its timers (BrokerTransport.lost_timers) gets every pending timeout again,
         at once, instead of after the reconciler's grace: the rows become unpublished in the registry
         first and the broker's marker is written after, so a crash in between only repeats the step."""
-        if self.transport.lost_timers():
-            with self.engine.begin() as conn:
-                again = registry.unpublish_pending(conn)
-            log.warning("the %s broker lost its timers: publishing all %d pending again", self.transport.name, again)
-            self.transport.timers_restored()
-        with reading(self.engine) as conn:
-            rows = registry.unpublished(conn, limit=limit)
-        return self._publish_or_raise([TimerMessage(*row) for row in rows])
+        with tracing.span("order-timeouts relay", attributes={tracing.TRANSPORT: self.transport.name}) as step:
+            if self.transport.lost_timers():
+                with self.engine.begin() as conn:
+                    again = registry.unpublish_pending(conn)
+                log.warning(
+                    "the %s broker lost its timers: publishing all %d pending again", self.transport.name, again
+                )
+                self.transport.timers_restored()
+            with reading(self.engine) as conn:
+                rows = registry.unpublished(conn, limit=limit)
+            published = self._publish_or_raise([TimerMessage(*row) for row in rows])
+            step.set_attribute(tracing.COUNT, published)
+            return published
 
     def reconcile(self, grace: timedelta, limit: int) -> int:
         """Covers a broker that lost its data or a message lost anywhere on the way: the handler's
@@ -207,12 +246,14 @@ class AfterCommit(Outbox):
             log.warning("republishing %d timeouts overdue by more than %s", len(rows), grace)
         return self._publish_or_raise([TimerMessage(*row) for row in rows])
 
-    def write_chunks(self, chunks: Sequence[DueItems], replace: bool) -> dict[str, int]:
+    def write_chunks(
+        self, chunks: Sequence[DueItems], replace: bool, trace_context: str | None = None
+    ) -> dict[str, int]:
         if self._publishes_ahead(chunks, replace):
-            return self._write_published_ahead(chunks)
+            return self._write_published_ahead(chunks, trace_context)
         if len(chunks) < 2:
-            return super().write_chunks(chunks, replace)
-        return self._write_overlapped(chunks, replace)
+            return super().write_chunks(chunks, replace, trace_context)
+        return self._write_overlapped(chunks, replace, trace_context)
 
     def _publishes_ahead(self, chunks: Sequence[DueItems], replace: bool) -> bool:
         """Whether the timeouts of these chunks may be handed to the broker before their rows commit
@@ -225,7 +266,7 @@ class AfterCommit(Outbox):
             and min(due for chunk in chunks for _, due in chunk) - self.clock.now_ms() >= PUBLISH_AHEAD_MS
         )
 
-    def _write_published_ahead(self, chunks: Sequence[DueItems]) -> dict[str, int]:
+    def _write_published_ahead(self, chunks: Sequence[DueItems], trace_context: str | None) -> dict[str, int]:
         """Each chunk's rows are inserted already stamped published, handed to the broker, and only
         then committed: no second statement per row to record the broker's confirmation (on
         PostgreSQL that UPDATE costs more than the insert). This thread inserts chunk k+1 while the
@@ -244,34 +285,38 @@ class AfterCommit(Outbox):
             publishing: Future[dict[str, int]] | None = None
             for chunk in chunks:
                 if not self._publishes_ahead([chunk], replace=False):
-                    written.update(self.write(chunk, None, replace=False))
+                    written.update(self.write(chunk, None, False, trace_context))
                     continue
                 conn = self.engine.connect()
                 try:
                     conn.begin()
-                    versions = registry.insert_many(conn, chunk, now=self.clock.now_ms(), published=True, replace=False)
+                    versions = registry.insert_many(
+                        conn, chunk, now=self.clock.now_ms(), published=True, replace=False, trace_context=trace_context
+                    )
                     if publishing is not None:
                         written.update(publishing.result())  # an unexpected error stops the bulk here
                 except BaseException:
                     conn.close()  # rolls this chunk back
                     raise
-                publishing = publisher.submit(self._publish_then_commit, conn, chunk, versions)
+                publishing = publisher.submit(self._publish_then_commit, conn, chunk, versions, trace_context)
             if publishing is not None:
                 written.update(publishing.result())
         return written
 
-    def _publish_then_commit(self, conn: Connection, chunk: DueItems, versions: dict[str, int]) -> dict[str, int]:
+    def _publish_then_commit(
+        self, conn: Connection, chunk: DueItems, versions: dict[str, int], trace_context: str | None
+    ) -> dict[str, int]:
         with conn:  # closing it rolls back whatever was not committed
             try:
                 if versions:
                     self.transport.publish(_messages(chunk, versions))
             except TransportUnavailable:
                 conn.rollback()
-                return self.write(chunk, None, replace=False)
+                return self.write(chunk, None, False, trace_context)
             conn.commit()
         return versions
 
-    def _write_overlapped(self, chunks: Sequence[DueItems], replace: bool) -> dict[str, int]:
+    def _write_overlapped(self, chunks: Sequence[DueItems], replace: bool, trace_context: str | None) -> dict[str, int]:
         """Three stages, a thread each and at most one chunk in each: this thread writes chunk k+2
         while the publisher hands chunk k+1 to the broker and the marker records chunk k as published.
 
@@ -302,7 +347,12 @@ class AfterCommit(Outbox):
                     continue
                 with self.engine.begin() as conn:
                     versions = registry.insert_many(
-                        conn, chunk, now=self.clock.now_ms(), published=False, replace=replace
+                        conn,
+                        chunk,
+                        now=self.clock.now_ms(),
+                        published=False,
+                        replace=replace,
+                        trace_context=trace_context,
                     )
                 written.update(versions)
                 hand_over(_messages(chunk, versions) or None)
@@ -317,30 +367,56 @@ class AfterCommit(Outbox):
         try:
             self.transport.publish(messages)
         except TransportUnavailable as exc:
-            with self._outage_lock:
-                self._quiet_until = monotonic() + self._outage.failed(
-                    self.transport.component, f"{exc}; timeouts are left for the relay"
-                )
+            self.publish_failed(exc)
             return False
+        self.publish_succeeded()
+        return True
+
+    # The outage bookkeeping of the write paths, shared with the asyncio API's publisher
+    # (scheduler/async_outbox.py): one backoff per process, whichever API met the outage.
+
+    def quiet(self) -> bool:
+        """Whether writes leave their timers to the relay without trying the broker (an outage's backoff)."""
+        return monotonic() < self._quiet_until
+
+    def publish_failed(self, exc: TransportUnavailable) -> None:
+        with self._outage_lock:
+            self._quiet_until = monotonic() + self._outage.failed(
+                self.transport.component, f"{exc}; timeouts are left for the relay"
+            )
+
+    def publish_succeeded(self) -> None:
         if self._outage.ongoing:
             with self._outage_lock:
                 self._outage.recovered()
-        return True
+
+    def revoke_failed(self, order_ids: Sequence[str], exc: TransportUnavailable) -> None:
+        # Harmless: the registry says revoked, so the timer is acked as stale when it fires.
+        log.warning("could not remove the broker timers of %s: %s", ", ".join(order_ids[:5]), exc)
 
     def _publish_or_raise(self, messages: Sequence[TimerMessage]) -> int:
         if messages:
-            self.transport.publish(messages)
+            attributes = self.span_attributes(messages)
+            with tracing.span("order-timeouts publish", kind="producer", attributes=attributes) as step:
+                self.transport.publish(messages)
+                step.set_attribute(tracing.OUTCOME, "published")
             self.mark_published(messages)
         return len(messages)
 
+    def span_attributes(self, messages: Sequence[TimerMessage]) -> dict[str, object]:
+        """The transport, and the order id when there is one, or the count when there are more."""
+        attributes: dict[str, object] = {tracing.TRANSPORT: self.transport.name, tracing.COUNT: len(messages)}
+        if len(messages) == 1:
+            attributes[tracing.ORDER_ID] = messages[0].order_id
+        return attributes
+
     def _remove_timers(self, order_ids: Sequence[str]) -> None:
-        if monotonic() < self._quiet_until:
-            return  # harmless, as below
+        if self.quiet():
+            return  # harmless, as in revoke_failed
         try:
             self.transport.revoke(order_ids)
         except TransportUnavailable as exc:
-            # Harmless: the registry says revoked, so the timer is acked as stale when it fires.
-            log.warning("could not remove the broker timers of %s: %s", ", ".join(order_ids[:5]), exc)
+            self.revoke_failed(order_ids, exc)
 
 
 def _messages(items: DueItems, versions: dict[str, int]) -> list[TimerMessage]:

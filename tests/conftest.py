@@ -14,10 +14,11 @@ import pytest
 from sqlalchemy import Engine
 
 from consumers.worker import Worker, WorkerTotals
-from scheduler import OrderTimeouts, Settings
+from scheduler import AsyncOrderTimeouts, OrderTimeouts, Settings
 from scheduler.config import ENV_BROKER_URL, ENV_DATABASE_URL
 from scheduler.schema import init_db
 from scheduler.testing import install_cancel_log
+from tests.async_client import APIS, BlockingAsyncClient
 from tests.stacks import DATABASES, STACKS
 from tests.support import wait_until
 
@@ -32,6 +33,8 @@ class Stack:
     database_url: str
     broker_url: str
     opened: list[OrderTimeouts] = field(default_factory=list)
+    #: clients of the producer API under test (`client`), closed with the stack
+    clients: dict[str, Any] = field(default_factory=dict)
 
     def timeouts(self, **settings: Any) -> OrderTimeouts:
         """The stack's client; with settings, a new client configured with them."""
@@ -41,6 +44,16 @@ class Stack:
         client = OrderTimeouts(settings=replace(base, **settings))
         self.opened.append(client)
         return client
+
+    def client(self, api: str) -> OrderTimeouts:
+        """The stack's client of the producer API `api` (tests/async_client.py: "sync" or "async"),
+        typed as the synchronous one: the asyncio one is driven through BlockingAsyncClient."""
+        if api == "sync":
+            return self.timeouts()
+        if api not in self.clients:
+            settings = Settings(database_url=self.database_url, broker_url=self.broker_url)
+            self.clients[api] = BlockingAsyncClient(AsyncOrderTimeouts(settings=settings))
+        return self.clients[api]  # type: ignore[no-any-return]
 
     @property
     def engine(self) -> Engine:
@@ -52,7 +65,7 @@ class Stack:
         return {**os.environ, ENV_DATABASE_URL: self.database_url, ENV_BROKER_URL: self.broker_url, **extra}
 
     def start_worker(
-        self, *args: str, capture: bool = False, log_to: Path | None = None, **env: str
+        self, *args: str, capture: bool = False, log_to: Path | None = None, module: str = "scheduler", **env: str
     ) -> subprocess.Popen[str]:
         """A worker process, returned once it is ready (signal handlers installed, loop started), so
         that a SIGTERM sent from now on means "finish the batch and exit", never a kill at start-up.
@@ -62,7 +75,7 @@ class Stack:
             path = Path(name)
         else:
             fd, path = os.open(log_to, os.O_WRONLY | os.O_CREAT | os.O_APPEND), log_to
-        argv = [sys.executable, "-m", "scheduler", "-v", "worker", *args]
+        argv = [sys.executable, "-m", module, "-v", "worker", *args]
         out = subprocess.PIPE if capture else subprocess.DEVNULL
         process = subprocess.Popen(argv, env=self.env(**env), stdout=out, stderr=fd, text=True, cwd=ROOT)
         os.close(fd)
@@ -114,6 +127,8 @@ def deployed(stack: Stack) -> Iterator[Stack]:
     try:
         yield stack
     finally:
+        for blocking in stack.clients.values():
+            blocking.close()
         for client in stack.opened:
             client.close()
 
@@ -128,3 +143,9 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
 def db_stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
     """The `sql` transport on each registry database (SQLite file, PostgreSQL schema)."""
     yield from open_stack(request.param, DATABASES, tmp_path)
+
+
+@pytest.fixture(params=APIS)
+def api(request: pytest.FixtureRequest) -> str:
+    """The producer API a test drives: OrderTimeouts, or AsyncOrderTimeouts through BlockingAsyncClient."""
+    return str(request.param)

@@ -40,10 +40,12 @@ from scheduler.registry.schema import (
 ONE_WRITER_AT_A_TIME = False
 
 
-def database_now_ms(engine: Engine) -> int:
+def database_now_ms(bind: Engine | Connection) -> int:
     """The server's clock: clock_timestamp() is the time of the call, not of the transaction's start."""
-    with engine.connect() as conn:
-        return int(conn.execute(text("SELECT floor(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)")).scalar_one())
+    if isinstance(bind, Engine):
+        with bind.connect() as conn:
+            return database_now_ms(conn)
+    return int(bind.execute(text("SELECT floor(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)")).scalar_one())
 
 
 # Two parameters instead of eight per row: one short statement per chunk, whatever its size, and no
@@ -52,8 +54,9 @@ def database_now_ms(engine: Engine) -> int:
 # Order ids are printable text (validation.order_id), so a line feed never occurs inside one.
 _INSERT_MANY = f"""
 INSERT INTO {REGISTRY_TABLE} AS t
-    (order_id, due_ms, state, version, attempts, created_ms, updated_ms, published_ms)
-SELECT v.order_id, v.due_ms, :pending, 1, 0, CAST(:now AS bigint), CAST(:now AS bigint), CAST(:published AS bigint)
+    (order_id, due_ms, state, version, attempts, created_ms, updated_ms, published_ms, trace_context)
+SELECT v.order_id, v.due_ms, :pending, 1, 0, CAST(:now AS bigint), CAST(:now AS bigint), CAST(:published AS bigint),
+    CAST(:trace AS text)
 FROM unnest(string_to_array(:ids, E'\\n'), CAST(string_to_array(:dues, ',') AS bigint[])) AS v(order_id, due_ms)
 ON CONFLICT (order_id) DO {{conflict}}
 RETURNING t.order_id, t.version
@@ -62,11 +65,17 @@ RETURNING t.order_id, t.version
 _REARM = """UPDATE SET
     state = :pending, outcome = NULL, version = t.version + 1, attempts = 0, fired_ms = NULL,
     finished_ms = NULL, worker = NULL, error = NULL, updated_ms = CAST(:now AS bigint),
-    due_ms = EXCLUDED.due_ms, published_ms = EXCLUDED.published_ms"""
+    due_ms = EXCLUDED.due_ms, published_ms = EXCLUDED.published_ms, trace_context = EXCLUDED.trace_context"""
 
 
 def insert_many(
-    conn: Connection, due: Sequence[tuple[str, int]], *, now: int, published: bool, replace: bool
+    conn: Connection,
+    due: Sequence[tuple[str, int]],
+    *,
+    now: int,
+    published: bool,
+    replace: bool,
+    trace_context: str | None,
 ) -> dict[str, int]:
     sql = _INSERT_MANY.format(conflict=_REARM if replace else "NOTHING")
     ids = "\n".join(order_id for order_id, _ in due)
@@ -78,6 +87,7 @@ def insert_many(
         "pending": TimeoutState.PENDING.value,
         "now": now,
         "published": now if published else None,
+        "trace": trace_context,
     }
     return dict(conn.execute(text(sql), params).all())
 

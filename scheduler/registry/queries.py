@@ -39,16 +39,23 @@ class FastPaths(Protocol):
     #: an open write transaction holds up every other writer (SQLite's one write lock)
     ONE_WRITER_AT_A_TIME: bool
 
-    def database_now_ms(self, engine: Engine) -> int:
+    def database_now_ms(self, bind: Engine | Connection) -> int:
         """The database's clock in epoch ms, rounded down: the one clock of the deployment."""
         ...
 
     def insert_many(
-        self, conn: Connection, due: Sequence[tuple[str, int]], *, now: int, published: bool, replace: bool
+        self,
+        conn: Connection,
+        due: Sequence[tuple[str, int]],
+        *,
+        now: int,
+        published: bool,
+        replace: bool,
+        trace_context: str | None,
     ) -> dict[str, int]:
         """Insert pending rows, version 1; leave existing ones alone, or re-arm them with `replace`
-        (schema.rearm, plus the new due time and published_ms). Return {order_id: version} of the
-        rows inserted or re-armed."""
+        (schema.rearm, plus the new due time, published_ms and trace_context). Return {order_id:
+        version} of the rows inserted or re-armed. One statement, whatever the number of rows."""
         ...
 
     def mark_published(self, conn: Connection, versions: Sequence[tuple[str, int]], *, now: int) -> None:
@@ -109,9 +116,9 @@ def fast_paths(conn: Connection | Engine) -> FastPaths:
         raise NotImplementedError(f"the registry supports PostgreSQL and SQLite, not {name}") from None
 
 
-def database_now_ms(engine: Engine) -> int:
+def database_now_ms(bind: Engine | Connection) -> int:
     """The registry database's clock, which decides when a timeout is due (scheduler.clock.RegistryClock)."""
-    return fast_paths(engine).database_now_ms(engine)
+    return fast_paths(bind).database_now_ms(bind)
 
 
 def one_writer_at_a_time(engine: Engine) -> bool:
@@ -126,15 +133,19 @@ def insert_many(
     now: int,
     published: bool,
     replace: bool,
+    trace_context: str | None = None,
 ) -> dict[str, int]:
     """Insert timeouts; return {order_id: version} for those created or (with replace) re-armed.
 
     Rows that exist are left alone unless `replace`: scheduling twice is idempotent.
     `published` is true when the registry itself is the queue (the `sql` transport).
+    `trace_context`: the scheduling request's W3C traceparent, stored with every row written.
     """
     if not due:
         return {}
-    return fast_paths(conn).insert_many(conn, due, now=now, published=published, replace=replace)
+    return fast_paths(conn).insert_many(
+        conn, due, now=now, published=published, replace=replace, trace_context=trace_context
+    )
 
 
 def get(conn: Connection, order_id: str) -> TimeoutRecord | None:

@@ -54,6 +54,9 @@ timeouts = Table(
     Column("finished_ms", BigInteger),
     Column("worker", String(64)),
     Column("error", Text),
+    # The W3C traceparent of the request that scheduled it (OpenTelemetry, scheduler/tracing.py);
+    # NULL without tracing. Migration 0005.
+    Column("trace_context", Text),
 )
 is_pending = timeouts.c.state == TimeoutState.PENDING.value
 # The due scan and the pending listing read only this partial index (due_ms, order_id).
@@ -116,7 +119,13 @@ def rearm(now: int) -> dict[str, Any]:
 
 
 #: what a claim returns
-CLAIM_COLUMNS = (timeouts.c.order_id, timeouts.c.due_ms, timeouts.c.version, timeouts.c.attempts)
+CLAIM_COLUMNS = (
+    timeouts.c.order_id,
+    timeouts.c.due_ms,
+    timeouts.c.version,
+    timeouts.c.attempts,
+    timeouts.c.trace_context,
+)
 
 
 def claim_values(now: int, worker: str) -> dict[str, Any]:
@@ -146,6 +155,7 @@ class TimeoutRecord:
     finished_ms: int | None
     worker: str | None
     error: str | None
+    trace_context: str | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> TimeoutRecord:
@@ -163,6 +173,7 @@ class Claim:
     due_ms: int
     version: int
     attempts: int  #: including this attempt
+    trace_context: str | None = None  #: the scheduling request's W3C traceparent, if it was traced
 
 
 @dataclass(frozen=True)

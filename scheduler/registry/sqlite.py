@@ -28,7 +28,7 @@ from scheduler.registry.schema import (
 ONE_WRITER_AT_A_TIME = True
 
 
-def database_now_ms(engine: Engine) -> int:
+def database_now_ms(bind: Engine | Connection) -> int:
     """The host's clock as its kernel keeps it, read from the time it stamps on a file it writes.
 
     SQLite runs inside each process, so its own `now` is the process's clock, which a process-level
@@ -38,7 +38,8 @@ def database_now_ms(engine: Engine) -> int:
     for a database in memory. The kernel stamps files with a coarse clock, behind its own by at
     most a tick: never ahead.
     """
-    folder = Path(engine.url.database).resolve().parent if engine.url.database not in (None, "", ":memory:") else None
+    database = bind.engine.url.database
+    folder = Path(database).resolve().parent if database not in (None, "", ":memory:") else None
     with tempfile.TemporaryFile(dir=folder if folder is not None and folder.is_dir() else None) as probe:
         probe.write(b"t")
         probe.flush()
@@ -56,7 +57,13 @@ _IS_PENDING = f"state = '{TimeoutState.PENDING.value}'"
 
 
 def insert_many(
-    conn: Connection, due: Sequence[tuple[str, int]], *, now: int, published: bool, replace: bool
+    conn: Connection,
+    due: Sequence[tuple[str, int]],
+    *,
+    now: int,
+    published: bool,
+    replace: bool,
+    trace_context: str | None,
 ) -> dict[str, int]:
     stmt = insert(timeouts)
     params = [
@@ -69,6 +76,7 @@ def insert_many(
             "created_ms": now,
             "updated_ms": now,
             "published_ms": now if published else None,
+            "trace_context": trace_context,
         }
         for order_id, due_ms in due
     ]
@@ -79,6 +87,7 @@ def insert_many(
                 **rearm(now),
                 "due_ms": stmt.excluded.due_ms,
                 "published_ms": stmt.excluded.published_ms,
+                "trace_context": stmt.excluded.trace_context,
             },
         )
     else:

@@ -43,6 +43,7 @@ log = logging.getLogger("order_timeouts.transport")
 
 __all__ = [
     "FAILED_REDELIVERY_MS",
+    "AsyncPublisher",
     "Batch",
     "BrokerTransport",
     "Delivery",
@@ -258,6 +259,26 @@ class Transport(ABC):
         """Release connections; the transport may be used again afterwards (it reconnects)."""
 
 
+class AsyncPublisher(ABC):
+    """A broker transport's producer side for asyncio callers (`BrokerTransport.async_publisher`).
+
+    The rules of `BrokerTransport.publish` and `revoke` hold as written there; errors are converted
+    at the edge in the same way (TransportUnavailable). Nothing here may block the event loop.
+    """
+
+    @abstractmethod
+    async def publish(self, messages: Sequence[TimerMessage]) -> None:
+        """Return once the broker has confirmed every message (raise otherwise)."""
+
+    @abstractmethod
+    async def revoke(self, order_ids: Sequence[str]) -> None:
+        """Best-effort removal of timers, as `BrokerTransport.revoke`."""
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Release what this publisher holds; it may be used again afterwards (it reconnects)."""
+
+
 class BrokerTransport(Transport):
     """A transport whose timers live on a broker: writes publish after their commit (`AfterCommit`).
 
@@ -284,6 +305,16 @@ class BrokerTransport(Transport):
     @abstractmethod
     def publish(self, messages: Sequence[TimerMessage]) -> None:
         """Hand timers to the broker and return once it has confirmed all of them (raise otherwise)."""
+
+    def async_publisher(self) -> AsyncPublisher:
+        """`publish` and `revoke` for the asyncio API (`AsyncOrderTimeouts`), with the same rules.
+
+        The default runs this transport's own `publish`/`revoke` on one thread of its own, so that
+        the event loop never waits on the broker's socket and the client library is used from one
+        thread only. A transport with an asyncio client of its own returns a native publisher."""
+        from scheduler.async_outbox import ThreadedPublisher
+
+        return ThreadedPublisher(self)
 
     def lost_timers(self) -> bool:
         """Whether the broker may have lost timers it once confirmed: it came back empty (a restart

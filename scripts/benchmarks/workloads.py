@@ -1,7 +1,7 @@
 """The product's workloads, one system at a time, each group of steps in a fresh deployment.
 
     bulk + latency:  schedule_many of far-off timeouts (rate, Redis bytes), then single schedule()
-                     calls inside order transactions (p50/p99)
+                     calls inside order transactions (p50/p99), OrderTimeouts and AsyncOrderTimeouts in turns
     drains:          2 worker processes; a burst due at one instant (half the orders paid), a
                      steady stream due at N per second, then the same burst again with a large
                      number of far-off timeouts pending (rates against the empty system; the fire
@@ -14,6 +14,7 @@ registry showed nothing pending up to the due time.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -25,6 +26,7 @@ from typing import Any
 
 from sqlalchemy import Engine, func, insert, select, text
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from benchmarks.measure import Lateness, ProcessGroup, SystemResult, now_ms, percentile, rate, wait_for
@@ -32,6 +34,7 @@ from benchmarks.plan import Services, Sizes
 from benchmarks.sandbox import Deployment, deployment, finish_rehashing, redis_client
 from scheduler import registry, retention
 from scheduler.api import OrderTimeouts
+from scheduler.async_api import AsyncOrderTimeouts
 from scheduler.clock import from_ms
 from scheduler.config import ENV_BROKER_URL, ENV_DATABASE_URL, Settings
 from scheduler.database import reading
@@ -113,23 +116,47 @@ def _bulk_and_latency(target: Deployment, sizes: Sizes, services: Services, resu
             used = int(memory.info("memory")["used_memory"]) - before
             result.figures["redis_bytes_per_timeout"] = used / sizes.bulk
 
-        orders = orders_table(client.settings.orders)
-        samples: list[float] = []
-        for i in range(sizes.latency):
-            order_id = f"single-{i:06d}"
-            started = time.perf_counter()
-            # The order service's transaction: the order row and its timeout commit together; with
-            # a Session, broker transports publish right after the commit (inside this timing).
-            with Session(client.engine) as session, session.begin():
-                session.execute(insert(orders).values(id=order_id, status="PENDING"))
-                client.schedule(order_id, delay=BULK_DELAY, connection=session)
-            samples.append((time.perf_counter() - started) * 1000)
-        result.figures["schedule_p50_ms"] = percentile(samples, 0.50)
-        result.figures["schedule_p99_ms"] = percentile(samples, 0.99)
+        result.figures |= asyncio.run(_single_latency(client, sizes.latency))
     finally:
         client.close()
         if memory is not None:
             memory.close()
+
+
+async def _single_latency(client: OrderTimeouts, count: int) -> dict[str, float | None]:
+    """schedule() inside an order transaction, with each API in turn (sync, then async, `count` times):
+    the two sample the same moments of this machine's load.
+
+    The order service's transaction: the order row and its timeout commit together. With a
+    Session, broker transports publish right after the commit, inside the timing; with an
+    AsyncSession the publish runs in a task after the commit, which the timing waits for too
+    (`flush`), so that both figures hold the same work."""
+    orders = orders_table(client.settings.orders)
+    sync_samples: list[float] = []
+    async_samples: list[float] = []
+    async with AsyncOrderTimeouts(settings=client.settings) as twin:
+        for i in range(count + 1):
+            started = time.perf_counter()
+            with Session(client.engine) as session, session.begin():
+                session.execute(insert(orders).values(id=f"single-{i:06d}", status="PENDING"))
+                client.schedule(f"single-{i:06d}", delay=BULK_DELAY, connection=session)
+            sync_at = time.perf_counter()
+            async with AsyncSession(twin.engine) as async_session, async_session.begin():
+                await async_session.execute(insert(orders).values(id=f"async-{i:06d}", status="PENDING"))
+                await twin.schedule(f"async-{i:06d}", delay=BULK_DELAY, connection=async_session)
+            await twin.flush()
+            if i:  # the first round connects the asyncio client: not a sample
+                sync_samples.append((sync_at - started) * 1000)
+                async_samples.append((time.perf_counter() - sync_at) * 1000)
+    figures = {
+        "schedule_p50_ms": percentile(sync_samples, 0.50),
+        "schedule_p99_ms": percentile(sync_samples, 0.99),
+        "async_schedule_p50_ms": percentile(async_samples, 0.50),
+        "async_schedule_p99_ms": percentile(async_samples, 0.99),
+    }
+    sync_p99, async_p99 = figures["schedule_p99_ms"], figures["async_schedule_p99_ms"]
+    figures["async_schedule_p99_ratio"] = async_p99 / sync_p99 if sync_p99 and async_p99 is not None else None
+    return figures
 
 
 def add_orders(engine: Engine, ids: Sequence[str], settings: Settings) -> set[str]:

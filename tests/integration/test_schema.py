@@ -67,6 +67,7 @@ def test_a_registry_made_before_migrations_is_adopted_not_recreated(engine: Engi
     # The tables create_all made before migrations existed: the registry and its leases.
     metadata.create_all(engine, tables=[timeouts, leases])
     with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE order_timeouts DROP COLUMN trace_context"))  # added by 0005
         conn.execute(
             text(
                 "INSERT INTO order_timeouts (order_id, due_ms, state, version, attempts, created_ms, updated_ms) "

@@ -98,3 +98,22 @@ def test_a_skew_beyond_the_tolerance_is_logged_once_as_an_error(caplog: pytest.L
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and "-2.500 s off the registry's" in errors[0].getMessage()
     assert clock.offset_ms == 2_500
+
+
+def test_a_clock_without_a_reader_never_reads_and_takes_the_readings_it_is_handed() -> None:
+    # The asyncio API's clock: its reads are awaited queries, so now_ms() must do no I/O.
+    machine = Machine()
+    machine.registry_ms = machine.wall_ms + 5_000  # the registry runs 5 s ahead of this process
+    clock = RegistryClock(None, monotonic=lambda: machine.monotonic, wall=lambda: machine.wall_ms)
+    assert clock.wants_reading()
+    assert clock.now_ms() == machine.wall_ms, "the process's own clock stands in before any reading"
+    clock.record(machine.read())
+    assert not clock.wants_reading()
+    machine.wait(2)
+    assert clock.now_ms() == machine.registry_ms
+    machine.wait(4)
+    assert clock.wants_reading(), "a reading is due again after `refresh`"
+    clock.record(None)  # the read failed: the last reading goes on, the next try after `refresh`
+    assert not clock.wants_reading()
+    assert clock.now_ms() == machine.registry_ms
+    assert machine.reads == 1

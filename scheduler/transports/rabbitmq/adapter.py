@@ -77,6 +77,7 @@ from scheduler.clock import Clock
 from scheduler.errors import MalformedMessage
 from scheduler.transports.base import (
     FAILED_REDELIVERY_MS,
+    AsyncPublisher,
     Batch,
     BrokerTransport,
     Delivery,
@@ -208,6 +209,17 @@ class RabbitMQTransport(BrokerTransport):
 
     def revoke(self, order_ids: Sequence[str]) -> None:
         """Nothing to remove: the registry says revoked and the timer is acked as stale when it fires."""
+
+    def async_publisher(self) -> AsyncPublisher:
+        """The same link, awaited from the event loop (async_publisher.py)."""
+        from scheduler.transports.rabbitmq.async_publisher import RabbitMQAsyncPublisher
+
+        return RabbitMQAsyncPublisher(self)
+
+    def _live_link(self) -> Link | None:
+        """The open link, if there is one, without waiting for the connecting lock."""
+        link = self._link
+        return link if link is not None and link.alive else None
 
     def receive(self, limit: int, timeout: float) -> Batch:
         link = self._connected()

@@ -20,6 +20,8 @@ fails, and its rows stay unpublished for the relay.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -74,10 +76,17 @@ class _Job:
     unconfirmed: int = 0
     error: str | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    #: called (on any thread) once the job is done: how an asyncio caller is woken (publish_async)
+    wake: Callable[[], None] | None = None
 
     def fail(self, reason: str) -> None:
         if self.error is None:
             self.error = reason
+
+    def finish(self) -> None:
+        self.done.set()
+        if self.wake is not None:
+            self.wake()
 
 
 class Link:
@@ -129,12 +138,38 @@ class Link:
 
     def publish(self, items: Sequence[Outgoing], timeout: float) -> None:
         """Return once the broker has confirmed every message as routed; raise otherwise."""
-        job = _Job(items, unconfirmed=len(items))
+        job = self._submit(items, wake=None)
+        self._outcome(job, job.done.wait(timeout), timeout)
+
+    async def publish_async(self, items: Sequence[Outgoing], timeout: float) -> None:
+        """`publish` for an asyncio caller: the same job on the I/O thread, whose end wakes the
+        caller's event loop (call_soon_threadsafe) instead of a waiting thread. Nothing here blocks
+        the loop: handing the job over and reading its outcome take the link's lock only briefly."""
+        loop = asyncio.get_running_loop()
+        confirmed: asyncio.Future[None] = loop.create_future()
+
+        def wake() -> None:
+            # From the I/O thread, possibly after the caller gave up and its loop has closed.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_resolve, confirmed)
+
+        job = self._submit(items, wake=wake)
+        try:
+            await asyncio.wait_for(confirmed, timeout)
+        except TimeoutError:
+            pass
+        self._outcome(job, job.done.is_set(), timeout)
+
+    def _submit(self, items: Sequence[Outgoing], wake: Callable[[], None] | None) -> _Job:
+        job = _Job(items, unconfirmed=len(items), wake=wake)
         with self._cond:
             self._raise_if_dead()
             self._jobs.add(job)
         self._call(lambda: self._start(job))
-        if not job.done.wait(timeout):
+        return job
+
+    def _outcome(self, job: _Job, done: bool, timeout: float) -> None:
+        if not done:
             self._die(f"no publisher confirm within {timeout:g}s")
             job.fail(f"no publisher confirm within {timeout:g}s")
         if job.error is not None:
@@ -217,7 +252,7 @@ class Link:
                     log.warning("RabbitMQ link lost: %s", reason)
             for job in self._jobs:
                 job.fail(self._error)
-                job.done.set()
+                job.finish()
             self._jobs.clear()
             self._inbox.clear()
             self._cond.notify_all()
@@ -417,7 +452,7 @@ class Link:
     def _finish(self, job: _Job) -> None:
         with self._cond:
             self._jobs.discard(job)
-        job.done.set()
+        job.finish()
 
     def _subscribe(self, prefetch: int) -> None:
         if self._consumer is not None:
@@ -495,3 +530,8 @@ def _version(raw: bytes | str) -> tuple[int, ...]:
             break
         numbers.append(int(digits))
     return tuple(numbers)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

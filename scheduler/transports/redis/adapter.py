@@ -69,6 +69,7 @@ from scheduler.clock import Clock
 from scheduler.errors import MalformedMessage, TransportUnavailable
 from scheduler.transports.base import (
     FAILED_REDELIVERY_MS,
+    AsyncPublisher,
     Batch,
     BrokerTransport,
     Delivery,
@@ -146,6 +147,11 @@ class RedisTransport(BrokerTransport):
         identity = self.deployment.id
         return self.options.prefix if identity is None else f"{self.options.prefix}:{identity}"
 
+    @property
+    def bound(self) -> bool:
+        """Whether the key names are known (the deployment's identity has been read)."""
+        return bool(self._timers)
+
     def _bind(self) -> None:
         namespace, shards = self.namespace, range(self.options.shards)
         self._timers = [redis_timers_key(namespace, n) for n in shards]
@@ -161,21 +167,26 @@ class RedisTransport(BrokerTransport):
 
     def publish(self, messages: Sequence[TimerMessage]) -> None:
         """ZADD in one pipeline; confirmed when the pipeline has returned."""
-        due_by_shard: dict[int, dict[str, int]] = {}
-        for message in messages:
-            due_by_shard.setdefault(self.shard_of(message.order_id), {})[message.order_id] = message.due_ms
+        due_by_shard = self._by_shard(messages)
         if not due_by_shard:
             return
         with self._edge("publish"):
             pipe = self._redis().pipeline(transaction=False)
-            for shard, due in due_by_shard.items():
-                items = list(due.items())
-                for start in range(0, len(items), ZADD_CHUNK):
-                    pipe.zadd(self._timers[shard], dict(items[start : start + ZADD_CHUNK]))
-                pipe.zrange(self._timers[shard], 0, 0, withscores=True)
-            # ZADD replies with a count, ZRANGE with a list: the lists are the heads, in shard order.
-            heads = [reply for reply in pipe.execute() if isinstance(reply, list)]
-            self._wake_for(due_by_shard, heads)
+            self._queue_timers(pipe, due_by_shard)
+            now, due_now, wake = self._wake_plan(due_by_shard, pipe.execute())
+            if due_now:
+                # Due already (fire, replay, the relay catching up): moving it into the stream wakes a reader.
+                self.move_due(due_now, now)
+            if wake:
+                pipe = self._redis().pipeline(transaction=False)
+                self._queue_wake(pipe, wake)
+                pipe.execute()
+
+    def async_publisher(self) -> AsyncPublisher:
+        """redis.asyncio, sending the same commands as `publish` (async_publisher.py)."""
+        from scheduler.transports.redis.async_publisher import RedisAsyncPublisher
+
+        return RedisAsyncPublisher(self, self._url)
 
     def lost_timers(self) -> bool:
         """A shard's marker is missing or names another replication ID than its server's (lineage.py)."""
@@ -191,18 +202,38 @@ class RedisTransport(BrokerTransport):
             self._markers.restore(client)
 
     def revoke(self, order_ids: Sequence[str]) -> None:
-        by_shard: dict[int, list[str]] = {}
-        for order_id in order_ids:
-            by_shard.setdefault(self.shard_of(order_id), []).append(order_id)
-        if by_shard:
+        if order_ids:
             with self._edge("revoke"):
                 pipe = self._redis().pipeline(transaction=False)
-                for shard, ids in by_shard.items():
-                    pipe.zrem(self._timers[shard], *ids)
+                self._queue_revoke(pipe, order_ids)
                 pipe.execute()
 
-    def _wake_for(self, due_by_shard: dict[int, dict[str, int]], heads: list[Any]) -> None:
-        """Workers block until the earliest timer they saw: tell them when a publish changed it."""
+    # The steps of a publish, shared by `publish` and the asyncio publisher: they queue commands on
+    # a pipeline of either client and read its replies; sending it is the caller's.
+
+    def _by_shard(self, messages: Sequence[TimerMessage]) -> dict[int, dict[str, int]]:
+        due_by_shard: dict[int, dict[str, int]] = {}
+        for message in messages:
+            due_by_shard.setdefault(self.shard_of(message.order_id), {})[message.order_id] = message.due_ms
+        return due_by_shard
+
+    def _queue_timers(self, pipe: Any, due_by_shard: dict[int, dict[str, int]]) -> None:
+        """ZADD the timers, then read each shard's earliest (for `_wake_plan`)."""
+        for shard, due in due_by_shard.items():
+            items = list(due.items())
+            for start in range(0, len(items), ZADD_CHUNK):
+                pipe.zadd(self._timers[shard], dict(items[start : start + ZADD_CHUNK]))
+            pipe.zrange(self._timers[shard], 0, 0, withscores=True)
+
+    def _wake_plan(
+        self, due_by_shard: dict[int, dict[str, int]], replies: list[Any]
+    ) -> tuple[int, list[int], list[int]]:
+        """Workers block until the earliest timer they saw: tell them when a publish changed it.
+
+        Returns (now, shards whose earliest timer is due already: move them, shards whose earliest
+        timer is one just published and due soon: add a wake-up entry to their stream)."""
+        # ZADD replies with a count, ZRANGE with a list: the lists are the heads, in shard order.
+        heads = [reply for reply in replies if isinstance(reply, list)]
         now = self._clock.now_ms()
         due_now, wake = [], []
         for (shard, due), head in zip(due_by_shard.items(), heads, strict=True):
@@ -213,15 +244,24 @@ class RedisTransport(BrokerTransport):
                 due_now.append(shard)
             elif score - now < WAKE_HORIZON_MS and member.decode() in due:
                 wake.append(shard)
-        if due_now:
-            # Due already (fire, replay, the relay catching up): moving it into the stream wakes a reader.
-            self.move_due(due_now, now)
-        if wake:
-            # A stream entry, not pub/sub: a worker that starts blocking after this still sees it.
-            pipe = self._redis().pipeline(transaction=False)
-            for shard in wake:
-                pipe.xadd(self._streams[shard], {_FIELD_WAKE: b""})
-            pipe.execute()
+        return now, due_now, wake
+
+    def _queue_wake(self, pipe: Any, shards: Sequence[int]) -> None:
+        # A stream entry, not pub/sub: a worker that starts blocking after this still sees it.
+        for shard in shards:
+            pipe.xadd(self._streams[shard], {_FIELD_WAKE: b""})
+
+    def _queue_revoke(self, pipe: Any, order_ids: Sequence[str]) -> None:
+        by_shard: dict[int, list[str]] = {}
+        for order_id in order_ids:
+            by_shard.setdefault(self.shard_of(order_id), []).append(order_id)
+        for shard, ids in by_shard.items():
+            pipe.zrem(self._timers[shard], *ids)
+
+    def _move_call(self, shard: int, now_ms: int) -> tuple[list[str], list[Any]]:
+        """The keys and arguments of move.lua for one shard."""
+        args = [now_ms, self.options.move_batch, REDIS_FIELD_MESSAGE, self.deployment.id or ""]
+        return [self._timers[shard], self._streams[shard]], args
 
     # -- consumer side ---------------------------------------------------------------------------
 
@@ -298,17 +338,16 @@ class RedisTransport(BrokerTransport):
         """Run the mover on these shards (all by default); return the earliest due time left in them."""
         shards = range(self.options.shards) if shards is None else shards
         with self._edge("move"):
-            client = self._redis()
+            client = self._redis()  # the key names are known from here on
             now = self._clock.now_ms() if now_ms is None else now_ms
-            args = [now, self.options.move_batch, REDIS_FIELD_MESSAGE, self.deployment.id or ""]
-            keys = [[self._timers[n], self._streams[n]] for n in shards]
+            calls = [self._move_call(n, now) for n in shards]
             if self.options.cluster:
                 # Each shard's keys live on their own node: one script call each.
-                replies = [self._move(keys=k, args=args) for k in keys]
+                replies = [self._move(keys=k, args=a) for k, a in calls]
             else:
                 pipe = client.pipeline(transaction=False)
-                for k in keys:
-                    self._move(keys=k, args=args, client=pipe)
+                for k, a in calls:
+                    self._move(keys=k, args=a, client=pipe)
                 replies = pipe.execute()
         earliest: int | None = None
         for shard, (_moved, head) in zip(shards, replies, strict=True):

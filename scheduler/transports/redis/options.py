@@ -70,12 +70,22 @@ def parse_url(broker_url: str) -> tuple[str, RedisOptions]:
     return url, RedisOptions(**ours)
 
 
-def connect(url: str, options: RedisOptions) -> Any:
+def connect(url: str, options: RedisOptions, *, asyncio: bool = False) -> Any:
     """A client for the URL (one server, a Redis Cluster, or the primary a Sentinel names); connections
-    are opened on first use, so a dead broker fails later, per call.
+    are opened on first use, so a dead broker fails later, per call. With `asyncio`, the same client
+    from redis.asyncio (the asyncio API's publisher), with the same options.
 
     Typed Any: redis-py declares every reply as `Awaitable[Any] | Any` (sync and async share stubs).
     """
+    client_module: Any = redis
+    cluster_class: Any = RedisCluster
+    retry_class: Any = Retry
+    sentinel_class: Any = None  # connect_sentinel's default, redis-py's
+    if asyncio:
+        import redis.asyncio as client_module
+        from redis.asyncio.cluster import RedisCluster as cluster_class
+        from redis.asyncio.retry import Retry as retry_class
+        from redis.asyncio.sentinel import Sentinel as sentinel_class
     defaults: dict[str, Any] = {"socket_connect_timeout": CONNECT_TIMEOUT_S}
     if "socket_timeout" not in urlsplit(url).query:
         defaults["socket_timeout"] = SOCKET_TIMEOUT_S
@@ -86,11 +96,11 @@ def connect(url: str, options: RedisOptions) -> Any:
             if path not in ("", "0"):
                 raise ConfigurationError(f"redis cluster has only database 0, not {path!r}: {redact(url)}")
             seed = urlunsplit(urlsplit(url)._replace(path=""))
-            return RedisCluster.from_url(seed, **defaults)
+            return cluster_class.from_url(seed, **defaults)
         # A couple of quick reconnects ride over a dropped connection; a dead broker fails within a second.
-        retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), 2)
+        retry = retry_class(ExponentialBackoff(cap=0.5, base=0.05), 2)
         if is_sentinel_url(url):
-            return connect_sentinel(parse_sentinel_url(url), retry=retry, **defaults)
-        return redis.Redis.from_url(url, retry=retry, **defaults)
+            return connect_sentinel(parse_sentinel_url(url), sentinel_class, retry=retry, **defaults)
+        return client_module.Redis.from_url(url, retry=retry, **defaults)
     except ValueError as exc:  # redis-py's URL parser
         raise ConfigurationError(f"bad redis URL {redact(url)!r}: {exc}") from None

@@ -117,8 +117,9 @@ def _sentinel_address(host: str, shown: str) -> tuple[str, int]:
     return name, int(port)
 
 
-def connect_sentinel(target: SentinelTarget, **defaults: Any) -> Any:
-    """A client of the current primary of the service; connections are made on first use."""
+def connect_sentinel(target: SentinelTarget, sentinel_class: Any = None, **defaults: Any) -> Any:
+    """A client of the current primary of the service; connections are made on first use.
+    `sentinel_class`: redis.asyncio's Sentinel for an asyncio client (default: redis-py's)."""
     credentials = {"username": target.username, "password": target.password}
     # The sentinels answer small queries: a short timeout lets a dead one be skipped quickly.
     sentinel_kwargs: dict[str, Any] = {
@@ -129,7 +130,7 @@ def connect_sentinel(target: SentinelTarget, **defaults: Any) -> Any:
         sentinel_kwargs.update(credentials)
     # The sentinels speak TLS with the same CA and client certificate as the servers.
     sentinel_kwargs.update(target.tls_options())
-    sentinel = Sentinel(list(target.sentinels), sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
-    return sentinel.master_for(  # type: ignore[no-untyped-call]  # redis-py leaves both unannotated
+    sentinel: Any = (sentinel_class or Sentinel)(list(target.sentinels), sentinel_kwargs=sentinel_kwargs)
+    return sentinel.master_for(
         target.service, db=target.db, **credentials, **{**defaults, **target.redis_options, **target.tls_options()}
     )
