@@ -22,17 +22,19 @@ from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from scheduler import producer, registry, tracing, validation
 from scheduler.clock import Clock, RegistryClock
 from scheduler.config import Settings
-from scheduler.database import READ_ONLY, make_async_engine
+from scheduler.database import READ_ONLY, make_async_engine, make_engine
 from scheduler.errors import InvalidTimeout
 from scheduler.outbox import SCHEDULE_CHUNK, Outbox
 from scheduler.producer import DueSpec, ScheduleResult, ScheduleSummary
 from scheduler.registry import TimeoutRecord
 from scheduler.transports import TimerMessage, Transport, open_transport
+from scheduler.transports.base import BrokerTransport
 
 __all__ = ["AsyncOrderTimeouts"]
 
@@ -73,6 +75,15 @@ class AsyncOrderTimeouts(producer.Producer):
         )
         self.outbox: Outbox = self.transport.outbox(self.engine.sync_engine, self.clock)
         self._hand_over = self.outbox.asyncio(self.engine)
+        # A broker transport's names carry the deployment's identity. Publishing reads it awaited
+        # (async_outbox.py); the transport's own synchronous calls (its figures, the threaded rq
+        # publisher) read it through a small synchronous engine, since the asyncio engine's facade
+        # cannot run a query outside SQLAlchemy's greenlet. It connects only if they need it.
+        self._identity_engine: Engine | None = None
+        if isinstance(self.transport, BrokerTransport):
+            url = self.engine.url.render_as_string(hide_password=False)
+            self._identity_engine = make_engine(url, pool_size=1)
+            self.transport.deployment.read_through(self._identity_engine)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> AsyncOrderTimeouts:
@@ -86,6 +97,8 @@ class AsyncOrderTimeouts(producer.Producer):
         await self._hand_over.aclose()
         await asyncio.to_thread(self.transport.close)
         await self.engine.dispose()
+        if self._identity_engine is not None:
+            self._identity_engine.dispose()
 
     async def __aenter__(self) -> AsyncOrderTimeouts:
         return self

@@ -26,12 +26,14 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from scheduler import registry, tracing
 from scheduler.clock import Clock
 from scheduler.errors import TransportUnavailable
 from scheduler.outbox import after_commit
+from scheduler.registry import control
 from scheduler.transports.base import AsyncPublisher, BrokerTransport
 from scheduler.transports.message import TimerMessage
 
@@ -91,6 +93,7 @@ class AsyncAfterCommit(AsyncHandOver):
         attributes = self._outbox.span_attributes(messages)
         with tracing.span("order-timeouts publish", kind="producer", attributes=attributes) as step:
             try:
+                await self._know_deployment()
                 await self._publisher.publish(messages)
             except TransportUnavailable as exc:
                 self._outbox.publish_failed(exc)
@@ -101,6 +104,21 @@ class AsyncAfterCommit(AsyncHandOver):
         versions = [(m.order_id, m.version) for m in messages]
         async with self._engine.begin() as conn:
             await conn.run_sync(registry.mark_published, versions, now=self._clock.now_ms())
+
+    async def _know_deployment(self) -> None:
+        """The deployment's identity, which the broker's names and messages carry: read once, here,
+        through the asyncio engine, before a publisher (or its thread) needs it."""
+        deployment = self._outbox.transport.deployment
+        if deployment.known:
+            return
+        try:
+            async with self._engine.begin() as conn:
+                identity = await conn.run_sync(lambda sync: control.ensure_deployment(sync, now=self._clock.now_ms()))
+        except SQLAlchemyError as exc:
+            raise TransportUnavailable(
+                f"the deployment identity cannot be read from the registry: {type(exc).__name__}"
+            ) from exc
+        deployment.adopt(identity)
 
     async def flush(self) -> None:
         while self._tasks:
@@ -133,6 +151,7 @@ class AsyncAfterCommit(AsyncHandOver):
         if self._outbox.quiet():
             return  # harmless, as in AfterCommit.revoke_failed
         try:
+            await self._know_deployment()
             await self._publisher.revoke(order_ids)
         except TransportUnavailable as exc:
             self._outbox.revoke_failed(order_ids, exc)

@@ -137,7 +137,9 @@ def to_ms(moment: datetime) -> int:
 
 def duration_ms(delta: timedelta) -> int:
     """The duration in whole ms, rounded up, computed exactly (a float of seconds is not)."""
-    return -(-delta // _MS)
+    # divmod, not -(-delta // _MS): negating the most negative timedelta overflows.
+    whole, rest = divmod(delta, _MS)
+    return whole + (1 if rest else 0)
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")

@@ -12,7 +12,14 @@ from sqlalchemy import Engine
 
 from scheduler.clock import Clock
 from scheduler.errors import MalformedMessage, TransportUnavailable
-from scheduler.transports.base import FAILED_REDELIVERY_MS, Batch, BrokerTransport, Delivery, Settlement
+from scheduler.transports.base import (
+    FAILED_REDELIVERY_MS,
+    Batch,
+    BrokerTransport,
+    Delivery,
+    Deployment,
+    Settlement,
+)
 from scheduler.transports.message import TimerMessage
 
 
@@ -51,6 +58,8 @@ class InMemoryTransport(BrokerTransport):
 
     def __init__(self, clock: Clock) -> None:
         self._clock = clock
+        # One broker per test, shared with no other deployment: unbound, nothing is foreign.
+        self.deployment = Deployment(None, clock)
         self._lock = threading.Lock()
         self._armed: dict[str, _Armed] = {}  # by order id, or a key of its own for a raw body
         self._in_flight: dict[int, tuple[str, _Armed]] = {}

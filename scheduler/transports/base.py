@@ -120,6 +120,20 @@ class Deployment:
                 ) from exc
         return self._id
 
+    def read_through(self, engine: Engine) -> None:
+        """Read the identity through `engine` instead (the asyncio API's synchronous engine)."""
+        self._engine = engine
+
+    @property
+    def known(self) -> bool:
+        """Whether `id` answers without a query (read already, or unbound)."""
+        return self._id is not None or self._engine is None
+
+    def adopt(self, identity: str) -> None:
+        """The identity as the caller read it: the asyncio API reads it through its own engine, whose
+        synchronous facade cannot run a query outside SQLAlchemy's greenlet."""
+        self._id = identity
+
     def stamp(self, messages: Sequence[TimerMessage]) -> list[TimerMessage]:
         """The messages as this deployment publishes them: carrying its identity."""
         identity = self.id
@@ -296,6 +310,9 @@ class BrokerTransport(Transport):
       anything worse; the registry's version and due time decide what a delivery means.
     - A timer published late (the relay after an outage, an overdue reschedule) is delivered at once.
     """
+
+    #: the deployment this transport's names and messages belong to (set by each adapter)
+    deployment: Deployment
 
     def outbox(self, engine: Engine, clock: Clock) -> Outbox:
         from scheduler.outbox import AfterCommit
