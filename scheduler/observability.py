@@ -195,7 +195,7 @@ class RegistryCollector(Collector):
         finished_age.add_metric([], max(now - oldest_finished, 0) / 1000 if oldest_finished is not None else 0.0)
         up.add_metric([], 1)
         yield from (pending, overdue, due_soon, lag, dead, unpublished, finished_age, up, *_pause_gauges(paused, now))
-        # Fleet-wide counts kept in the registry (control table), the same from every process.
+        # Fleet-wide counts kept in the registry (control table), exported with the gauges above.
         for name, documentation, value in (
             ("rechecked", "Finished timeouts maintain's recheck asked the order store about again", found["checked"]),
             (
