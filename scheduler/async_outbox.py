@@ -115,9 +115,7 @@ class AsyncAfterCommit(AsyncHandOver):
             async with self._engine.begin() as conn:
                 identity = await conn.run_sync(lambda sync: control.ensure_deployment(sync, now=self._clock.now_ms()))
         except SQLAlchemyError as exc:
-            raise TransportUnavailable(
-                f"the deployment identity cannot be read from the registry: {type(exc).__name__}"
-            ) from exc
+            raise deployment.unreadable(exc) from exc
         deployment.adopt(identity)
 
     async def flush(self) -> None:

@@ -112,7 +112,7 @@ def pause(conn: Connection, reason: str, by: PausedBy, *, now: int) -> tuple[Pau
     operator's pause, or a second operator, does not rewrite what the first one said."""
     wanted = Pause(clean_reason(reason), now, by)
     while True:
-        if fast_paths(conn).insert_control(conn, PAUSE, wanted.to_json(), now=now):
+        if _insert(conn, PAUSE, wanted.to_json(), now=now):
             return wanted, True
         current = read_pause(conn)
         if current is not None:
@@ -130,7 +130,7 @@ def resume(conn: Connection, *, now: int, by: PausedBy = PausedBy.OPERATOR) -> P
         update(control).where(control.c.name == RESUMED).values(value=value, updated_ms=now).returning(control.c.name)
     ).first()
     if written is None:
-        fast_paths(conn).insert_control(conn, RESUMED, value, now=now)
+        _insert(conn, RESUMED, value, now=now)
     return None if lifted is None else Pause.from_row(lifted.value, lifted.updated_ms)
 
 
@@ -176,4 +176,8 @@ def add_counts(conn: Connection, name: str, counts: dict[str, int], *, now: int,
 def _insert_absent(conn: Connection, name: str, value: dict[str, Any], *, now: int) -> None:
     """Insert the row unless it is there; a concurrent insert of the same row wins (INSERT … ON
     CONFLICT DO NOTHING)."""
-    fast_paths(conn).insert_control(conn, name, json.dumps(value), now=now)
+    _insert(conn, name, json.dumps(value), now=now)
+
+
+def _insert(conn: Connection, name: str, value: str, *, now: int) -> bool:
+    return fast_paths(conn).insert_absent(conn, control, {"name": name, "value": value, "updated_ms": now})

@@ -15,8 +15,7 @@ def take_lease(conn: Connection, job: str, holder: str, *, now: int, ttl_ms: int
     A holder that dies simply stops renewing: its lease expires after `ttl_ms` and the next
     process takes over, so a killed `maintain` leaves nothing stuck.
     """
-    # RETURNING rather than rowcount, as in insert_lease, where the driver's rowcount of
-    # INSERT … ON CONFLICT is not portable.
+    # RETURNING rather than rowcount, as in insert_absent.
     taken = conn.execute(
         update(leases)
         .where(leases.c.job == job, (leases.c.holder == holder) | (leases.c.expires_ms < now))
@@ -25,7 +24,7 @@ def take_lease(conn: Connection, job: str, holder: str, *, now: int, ttl_ms: int
     ).first()
     if taken is not None:
         return True
-    return fast_paths(conn).insert_lease(conn, job, holder, expires_ms=now + ttl_ms)
+    return fast_paths(conn).insert_absent(conn, leases, {"job": job, "holder": holder, "expires_ms": now + ttl_ms})
 
 
 def release_lease(conn: Connection, job: str, holder: str) -> None:

@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
     Connection,
     Engine,
     Select,
+    Table,
     Text,
     and_,
     any_,
@@ -30,9 +32,7 @@ from scheduler.registry.schema import (
     Outcome,
     TimeoutState,
     claim_values,
-    control,
     is_pending,
-    leases,
     timeouts,
 )
 
@@ -198,21 +198,7 @@ def read_by_index(conn: Connection) -> None:
     conn.execute(text("SET LOCAL jit = off"))
 
 
-def insert_lease(conn: Connection, job: str, holder: str, *, expires_ms: int) -> bool:
-    inserted = conn.execute(
-        insert(leases)
-        .values(job=job, holder=holder, expires_ms=expires_ms)
-        .on_conflict_do_nothing()
-        .returning(leases.c.job)
-    ).first()
-    return inserted is not None
-
-
-def insert_control(conn: Connection, name: str, value: str, *, now: int) -> bool:
-    inserted = conn.execute(
-        insert(control)
-        .values(name=name, value=value, updated_ms=now)
-        .on_conflict_do_nothing()
-        .returning(control.c.name)
-    ).first()
-    return inserted is not None
+def insert_absent(conn: Connection, table: Table, values: dict[str, Any]) -> bool:
+    """INSERT … ON CONFLICT DO NOTHING on the table's primary key; True when this call inserted."""
+    key = next(iter(table.primary_key.columns))
+    return conn.execute(insert(table).values(values).on_conflict_do_nothing().returning(key)).first() is not None

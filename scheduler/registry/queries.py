@@ -9,9 +9,9 @@ database this is. Transports and the handler call these functions inside their o
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
-from sqlalchemy import ColumnElement, Connection, Engine, Select, bindparam, func, select, update
+from sqlalchemy import ColumnElement, Connection, Engine, Select, Table, bindparam, func, select, update
 
 from scheduler.registry import postgresql, sqlite
 from scheduler.registry.schema import (
@@ -94,12 +94,9 @@ class FastPaths(Protocol):
         """Make the rest of the transaction's reads take an index wherever one serves."""
         ...
 
-    def insert_lease(self, conn: Connection, job: str, holder: str, *, expires_ms: int) -> bool:
-        """Insert the job's lease row unless one exists; True when this call inserted it."""
-        ...
-
-    def insert_control(self, conn: Connection, name: str, value: str, *, now: int) -> bool:
-        """Insert the control row `name` unless one exists; True when this call inserted it."""
+    def insert_absent(self, conn: Connection, table: Table, values: dict[str, Any]) -> bool:
+        """Insert the row unless one with its primary key exists (INSERT … ON CONFLICT DO NOTHING,
+        RETURNING: the driver's rowcount of it is not portable); True when this call inserted it."""
         ...
 
 

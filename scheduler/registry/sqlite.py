@@ -7,8 +7,9 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Engine, Select, and_, bindparam, text, update
+from sqlalchemy import ColumnElement, Connection, Engine, Select, Table, and_, bindparam, text, update
 from sqlalchemy.dialects.sqlite import insert
 
 from scheduler.names import REGISTRY_TABLE
@@ -17,9 +18,7 @@ from scheduler.registry.schema import (
     Claim,
     Outcome,
     TimeoutState,
-    control,
     is_pending,
-    leases,
     rearm,
     timeouts,
 )
@@ -167,21 +166,7 @@ def read_by_index(conn: Connection) -> None:
     return None
 
 
-def insert_lease(conn: Connection, job: str, holder: str, *, expires_ms: int) -> bool:
-    inserted = conn.execute(
-        insert(leases)
-        .values(job=job, holder=holder, expires_ms=expires_ms)
-        .on_conflict_do_nothing()
-        .returning(leases.c.job)
-    ).first()
-    return inserted is not None
-
-
-def insert_control(conn: Connection, name: str, value: str, *, now: int) -> bool:
-    inserted = conn.execute(
-        insert(control)
-        .values(name=name, value=value, updated_ms=now)
-        .on_conflict_do_nothing()
-        .returning(control.c.name)
-    ).first()
-    return inserted is not None
+def insert_absent(conn: Connection, table: Table, values: dict[str, Any]) -> bool:
+    """INSERT … ON CONFLICT DO NOTHING on the table's primary key; True when this call inserted."""
+    key = next(iter(table.primary_key.columns))
+    return conn.execute(insert(table).values(values).on_conflict_do_nothing().returning(key)).first() is not None

@@ -115,10 +115,13 @@ class Deployment:
             try:
                 self._id = control.deployment_id(self._engine, now=self._clock.now_ms())
             except SQLAlchemyError as exc:
-                raise TransportUnavailable(
-                    f"the deployment identity cannot be read from the registry: {type(exc).__name__}"
-                ) from exc
+                raise self.unreadable(exc) from exc
         return self._id
+
+    @staticmethod
+    def unreadable(error: Exception) -> TransportUnavailable:
+        """No name is known while the identity cannot be read: the broker counts as unavailable."""
+        return TransportUnavailable(f"the deployment identity cannot be read from the registry: {type(error).__name__}")
 
     def read_through(self, engine: Engine) -> None:
         """Read the identity through `engine` instead (the asyncio API's synchronous engine)."""
