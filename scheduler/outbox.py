@@ -90,9 +90,14 @@ class Outbox(ABC):
         versions = registry.insert_many(
             conn, items, now=now, published=self.published_on_write, replace=replace, trace_context=trace_context
         )
+        return versions, self.rows_written(conn, items, versions)
+
+    def rows_written(self, conn: Connection, items: DueItems, versions: dict[str, int]) -> list[TimerMessage]:
+        """Once the rows of a write are in, still inside its transaction: their messages, and what the
+        transport does before the commit."""
         messages = _messages(items, versions)
         self.written(conn, messages)
-        return versions, messages
+        return messages
 
     def write_chunks(
         self, chunks: Sequence[DueItems], replace: bool, trace_context: str | None = None

@@ -1,16 +1,21 @@
 """SQLite's fast paths: the statements written for SQLite where the portable ones in `queries`
-would cost more or read the wrong index. Every function here has its namesake in `postgresql`."""
+would cost more or read the wrong index. Every function here has its namesake in `postgresql`,
+except `insert_one`, which serves the asyncio API on aiosqlite."""
 
 from __future__ import annotations
 
 import os
+import sqlite3
 import tempfile
 from collections.abc import Sequence
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import ColumnElement, Connection, Engine, Select, Table, and_, bindparam, text, update
+from sqlalchemy.dialects import sqlite as sqlite_dialects
 from sqlalchemy.dialects.sqlite import insert
+from sqlalchemy.exc import DBAPIError
 
 from scheduler.names import REGISTRY_TABLE
 from scheduler.registry.schema import (
@@ -22,6 +27,10 @@ from scheduler.registry.schema import (
     rearm,
     timeouts,
 )
+
+if TYPE_CHECKING:
+    import aiosqlite
+    from sqlalchemy.sql.dml import ReturningInsert
 
 #: one write lock for the whole database, held from BEGIN IMMEDIATE to the commit
 ONE_WRITER_AT_A_TIME = True
@@ -64,21 +73,50 @@ def insert_many(
     replace: bool,
     trace_context: str | None,
 ) -> dict[str, int]:
+    params = [_new_row(order_id, due_ms, now, published, trace_context) for order_id, due_ms in due]
+    return dict(conn.execute(_insert_statement(replace, now), params).all())
+
+
+async def insert_one(
+    driver: aiosqlite.Connection,
+    order_id: str,
+    due_ms: int,
+    *,
+    now: int,
+    published: bool,
+    trace_context: str | None,
+) -> dict[str, int]:
+    """`insert_many` of one row without `replace`, run on an aiosqlite connection in one trip to its
+    thread. SQLAlchemy's adapter makes four for a statement with RETURNING (cursor, execute, fetch,
+    close), each a hand-over between the event loop and the thread that costs more than the
+    statement. The caller has begun the transaction through SQLAlchemy: the statement joins it."""
+    sql, names = _insert_one_sql()
+    row = _new_row(order_id, due_ms, now, published, trace_context)
+    params = [row[name] for name in names]
+    try:
+        rows = await driver.execute_fetchall(sql, params)
+    except sqlite3.Error as exc:  # raised as SQLAlchemy raises the same error on the other paths
+        raise DBAPIError.instance(sql, params, exc, sqlite3.Error) from exc
+    return {row[0]: row[1] for row in rows}
+
+
+def _new_row(order_id: str, due_ms: int, now: int, published: bool, trace_context: str | None) -> dict[str, Any]:
+    return {
+        "order_id": order_id,
+        "due_ms": due_ms,
+        "state": TimeoutState.PENDING.value,
+        "version": 1,
+        "attempts": 0,
+        "created_ms": now,
+        "updated_ms": now,
+        "published_ms": now if published else None,
+        "trace_context": trace_context,
+    }
+
+
+def _insert_statement(replace: bool, now: int) -> ReturningInsert[Any]:
+    """Insert new rows; an existing one is left alone, or re-armed with `replace`."""
     stmt = insert(timeouts)
-    params = [
-        {
-            "order_id": order_id,
-            "due_ms": due_ms,
-            "state": TimeoutState.PENDING.value,
-            "version": 1,
-            "attempts": 0,
-            "created_ms": now,
-            "updated_ms": now,
-            "published_ms": now if published else None,
-            "trace_context": trace_context,
-        }
-        for order_id, due_ms in due
-    ]
     if replace:
         stmt = stmt.on_conflict_do_update(
             index_elements=[timeouts.c.order_id],
@@ -91,8 +129,17 @@ def insert_many(
         )
     else:
         stmt = stmt.on_conflict_do_nothing(index_elements=[timeouts.c.order_id])
-    result = conn.execute(stmt.returning(timeouts.c.order_id, timeouts.c.version), params)
-    return dict(result.all())
+    return stmt.returning(timeouts.c.order_id, timeouts.c.version)
+
+
+@cache
+def _insert_one_sql() -> tuple[str, tuple[str, ...]]:
+    """`_insert_statement` for one new row, compiled once: its SQL and the names of its parameters
+    in their order."""
+    compiled = _insert_statement(False, 0).compile(
+        dialect=sqlite_dialects.dialect(), column_keys=list(_new_row("", 0, 0, False, None))
+    )
+    return compiled.string, tuple(compiled.positiontup or ())
 
 
 def mark_published(conn: Connection, versions: Sequence[tuple[str, int]], *, now: int) -> None:

@@ -15,14 +15,15 @@ import sys
 import textwrap
 import threading
 from collections.abc import Iterator, Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
 from scheduler import AsyncOrderTimeouts, InvalidTimeout, OrderTimeouts, ScheduleResult, Settings, TimeoutState
@@ -104,6 +105,58 @@ def test_the_timeout_commits_and_rolls_back_with_the_order_on_each_asyncio_drive
 
     asyncio.run(main())
     assert order_status(stack.engine)["kept"] == "PAID"
+
+
+def test_on_an_aiosqlite_engine_of_its_own_the_timeout_goes_with_the_callers_transaction(tmp_path: Path) -> None:
+    """An order service's own aiosqlite engine, with pysqlite's transaction handling left as it is:
+    `schedule()` writes the same row as the synchronous API, inside the caller's transaction
+    (rolled back, committed, or begun by the schedule itself on an AsyncConnection), and a
+    database error surfaces as SQLAlchemy's, whichever way the row was sent."""
+    path = tmp_path / "registry.sqlite3"
+    due = datetime.now(UTC).replace(microsecond=0) + timedelta(days=1)
+    with OrderTimeouts(f"sqlite:///{path}") as sync:
+        init_db(sync.engine, sync.settings.orders)
+        sync.schedule("sync", due_at=due)
+
+    async def main() -> None:
+        orders = create_async_engine(f"sqlite+aiosqlite:///{path}", connect_args={"timeout": 0.2})
+        try:
+            async with AsyncOrderTimeouts(f"sqlite:///{path}") as timeouts:
+                with pytest.raises(RuntimeError):
+                    async with AsyncSession(orders) as session, session.begin():
+                        await insert_order(session, "rolled-back")
+                        await timeouts.schedule("rolled-back", due_at=due, connection=session)
+                        raise RuntimeError("the order service fails after scheduling")
+                async with AsyncSession(orders) as session, session.begin():
+                    await insert_order(session, "async")
+                    assert await timeouts.schedule("async", due_at=due, connection=session) is ScheduleResult.CREATED
+                    assert await timeouts.schedule("async", due_at=due, connection=session) is ScheduleResult.EXISTS
+                async with orders.connect() as conn:  # not begun: the schedule begins it
+                    await timeouts.schedule("on-a-connection", due_at=due, connection=conn)
+                    await conn.rollback()
+                async with orders.connect() as conn:
+                    await timeouts.schedule("on-a-connection", due_at=due, connection=conn)
+                    await conn.commit()
+
+                with sync.engine.connect() as holder:
+                    holder.begin()  # BEGIN IMMEDIATE (scheduler.database): the write lock held elsewhere
+                    with pytest.raises(OperationalError, match="locked"):
+                        async with AsyncSession(orders) as session, session.begin():
+                            await timeouts.schedule("locked-out", due_at=due, connection=session)
+                    holder.rollback()
+        finally:
+            await orders.dispose()
+
+    asyncio.run(main())
+    with sync.engine.connect() as conn:
+        rows = {row.order_id: row._asdict() for row in conn.execute(text("SELECT * FROM order_timeouts"))}
+    assert sorted(rows) == ["async", "on-a-connection", "sync"]
+    assert order_status(sync.engine) == {"async": "PENDING"}
+    written_at = ("created_ms", "updated_ms", "published_ms")
+    expected = {key: value for key, value in rows["sync"].items() if key not in ("order_id", *written_at)}
+    for order_id in ("async", "on-a-connection"):
+        assert {key: value for key, value in rows[order_id].items() if key not in ("order_id", *written_at)} == expected
+        assert rows[order_id]["published_ms"] == rows[order_id]["created_ms"], "the sql transport: the row is the timer"
 
 
 def test_an_async_session_publishes_after_its_commit_and_not_after_a_rollback(broker_stack: Stack) -> None:
@@ -196,7 +249,7 @@ def test_an_order_service_killed_between_its_commit_and_the_publish_loses_nothin
     script = textwrap.dedent(
         f"""
         import asyncio, sys
-        from datetime import timedelta
+        from datetime import UTC, datetime, timedelta
         from sqlalchemy import text
         from sqlalchemy.ext.asyncio import AsyncSession
         from scheduler import AsyncOrderTimeouts
