@@ -22,6 +22,12 @@ log() { echo "redis_cluster: $*"; }
 cli() { redis-cli -h 127.0.0.1 -p "$1" "${@:2}"; }
 up() { [ "$(cli "$1" ping 2>/dev/null)" = PONG ]; }
 state_ok() { cli "$1" cluster info 2>/dev/null | grep -q '^cluster_state:ok'; }
+# a master, or a replica whose link to its master is up (its first full sync done)
+synced() {
+  local replication
+  replication=$(cli "$1" info replication 2>/dev/null | tr -d '\r')
+  grep -q '^role:master' <<<"$replication" || grep -q '^master_link_status:up' <<<"$replication"
+}
 
 if [ "${1:-start}" = stop ]; then
   for port in "${ports[@]}"; do
@@ -42,7 +48,7 @@ for port in "${ports[@]}"; do
   # nodes.conf stays in $dir: a restarted node rejoins its cluster (empty, as nothing is persisted).
   redis-server --port "$port" --bind 127.0.0.1 --daemonize yes --dir "$dir/$port" \
     --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 2000 \
-    --save "" --appendonly no --pidfile "$dir/$port/redis.pid" --logfile "$dir/$port/redis.log" >/dev/null
+    --save "" --appendonly no --repl-diskless-sync-delay 0 --pidfile "$dir/$port/redis.pid" --logfile "$dir/$port/redis.log" >/dev/null
 done
 for port in "${ports[@]}"; do
   for _ in $(seq 1 50); do up "$port" && break; sleep 0.1; done
@@ -60,5 +66,10 @@ fi
 for port in "${ports[@]}"; do
   for _ in $(seq 1 100); do state_ok "$port" && break; sleep 0.1; done
   state_ok "$port" || { log "cluster not ok on port $port; 'scripts/redis_cluster.sh stop' and try again"; exit 1; }
+done
+# A replica takes over only once it holds its master's data: ready means every replica has synced.
+for port in "${ports[@]}"; do
+  for _ in $(seq 1 300); do synced "$port" && break; sleep 0.1; done
+  synced "$port" || { log "the replica on port $port has not synced with its master (see $dir/$port/redis.log)"; exit 1; }
 done
 log "Redis Cluster ready on 127.0.0.1 ports ${ports[*]}"
