@@ -48,7 +48,9 @@ def order_status_reader(settings: Settings) -> Callable[..., Any]:
 def worker(
     ctx: typer.Context,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=10_000, help="Timeouts per transaction.")] = 500,
-    burst: Annotated[bool, typer.Option("--burst", help="Exit when nothing is due.")] = False,
+    burst: Annotated[
+        bool, typer.Option("--burst", help="Exit when nothing is due (exit code 1 after an outage of 30 s).")
+    ] = False,
     processes: Annotated[
         int,
         typer.Option(
@@ -96,6 +98,8 @@ def worker(
         f"{totals.retried} retried, {totals.dead} dead, {totals.stale} stale, {totals.paused} handed back while paused",
         highlight=False,
     )
+    if totals.gave_up is not None:
+        raise typer.Exit(1)  # a burst run that ended in an outage: what is due is left for the next run
 
 
 def _run_processes(count: int, batch_size: int, burst: bool, metrics_port: int | None, context: Context) -> int:

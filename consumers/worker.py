@@ -4,7 +4,9 @@ It is the only component that talks to the broker for acks (dramatiq's rule): re
 let the handler decide it in one registry transaction, then settle it with the transport.
 SIGTERM and SIGINT let the current batch finish, then the loop exits. While the fleet is paused
 (`order-timeouts pause`, or the circuit breaker) each batch is handed back whole and the loop
-waits PAUSED_POLL_S before the next; a burst worker stops instead.
+waits PAUSED_POLL_S before the next; a burst worker stops instead. An outage (the registry, the
+broker, the order store) is ridden over with backoff; a burst worker gives up once it has lasted
+BURST_OUTAGE_LIMIT_S, leaving what is due to the next run.
 """
 
 from __future__ import annotations
@@ -38,12 +40,17 @@ log = logging.getLogger("order_timeouts.worker")
 RECEIVE_SLICE_S = 1.0
 #: how long a paused worker waits before it receives again (and reads the pause row)
 PAUSED_POLL_S = 1.0
+#: how long a burst worker rides over an outage before it gives up (a run from cron or a deploy
+#: step must end; what is due stays pending for the next run)
+BURST_OUTAGE_LIMIT_S = 30.0
 
 
 @dataclass
 class WorkerTotals(BatchReport):
     batches: int = 0
     foreign: int = 0  #: timers of another deployment, dead-lettered by the transport
+    #: why a burst run ended before everything due was handled: the outage it gave up on
+    gave_up: str | None = None
 
     def add(self, report: BatchReport) -> None:
         self.batches += 1
@@ -64,6 +71,7 @@ class Worker:
         store: OrderStore | None = None,
         batch_size: int = 500,
         burst: bool = False,
+        burst_outage_limit_s: float = BURST_OUTAGE_LIMIT_S,
         metrics: WorkerMetrics | None = None,
         mode: Mode | None = None,
     ) -> None:
@@ -85,6 +93,7 @@ class Worker:
         )
         self._batch_size = batch_size
         self._burst = burst
+        self._burst_outage_limit_s = burst_outage_limit_s
         self._stop = threading.Event()
         self.metrics = metrics
         #: set by `worker --metrics-port`: what /healthz and /readyz answer
@@ -138,14 +147,16 @@ class Worker:
                 self._outbox.rearmed([message for _, message in settlement.retry])
             except TransportUnavailable as exc:
                 health.connected(False)
-                self._stop.wait(outage.failed(self._transport.component, str(exc)))
-                continue
+                if self._ride_over(outage, self._transport.component, str(exc)):
+                    continue
+                break
             except SQLAlchemyError as exc:
                 health.connected(False)
                 # Re-arming after the commit marks rows published in the registry; the timers are
                 # already re-armed, and a row left unmarked is only published once more by the relay.
-                self._stop.wait(outage.failed("the registry database", f"{type(exc).__name__}: {first_line(exc)}"))
-                continue
+                if self._ride_over(outage, "the registry database", f"{type(exc).__name__}: {first_line(exc)}"):
+                    continue
+                break
             if settlement.paused is not None:
                 outage.recovered()
                 self.totals.add(report)
@@ -160,8 +171,9 @@ class Worker:
             if settlement.rolled_back:
                 health.connected(False)
                 what, _, reason = (settlement.unavailable or "registry database: the batch rolled back").partition(": ")
-                self._stop.wait(outage.failed(f"the {what}", reason))
-                continue
+                if self._ride_over(outage, f"the {what}", reason):
+                    continue
+                break
             outage.recovered()
             health.connected(True)
             self.totals.add(report)
@@ -171,6 +183,16 @@ class Worker:
                 # Due rows exist but other workers hold them; their transactions will finish them.
                 self._stop.wait(0.01)
         return self.totals
+
+    def _ride_over(self, outage: Outage, what: str, reason: str) -> bool:
+        """Record the failure and wait its backoff; False when a burst worker gives up instead."""
+        wait_s = outage.failed(what, reason)
+        if self._burst and outage.lasted_s >= self._burst_outage_limit_s:
+            self.totals.gave_up = f"{outage.describe()} unavailable for {outage.lasted_s:.0f}s: {reason}"
+            log.error("burst run stopped, what is due stays pending for the next run: %s", self.totals.gave_up)
+            return False
+        self._stop.wait(wait_s)
+        return True
 
     def _report_pause(self, pause: Pause) -> None:
         if self._seen_pause == (pause.since_ms, pause.by.value):

@@ -34,6 +34,15 @@ class Outage:
     def ongoing(self) -> bool:
         return bool(self._down)
 
+    @property
+    def lasted_s(self) -> float:
+        """Seconds since the ongoing outage began; 0 when there is none."""
+        return time.monotonic() - self._since if self._down else 0.0
+
+    def describe(self) -> str:
+        """The components down in the ongoing outage, for a message."""
+        return " and ".join(self._down)
+
     def failed(self, what: str, reason: str) -> float:
         """Record a failure of `what` (the component, e.g. "the broker"); return the seconds to wait."""
         if not self._down:

@@ -172,10 +172,6 @@ async def _single_latency(client: OrderTimeouts, count: int) -> dict[str, float 
     return figures
 
 
-def _ratio(numerator: float | None, denominator: float | None) -> float | None:
-    return numerator / denominator if numerator is not None and denominator else None
-
-
 def add_orders(engine: Engine, ids: Sequence[str], settings: Settings) -> set[str]:
     """Orders rows for the ids, every other one already PAID; returns the unpaid ids."""
     names = settings.orders

@@ -11,13 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from consumers.orders.http import HttpOrderStore
+from consumers.worker import Worker
 from scheduler import Outcome, TimeoutState
 from scheduler.config import ENV_MAX_ATTEMPTS, ENV_ORDER_STORE, ENV_RETRY_BACKOFF
 from scheduler.transports.base import FAILED_REDELIVERY_MS
 from tests.conftest import Stack, open_stack
 from tests.order_service import OrderService, order_service
 from tests.stacks import STACKS
-from tests.support import add_orders, cancel_counts, order_status, pay, registry_records, wait_until
+from tests.support import add_orders, cancel_counts, free_port, order_status, pay, registry_records, wait_until
 
 #: how long the order service stays down: many times what two attempts 100 ms apart would last
 OUTAGE_S = 4.0
@@ -97,3 +99,24 @@ def test_an_order_service_down_for_a_while_spends_no_attempt_and_dead_letters_no
         assert {r.attempts for r in records.values()} == {1}, "the outage spent no attempt"
         assert cancel_counts(service.engine) == {oid: 1 for oid in ids if oid not in paid}
     assert back_within <= WORKER_BACKOFF_CAP_S + SLACK_S
+
+
+@pytest.mark.timeout(30)  # a burst that never gives up would otherwise hold the suite for 300 s
+def test_a_burst_run_gives_up_on_an_outage_that_lasts_and_leaves_what_is_due_pending(tmp_path: Path) -> None:
+    """`worker --burst` (cron, a deploy step) must end: it rides over an outage for a while (here
+    1 s instead of the default 30 s), then stops with the reason, having decided nothing."""
+    for stack in open_stack("sql-sqlite", STACKS, tmp_path):
+        ids = ["b-1", "b-2"]
+        add_orders(stack.engine, ids)
+        stack.timeouts().schedule_many(ids, due_at=datetime.now(UTC))
+        down = HttpOrderStore(f"http://127.0.0.1:{free_port()}/", timeout_s=0.5)
+
+        started = time.monotonic()
+        totals = Worker(stack.timeouts(), store=down, burst=True, burst_outage_limit_s=1.0).run()
+
+        assert 1.0 <= time.monotonic() - started < 1.0 + 5.0, "gave up once the outage lasted the limit"
+        assert totals.gave_up is not None and "order store unavailable" in totals.gave_up
+        assert totals.cancelled == totals.dead == totals.retried == 0
+        records = registry_records(stack.engine)
+        assert {(r.state, r.attempts) for r in records.values()} == {(TimeoutState.PENDING, 0)}
+        assert order_status(stack.engine) == dict.fromkeys(ids, "PENDING")
