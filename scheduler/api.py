@@ -198,6 +198,11 @@ class OrderTimeouts(producer.Producer):
         """Publish again pending rows overdue by more than `grace` (the reconciler's step)."""
         return self.outbox.reconcile(grace, limit)
 
+    def republish_held(self, limit: int = 1000) -> int:
+        """Publish again timeouts a broker with no backlog holds past their due time (the relay's
+        second step; Outbox.republish_held)."""
+        return self.outbox.republish_held(limit)
+
     # -- internals ----------------------------------------------------------------------------
 
     def _move(self, oid: str, due: int, connection: Connection | Session | None) -> TimeoutRecord:

@@ -2,6 +2,9 @@
 
 - relay: registry rows the broker has not confirmed go to the broker, in due order, in batches,
   with backoff while the broker is down. This is what makes `schedule()` safe during an outage.
+  Then, on a broker that can tell its backlog (RabbitMQ) and has none, timeouts overdue by more
+  than HELD_GRACE (3 s) are published again: a delay queue whose dead-lettering stalled when a
+  cluster node was lost holds them (Outbox.republish_held).
 - reconciler: pending rows overdue by more than a grace period are published again, so a broker
   that lost everything (FLUSHALL, deleted queues) still ends with every timeout handled within
   the grace period plus one sweep. It sweeps nothing while the fleet is paused.
@@ -98,7 +101,15 @@ class Maintenance:
         self._stop = threading.Event()
 
     def relay(self) -> JobRun:
-        return self._run("relay", self.plan.relay_interval, lambda: _in_batches(self._timeouts.publish_unpublished))
+        def step() -> int:
+            sent = _in_batches(self._timeouts.publish_unpublished)
+            # Overdue timers a broker with no backlog still holds (a stalled delay queue after a node
+            # loss): sooner than the reconciler, and, like it, not while the fleet is paused.
+            if self._timeouts.paused() is None:
+                sent += _in_batches(self._timeouts.republish_held)
+            return sent
+
+        return self._run("relay", self.plan.relay_interval, step)
 
     def reconcile(self) -> JobRun:
         def step() -> int:

@@ -50,6 +50,9 @@ SCHEDULE_CHUNK = 5000
 #: least this far ahead (see AfterCommit._write_published_ahead)
 PUBLISH_AHEAD_MS = 30_000
 _SESSION_KEY = "order_timeouts_unpublished"
+#: a timeout overdue by this much while nothing waits on the broker's ready side is held where it
+#: should not be (see AfterCommit.republish_held)
+HELD_GRACE = timedelta(seconds=3)
 
 #: the caller's transaction: a SQLAlchemy Session or Connection, or None for one of our own
 Caller = Connection | Session | None
@@ -138,6 +141,10 @@ class Outbox(ABC):
 
     def reconcile(self, grace: timedelta, limit: int) -> int:
         """Publish again pending rows overdue by more than `grace`; return how many."""
+        return 0
+
+    def republish_held(self, limit: int) -> int:
+        """Publish again, sooner than the reconciler, timeouts the broker holds back; return how many."""
         return 0
 
 
@@ -250,6 +257,20 @@ class AfterCommit(Outbox):
         if rows:
             log.warning("republishing %d timeouts overdue by more than %s", len(rows), grace)
         return self._publish_or_raise([TimerMessage(*row) for row in rows])
+
+    def republish_held(self, limit: int) -> int:
+        """Timeouts overdue by more than HELD_GRACE while the broker has none ready for a worker.
+
+        Workers keep up when nothing is ready, so a timeout that is overdue then is held where it
+        should not be: in a delay queue whose dead-lettering stalled when a cluster node was lost, or
+        with a worker that froze before it claimed it. Publishing it again now brings it to a worker
+        within seconds instead of the reconciler's grace; the handler's conditional claim makes the
+        second copy harmless if the first one comes out too. While a backlog waits on the broker,
+        overdue timeouts are expected and only the reconciler's grace applies. A transport that cannot
+        tell its backlog (`ready_backlog` None) is left to the reconciler."""
+        if self.transport.ready_backlog() != 0:
+            return 0
+        return self.reconcile(HELD_GRACE, limit)
 
     def write_chunks(
         self, chunks: Sequence[DueItems], replace: bool, trace_context: str | None = None

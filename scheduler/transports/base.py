@@ -336,6 +336,12 @@ class BrokerTransport(Transport):
 
         return ThreadedPublisher(self)
 
+    def ready_backlog(self) -> int | None:
+        """How many messages are due and waiting for a worker on the broker now; None when this
+        transport cannot tell (then overdue timers are left to the reconciler's grace). Raise
+        TransportUnavailable while the broker cannot be reached."""
+        return None
+
     def lost_timers(self) -> bool:
         """Whether the broker may have lost timers it once confirmed: it came back empty (a restart
         without persistence, a node reset, a flush) or another node took over from one that had not

@@ -4,6 +4,7 @@ the orders are cancelled once the service is back, within the worker's backoff c
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -21,6 +22,8 @@ from tests.order_service import OrderService, order_service
 from tests.stacks import STACKS
 from tests.support import add_orders, cancel_counts, free_port, order_status, pay, registry_records, wait_until
 
+#: the figures, for `--log-cli-level=WARNING` (docs/operations.md)
+log = logging.getLogger("order_timeouts.tests.ha")
 #: how long the order service stays down: many times what two attempts 100 ms apart would last
 OUTAGE_S = 4.0
 #: the longest a worker backs off from an outage (issue 16: 5 s by default)
@@ -87,6 +90,13 @@ def test_an_order_service_down_for_a_while_spends_no_attempt_and_dead_letters_no
                 timeout=WORKER_BACKOFF_CAP_S + SLACK_S,
             )
             back_within = time.monotonic() - up_at
+            log.warning(
+                "%s: order store %s for %.0fs: all handled %.2fs after its return",
+                stack.name,
+                how,
+                OUTAGE_S,
+                back_within,
+            )
         finally:
             worker.terminate()
             code = worker.wait(timeout=30)

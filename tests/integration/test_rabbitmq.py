@@ -20,9 +20,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scheduler import Outcome, TimeoutState
+from scheduler import Outcome, TimeoutState, registry
 from scheduler.clock import SystemClock
 from scheduler.errors import TransportUnavailable
+from scheduler.maintenance import Maintenance
+from scheduler.outbox import HELD_GRACE
 from scheduler.transports.base import FAILED_REDELIVERY_MS, Delivery, Settlement, TimerMessage
 from scheduler.transports.rabbitmq.adapter import (
     ARRIVE_EARLIEST_MS,
@@ -445,3 +447,32 @@ def test_heartbeats_keep_the_connection_while_a_batch_takes_long(rabbit: Stack) 
             assert ch.queue_declare(RABBITMQ_READY_QUEUE, passive=True).method.message_count == 0
     finally:
         transport.close()
+
+
+def test_an_overdue_timer_the_broker_holds_with_nothing_ready_is_published_again_by_the_relay(rabbit: Stack) -> None:
+    """A timer the registry says was published but that no worker got (a delay queue whose
+    dead-lettering stalled when a cluster node was lost): the relay publishes it again once it is
+    HELD_GRACE overdue and nothing waits in the ready queue; while a backlog waits, or while the
+    fleet is paused, it leaves it to the reconciler."""
+    add_orders(rabbit.engine, ["held"])
+    client = rabbit.timeouts()
+    now = client.clock.now_ms()
+    long_ago = now - 2 * int(HELD_GRACE.total_seconds() * 1000)
+    with rabbit.engine.begin() as conn:  # confirmed once, then never delivered
+        registry.insert_many(conn, [("held", long_ago)], now=long_ago, published=True, replace=False)
+    maintenance = Maintenance(client)
+
+    client.transport.publish([TimerMessage("backlog", now, 1)])  # no worker yet: it waits, ready
+    wait_until(lambda: client.transport.ready_backlog() == 1, timeout=10)
+    assert maintenance.relay().rows == 0, "a backlog waits on the broker: overdue timers are expected"
+    client.pause("checking the payments")
+    rabbit.drain_until(lambda: client.transport.ready_backlog() == 0)  # the backlog handed back, and its copy
+    assert maintenance.relay().rows == 0, "paused: nothing is published again"
+    client.resume()
+    wait_until(lambda: client.transport.ready_backlog() == 0, timeout=10)
+    rabbit.drain_until(lambda: client.transport.ready_backlog() == 0)
+
+    assert maintenance.relay().rows == 1
+    rabbit.drain_until(lambda: finished(rabbit, "held"))
+    assert cancel_counts(rabbit.engine) == {"held": 1}
+    assert maintenance.relay().rows == 0, "a finished timer is not published again"

@@ -305,6 +305,11 @@ class RabbitMQTransport(BrokerTransport):
             return None
         return f"{found[1]} consumers on {legacy.ready}, the queue of releases before deployment identities"
 
+    def ready_backlog(self) -> int | None:
+        """Messages in the ready queue (each up to ENVELOPE_MAX timers): one passive declare."""
+        depth = self._connected().queue_depths([self.names.ready], CONFIRM_TIMEOUT_S).get(self.names.ready)
+        return None if depth is None else depth[0]
+
     def lost_timers(self) -> bool:
         """Whether the marker message `timers_restored` left is gone: the queues were deleted, or the
         cluster lost them all (a reset, a full rebuild). One passive declare on an open channel.
