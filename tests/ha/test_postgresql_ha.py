@@ -31,7 +31,7 @@ from tests.slow_store import pausing_after_cancel
 from tests.support import add_orders, cancel_counts, postgres_schema, psycopg_url, registry_records, wait_until
 
 #: the figures, for `--log-cli-level=WARNING` (docs/operations.md)
-log = logging.getLogger("order_timeouts.tests.ha")
+report = logging.getLogger("order_timeouts.tests.ha")
 
 pytestmark = pytest.mark.slow
 
@@ -131,7 +131,7 @@ def test_workers_and_maintain_ride_over_a_postgresql_restart(fresh_pair: None, t
         assert cancel_counts(stack.engine) == dict.fromkeys(ids, 1)
         assert all(r.state is TimeoutState.DONE for r in registry_records(stack.engine).values())
         first, p99 = lateness_after(stack, back_ms)
-        log.warning("postgresql restarted: first cancel %.2fs after it was back; lateness p99 %.2fs", first, p99)
+        report.warning("postgresql restarted: first cancel %.2fs after it was back; lateness p99 %.2fs", first, p99)
         # The backoff is capped at 5 s: work resumes at most that long after the server is back.
         assert first < 5.5, (first, p99)
     assert_outage_logged_once(log, "the registry database")
@@ -170,7 +170,7 @@ def test_workers_maintain_and_the_api_follow_a_promotion_of_the_standby(fresh_pa
         assert cancel_counts(stack.engine) == dict.fromkeys([*ids, "f-after"], 1)
         assert all(r.state is TimeoutState.DONE for r in registry_records(stack.engine).values())
         first, p99 = lateness_after(stack, failed_ms)
-        log.warning(
+        report.warning(
             "postgresql primary killed, standby promoted: first cancel %.2fs after; lateness p99 %.2fs", first, p99
         )
         assert first < 10, (first, p99)
