@@ -199,9 +199,9 @@ class OrderTimeouts(producer.Producer):
         return self.outbox.reconcile(grace, limit)
 
     def republish_held(self, limit: int = 1000) -> int:
-        """Publish again timeouts a broker with no backlog holds past their due time (the relay's
-        second step; Outbox.republish_held)."""
-        return self.outbox.republish_held(limit)
+        """Publish again timeouts a broker with no backlog holds past their due time, unless the
+        fleet is paused (the relay's second step; Outbox.republish_held)."""
+        return self.outbox.republish_held(limit, self.paused)
 
     # -- internals ----------------------------------------------------------------------------
 

@@ -102,12 +102,10 @@ class Maintenance:
 
     def relay(self) -> JobRun:
         def step() -> int:
-            sent = _in_batches(self._timeouts.publish_unpublished)
-            # Overdue timers a broker with no backlog still holds (a stalled delay queue after a node
-            # loss): sooner than the reconciler, and, like it, not while the fleet is paused.
-            if self._timeouts.paused() is None:
-                sent += _in_batches(self._timeouts.republish_held)
-            return sent
+            # Then overdue timers a broker with no backlog still holds (a stalled delay queue after a
+            # node loss): sooner than the reconciler, and, like it, not while the fleet is paused. The
+            # pause is read only on a broker that can tell its backlog and has none.
+            return _in_batches(self._timeouts.publish_unpublished) + _in_batches(self._timeouts.republish_held)
 
         return self._run("relay", self.plan.relay_interval, step)
 

@@ -143,8 +143,9 @@ class Outbox(ABC):
         """Publish again pending rows overdue by more than `grace`; return how many."""
         return 0
 
-    def republish_held(self, limit: int) -> int:
-        """Publish again, sooner than the reconciler, timeouts the broker holds back; return how many."""
+    def republish_held(self, limit: int, paused: Callable[[], object]) -> int:
+        """Publish again, sooner than the reconciler, timeouts the broker holds back; return how many.
+        Nothing while `paused()` answers a pause (asked only when something would be published)."""
         return 0
 
 
@@ -258,7 +259,7 @@ class AfterCommit(Outbox):
             log.warning("republishing %d timeouts overdue by more than %s", len(rows), grace)
         return self._publish_or_raise([TimerMessage(*row) for row in rows])
 
-    def republish_held(self, limit: int) -> int:
+    def republish_held(self, limit: int, paused: Callable[[], object]) -> int:
         """Timeouts overdue by more than HELD_GRACE while the broker has none ready for a worker.
 
         Workers keep up when nothing is ready, so a timeout that is overdue then is held where it
@@ -266,9 +267,10 @@ class AfterCommit(Outbox):
         with a worker that froze before it claimed it. Publishing it again now brings it to a worker
         within seconds instead of the reconciler's grace; the handler's conditional claim makes the
         second copy harmless if the first one comes out too. While a backlog waits on the broker,
-        overdue timeouts are expected and only the reconciler's grace applies. A transport that cannot
-        tell its backlog (`ready_backlog` None) is left to the reconciler."""
-        if self.transport.ready_backlog() != 0:
+        overdue timeouts are expected and only the reconciler's grace applies; so they are while the
+        fleet is paused. A transport that cannot tell its backlog (`ready_backlog` None) is left to
+        the reconciler."""
+        if self.transport.ready_backlog() != 0 or paused() is not None:
             return 0
         return self.reconcile(HELD_GRACE, limit)
 
