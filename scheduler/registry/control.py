@@ -144,7 +144,7 @@ def ensure_deployment(conn: Connection, *, now: int) -> str:
     """Inside the caller's transaction (`init-db`): the identity, written first if absent."""
     value = read(conn, DEPLOYMENT)
     if value is None:
-        _insert_absent(conn, DEPLOYMENT, new_deployment(), now=now)
+        _insert(conn, DEPLOYMENT, json.dumps(new_deployment()), now=now)
         value = read(conn, DEPLOYMENT)
     assert value is not None
     return str(value["id"])
@@ -163,7 +163,7 @@ def read(conn: Connection, name: str) -> dict[str, Any] | None:
 def add_counts(conn: Connection, name: str, counts: dict[str, int], *, now: int, **latest: Any) -> dict[str, Any]:
     """Add to the row's counters and set its other fields, under a row lock (concurrent writers add up);
     return the new value."""
-    _insert_absent(conn, name, {}, now=now)
+    _insert(conn, name, "{}", now=now)
     locked = select(control.c.value).where(control.c.name == name).with_for_update()
     value = dict(json.loads(conn.execute(locked).scalar_one()))
     for key, count in counts.items():
@@ -173,11 +173,7 @@ def add_counts(conn: Connection, name: str, counts: dict[str, int], *, now: int,
     return value
 
 
-def _insert_absent(conn: Connection, name: str, value: dict[str, Any], *, now: int) -> None:
-    """Insert the row unless it is there; a concurrent insert of the same row wins (INSERT … ON
-    CONFLICT DO NOTHING)."""
-    _insert(conn, name, json.dumps(value), now=now)
-
-
 def _insert(conn: Connection, name: str, value: str, *, now: int) -> bool:
+    """Insert the row unless it is there; a concurrent insert of the same row wins (INSERT … ON
+    CONFLICT DO NOTHING). True when this call inserted it."""
     return fast_paths(conn).insert_absent(conn, control, {"name": name, "value": value, "updated_ms": now})
